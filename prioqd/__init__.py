@@ -1,0 +1,10 @@
+"""prioqd: a priority job daemon on Redis.
+
+Producers push JSON onto ``<prefix>:queue:<priority>``; the daemon runs the task
+functions registered with :func:`task` in worker processes.
+"""
+
+from prioqd.registry import task
+
+__all__ = ["task"]
+__version__ = "0.1.0"

@@ -1,0 +1,352 @@
+"""``prioqd``: run the daemon, submit jobs, inspect queues and dead letters.
+
+Exit status: 0 success; 1 a job ended dead, or Redis could not be reached;
+2 bad usage or configuration (systemd's ``RestartPreventExitStatus=2``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from prioqd import __version__
+from prioqd.config import DEFAULT_CONFIG_PATH, Config, RedisConfig, load
+from prioqd.errors import BrokerError, ConfigError, PrioqdError, WorkerStartError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _config(args: argparse.Namespace, *, must_exist: bool) -> Config:
+    path = args.config
+    if path is None and not must_exist and not os.path.exists(DEFAULT_CONFIG_PATH):
+        cfg = Config()
+    else:
+        cfg = load(path or DEFAULT_CONFIG_PATH)
+    if getattr(args, "url", None):
+        cfg = cfg.replace(redis=RedisConfig(**{**cfg.redis.__dict__, "url": args.url}))
+    return cfg
+
+
+def _arg_value(text: str) -> Any:
+    """A command-line argument as JSON when it parses (``7``, ``[1,2]``), else a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    import uvloop
+
+    return int(uvloop.run(coro))
+
+
+# --- run -------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from prioqd import log
+    from prioqd.daemon import serve
+
+    cfg = _config(args, must_exist=True)
+    log.configure(cfg.log.level, cfg.log.format)
+    try:
+        return _run_async(serve(cfg))
+    except WorkerStartError as exc:
+        log.get_logger().critical("cannot start worker processes", error=str(exc))
+        print(f"prioqd: cannot start worker processes: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _config(args, must_exist=True)
+    print(f"{cfg.path}: ok")
+    return EXIT_OK
+
+
+# --- submit ------------------------------------------------------------------------
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    cfg = _config(args, must_exist=False)
+    priorities = cfg.queues.priorities
+    priority = args.priority or priorities[len(priorities) // 2]
+    if priority not in priorities:
+        print(
+            f"prioqd: unknown priority {priority!r}; configured: {', '.join(priorities)}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    job: dict[str, Any] = {
+        "id": args.id or os.urandom(16).hex(),
+        "task": args.task,
+        "args": [_arg_value(a) for a in args.args],
+    }
+    if args.kwargs is not None:
+        try:
+            kwargs = json.loads(args.kwargs)
+        except ValueError as exc:
+            print(f"prioqd: --kwargs is not valid JSON: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if not isinstance(kwargs, dict):
+            print("prioqd: --kwargs must be a JSON object", file=sys.stderr)
+            return EXIT_CONFIG
+        job["kwargs"] = kwargs
+    for name in ("timeout_s", "max_retries", "delay_s"):
+        value = getattr(args, name)
+        if value is not None:
+            job[name] = value
+    return _run_async(_submit(cfg, priority, job, args.wait, args.wait_timeout_s))
+
+
+async def _submit(
+    cfg: Config, priority: str, job: dict[str, Any], wait: bool, wait_timeout_s: float
+) -> int:
+    from prioqd.broker import Broker, wrap_errors
+    from prioqd.keys import Keys
+
+    keys = Keys(cfg.queues.prefix)
+    broker = Broker(cfg.redis.url, keys, socket_timeout_s=max(wait_timeout_s + 5, 10))
+    try:
+        with wrap_errors("submit"):
+            # Exactly what `redis-cli LPUSH <prefix>:queue:<p> '<json>'` would push.
+            await broker.redis.lpush(keys.queue(priority), json.dumps(job))
+            print(job["id"], flush=True)
+            if not wait:
+                return EXIT_OK
+            reply = await broker.redis.blpop([keys.done(job["id"])], timeout=wait_timeout_s)
+        if reply is None:
+            print(f"prioqd: no outcome within {wait_timeout_s:g}s", file=sys.stderr)
+            return EXIT_FAILED
+        outcome = json.loads(reply[1])
+        print(json.dumps(outcome, indent=2))
+        return EXIT_OK if outcome.get("status") == "succeeded" else EXIT_FAILED
+    finally:
+        await broker.close()
+
+
+# --- status ------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _config(args, must_exist=False)
+    return _run_async(_status(cfg, args.json))
+
+
+async def _status(cfg: Config, as_json: bool) -> int:
+    from prioqd.broker import Broker, wrap_errors
+    from prioqd.keys import Keys
+
+    keys = Keys(cfg.queues.prefix)
+    broker = Broker(cfg.redis.url, keys)
+    try:
+        with wrap_errors("status"):
+            r: Any = broker.redis
+            queues = {p: await r.llen(keys.queue(p)) for p in cfg.queues.priorities}
+            scheduled = await r.zcard(keys.scheduled)
+            dead = await r.llen(keys.dead)
+            daemons = []
+            for daemon_id, info, lease_ms in await broker.daemons():
+                prios = info.get("priorities", "").split(",")
+                claimed = sum([await r.llen(keys.claim(daemon_id, p)) for p in prios if p])
+                active = await r.hlen(keys.active(daemon_id))
+                daemons.append(
+                    {
+                        "id": daemon_id,
+                        "host": info.get("host", "?"),
+                        "pid": info.get("pid", "?"),
+                        "slots": info.get("slots", "?"),
+                        "in_flight": active + claimed,
+                        "lease_left_s": round(lease_ms / 1000, 1),
+                        "alive": lease_ms > 0,
+                    }
+                )
+    finally:
+        await broker.close()
+    report = {
+        "queues": queues,
+        "scheduled": scheduled,
+        "dead": dead,
+        "in_flight": sum(d["in_flight"] for d in daemons),
+        "daemons": daemons,
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    print(f"{'queue':<20} {'depth':>8}")
+    for p, n in queues.items():
+        print(f"{p:<20} {n:>8}")
+    print(f"{'(scheduled)':<20} {scheduled:>8}")
+    print(f"{'(dead letters)':<20} {dead:>8}")
+    print(f"\nin flight: {report['in_flight']}")
+    alive = [d for d in daemons if d["alive"] is True]
+    print(f"daemons alive: {len(alive)}")
+    if daemons:
+        print(f"  {'id':<36} {'host':<16} {'pid':>7} {'slots':>5} {'in flight':>9} {'lease':>7}")
+        for d in daemons:
+            lease = f"{d['lease_left_s']}s" if d["alive"] else "expired"
+            print(
+                f"  {d['id']:<36} {d['host']:<16} {d['pid']:>7} {d['slots']:>5} "
+                f"{d['in_flight']:>9} {lease:>7}"
+            )
+    return EXIT_OK
+
+
+# --- dead letters ------------------------------------------------------------------------
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    cfg = _config(args, must_exist=False)
+    return _run_async(_dead(cfg, args))
+
+
+def _entry_payload(entry: dict[str, Any]) -> bytes:
+    import base64
+
+    if "payload_b64" in entry:
+        return base64.b64decode(entry["payload_b64"])
+    return str(entry.get("payload", "")).encode("utf-8")
+
+
+async def _dead(cfg: Config, args: argparse.Namespace) -> int:
+    from prioqd.broker import Broker, wrap_errors
+    from prioqd.jobs import payload_field
+    from prioqd.keys import Keys
+
+    keys = Keys(cfg.queues.prefix)
+    broker = Broker(cfg.redis.url, keys)
+    try:
+        with wrap_errors("dead letters"):
+            r: Any = broker.redis
+            raw_entries = await r.lrange(keys.dead, 0, -1)
+            entries = []
+            for raw in raw_entries:
+                try:
+                    entry = json.loads(raw)
+                except ValueError:
+                    entry = {"reason": "unreadable dead letter", **payload_field(raw)}
+                entries.append((raw, entry))
+            if args.action == "list":
+                return _dead_list(entries[: args.limit], args.json)
+            if args.action == "purge":
+                n = await r.delete(keys.dead)
+                print(f"purged {len(entries) if n else 0} dead letter(s)")
+                return EXIT_OK
+            # requeue
+            wanted = set(args.ids)
+            chosen = [(raw, e) for raw, e in entries if args.all or e.get("id") in wanted]
+            missing = wanted - {e.get("id") for _, e in chosen}
+            moved = 0
+            for raw, entry in chosen:
+                priority = entry.get("priority")
+                if priority not in cfg.queues.priorities:
+                    priority = cfg.queues.priorities[0 if priority is None else -1]
+                if await broker.undead(raw, priority, _entry_payload(entry), entry.get("id") or ""):
+                    moved += 1
+            print(f"requeued {moved} dead letter(s)")
+            for job_id in sorted(missing):
+                print(f"prioqd: no dead letter with id {job_id!r}", file=sys.stderr)
+            return EXIT_FAILED if missing else EXIT_OK
+    finally:
+        await broker.close()
+
+
+def _dead_list(entries: list[tuple[bytes, dict[str, Any]]], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps([e for _, e in entries], indent=2))
+        return EXIT_OK
+    if not entries:
+        print("no dead letters")
+    for _, e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(e.get("dead_at") or 0)))
+        print(
+            f"{when}Z  id={e.get('id') or '-'}  task={e.get('task') or '-'}  "
+            f"queue={e.get('priority') or '-'}  attempts={e.get('attempts', 0)}"
+        )
+        print(f"    reason: {e.get('reason')}")
+    return EXIT_OK
+
+
+# --- parser ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"TOML configuration (default: {DEFAULT_CONFIG_PATH}; "
+        "commands other than run fall back to built-in defaults if it is absent)",
+    )
+    client = argparse.ArgumentParser(add_help=False, parents=[common])
+    client.add_argument("--url", help="Redis URL, overriding [redis] url")
+
+    parser = argparse.ArgumentParser(prog="prioqd", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"prioqd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check-config", parents=[common], help="validate the configuration")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("submit", parents=[client], help="push a job, optionally wait for it")
+    p.add_argument("task")
+    p.add_argument("args", nargs="*", metavar="ARG", help="JSON if it parses, else a string")
+    p.add_argument("--priority", "-p", help="priority (default: the middle one)")
+    p.add_argument("--kwargs", help="keyword arguments as a JSON object")
+    p.add_argument("--id", help="job id (default: a random one)")
+    p.add_argument("--timeout-s", dest="timeout_s", type=float)
+    p.add_argument("--max-retries", dest="max_retries", type=int)
+    p.add_argument("--delay-s", dest="delay_s", type=float)
+    p.add_argument("--wait", action="store_true", help="wait for the outcome and print it")
+    p.add_argument("--wait-timeout-s", type=float, default=300.0)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", parents=[client], help="queue depths, jobs in flight, daemons")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("dead", help="list, requeue or purge dead letters")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    d = dsub.add_parser("list", parents=[client], help="show dead letters, newest first")
+    d.add_argument("--limit", type=int, default=50)
+    d.add_argument("--json", action="store_true")
+    d = dsub.add_parser("requeue", parents=[client], help="push dead letters back on their queue")
+    d.add_argument("ids", nargs="*", metavar="ID")
+    d.add_argument("--all", action="store_true")
+    d = dsub.add_parser("purge", parents=[client], help="delete every dead letter")
+    p.set_defaults(func=cmd_dead)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "dead" and args.action == "requeue" and not (args.ids or args.all):
+        parser.error("dead requeue: give job ids or --all")
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"prioqd: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except BrokerError as exc:
+        print(f"prioqd: redis error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except PrioqdError as exc:
+        print(f"prioqd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

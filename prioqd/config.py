@@ -1,0 +1,250 @@
+"""The TOML configuration: one frozen dataclass per table, strict validation.
+
+Every problem is reported as ``ConfigError(file, dotted.key, problem)``; unknown keys
+are rejected rather than ignored, because a misspelt ``timeout_s`` that silently falls
+back to its default is worse than a daemon that refuses to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prioqd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/prioqd/config.toml"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else "must be 0 or greater"
+
+
+def _name(v: str) -> str | None:
+    if _NAME_RE.match(v):
+        return None
+    return "may only contain letters, digits, '_', '-' and '.'"
+
+
+def _redis_url(v: str) -> str | None:
+    scheme = urllib.parse.urlsplit(v).scheme
+    if scheme in ("redis", "rediss", "unix"):
+        return None
+    return f"scheme must be redis://, rediss:// or unix://, got {scheme or 'none'!r}"
+
+
+def _one_of(*choices: str) -> Callable[[str], str | None]:
+    def check(v: str) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _priorities(v: list[str]) -> str | None:
+    if not v:
+        return "must list at least one priority"
+    for name in v:
+        if problem := _name(name):
+            return f"{name!r} {problem}"
+    if len(set(v)) != len(v):
+        return "must not repeat a priority"
+    return None
+
+
+def _slots(v: int | str) -> str | None:
+    if v == "auto" or (isinstance(v, int) and v >= 1):
+        return None
+    return 'must be "auto" or a whole number of at least 1'
+
+
+def _check(fn: Callable[[Any], str | None]) -> dict[str, Any]:
+    return {"check": fn}
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(_redis_url))
+    # Commands other than the blocking fetch fail after this long; the fetch has its
+    # own connections without a read timeout (it may block for hours by design).
+    socket_timeout_s: float = field(default=5.0, metadata=_check(_positive))
+    connect_timeout_s: float = field(default=5.0, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class QueuesConfig:
+    prefix: str = field(default="prioqd", metadata=_check(_name))
+    priorities: list[str] = field(
+        default_factory=lambda: ["high", "normal", "low"], metadata=_check(_priorities)
+    )
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    slots: int | str = field(default="auto", metadata=_check(_slots))
+    # Restart a worker process after this many jobs (0: never), a guard against
+    # task code that leaks memory.
+    max_jobs_per_worker: int = field(default=0, metadata=_check(_non_negative))
+
+    @property
+    def slot_count(self) -> int:
+        if isinstance(self.slots, int):
+            return self.slots
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    timeout_s: float = field(default=300.0, metadata=_check(_positive))
+    max_retries: int = field(default=3, metadata=_check(_non_negative))
+    retry_backoff_s: float = field(default=1.0, metadata=_check(_positive))
+    retry_backoff_max_s: float = field(default=300.0, metadata=_check(_positive))
+    result_ttl_s: int = field(default=86400, metadata=_check(_positive))
+    max_payload_bytes: int = field(default=1024 * 1024, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    # A daemon that stops heartbeating for this long has its in-flight jobs put back.
+    lease_s: float = field(default=30.0, metadata=_check(_positive))
+    shutdown_grace_s: float = field(default=30.0, metadata=_check(_non_negative))
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    modules: list[str] = field(default_factory=lambda: ["prioqd.examples"])
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = field(default="info", metadata=_check(_one_of(*_LEVELS)))
+    format: str = field(default="auto", metadata=_check(_one_of("auto", "json", "console")))
+
+
+@dataclass(frozen=True)
+class Config:
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    queues: QueuesConfig = field(default_factory=QueuesConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    path: str = "<defaults>"
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with some tables replaced, for tests and CLI overrides."""
+        return dataclasses.replace(self, **sections)
+
+
+_SECTIONS: dict[str, type] = {
+    f.name: f.type if isinstance(f.type, type) else globals()[str(f.type)]
+    for f in dataclasses.fields(Config)
+    if f.name != "path"
+}
+
+
+def _type_name(v: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(v), type(v).__name__)
+
+
+def _coerce(path: str, key: str, annotation: str, value: Any) -> Any:
+    """Check ``value`` against the field's annotation (a string, as annotations are lazy)."""
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(path, key, f"expected {expected}, got {_type_name(value)} {value!r}")
+
+    # bool is a subclass of int: reject it explicitly, `slots = true` is a mistake.
+    if annotation == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if annotation == "int | str":
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise bad("an integer or a string")
+        return value
+    if annotation == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise bad("an array of strings")
+        return list(value)
+    raise AssertionError(f"unhandled annotation {annotation}")  # pragma: no cover
+
+
+def _build_section(path: str, name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(path, name, f"expected a table, got {_type_name(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(path, f"{name}.{key}", f"unknown key (known keys: {known})")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        f = fields[key]
+        dotted = f"{name}.{key}"
+        value = _coerce(path, dotted, str(f.type), value)
+        check = f.metadata.get("check")
+        if check is not None and (problem := check(value)):
+            raise ConfigError(path, dotted, f"{problem}, got {value!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def from_mapping(data: Mapping[str, Any], path: str = "<defaults>") -> Config:
+    for name in data:
+        if name not in _SECTIONS:
+            known = ", ".join(_SECTIONS)
+            raise ConfigError(path, name, f"unknown table (known tables: {known})")
+    sections = {
+        name: _build_section(path, name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()
+    }
+    cfg = Config(path=path, **sections)
+    if cfg.jobs.retry_backoff_max_s < cfg.jobs.retry_backoff_s:
+        raise ConfigError(
+            path, "jobs.retry_backoff_max_s", "must not be smaller than jobs.retry_backoff_s"
+        )
+    return cfg
+
+
+def load(path: str) -> Config:
+    """Read and validate a TOML file; every failure is a ``ConfigError`` naming ``path``."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(path, None, "file not found") from None
+    except PermissionError:
+        raise ConfigError(path, None, "permission denied") from None
+    except IsADirectoryError:
+        raise ConfigError(path, None, "is a directory, expected a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, None, f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, "not UTF-8 text") from None
+    return from_mapping(data, path)

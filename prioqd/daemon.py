@@ -1,0 +1,693 @@
+"""The daemon's lifecycle: fetch under slot tokens, run in the pool, record outcomes.
+
+Four tasks share one event loop:
+
+- fetch: holds a free slot token, claims the next job (highest priority first) into
+  this daemon's claim list, records it as started, hands it to the pool. With every
+  queue empty it blocks in Redis (``BlockingFetch``) and costs nothing.
+- recorder: writes outcomes (and retries, dead letters, put-backs) in batches, in
+  order, retrying through Redis outages; nothing is dropped while the daemon lives.
+- heartbeat: extends this daemon's lease and recovers the jobs of daemons whose
+  lease ran out.
+- scheduler: sleeps until the next retry or delayed job is due, then promotes it.
+
+Signal handlers only set events; ``run`` takes a ``shutdown_trigger`` so tests stop
+a daemon without signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import random
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from prioqd import __version__, jobs
+from prioqd.broker import BlockingFetch, Broker, mask_url
+from prioqd.config import Config
+from prioqd.errors import BrokerError
+from prioqd.keys import Keys
+from prioqd.log import get_logger
+from prioqd.pool import Pool
+
+T = TypeVar("T")
+
+#: How many payloads one claim may take; capped by the free slots.
+CLAIM_BATCH = 64
+
+
+class Slots:
+    """Slot tokens: a job is taken off Redis only while a token is held.
+
+    Unlike ``asyncio.Semaphore`` it can hand out several free tokens at once and be
+    resized on a reload. ``release`` never raises: it runs in done-callbacks.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self._free = total
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def busy(self) -> int:
+        return self.total - self._free
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # woken and cancelled at once: pass the token on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
+    def try_acquire(self, n: int) -> int:
+        got = max(0, min(n, self._free))
+        self._free -= got
+        return got
+
+    def release(self, n: int = 1) -> None:
+        self._free += n
+        while self._free > 0 and self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._free -= 1
+                fut.set_result(None)
+
+    def resize(self, total: int) -> None:
+        self._free += total - self.total
+        self.total = total
+        self.release(0)
+
+
+class Backoff:
+    """Capped exponential backoff with jitter, for reconnecting to Redis."""
+
+    def __init__(self, base_s: float = 0.05, cap_s: float = 5.0) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        step = min(self.cap_s, self.base_s * 2.0 ** (self.failures - 1))
+        return step / 2 + random.uniform(0, step / 2)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def _pidns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Daemon:
+    def __init__(self, config: Config, *, daemon_id: str | None = None) -> None:
+        self.config = config
+        self.keys = Keys(config.queues.prefix)
+        self.priorities = list(config.queues.priorities)
+        self.host = socket.gethostname()
+        self.id = daemon_id or f"{self.host}-{os.getpid()}-{os.urandom(3).hex()}"
+        self.log = get_logger(daemon_id=self.id)
+        self.broker = Broker(
+            config.redis.url,
+            self.keys,
+            socket_timeout_s=config.redis.socket_timeout_s,
+            connect_timeout_s=config.redis.connect_timeout_s,
+        )
+        self.slots = Slots(config.workers.slot_count)
+        self.pool = Pool(
+            self.slots.total,
+            config.tasks.modules,
+            default_timeout_s=config.jobs.timeout_s,
+            max_jobs_per_worker=config.workers.max_jobs_per_worker,
+            on_event=self._pool_event,
+        )
+        self.fetcher = BlockingFetch(self.broker, self.id, self.priorities)
+        self.jobs_done = 0
+        self.last_error = ""
+        self._rng = random.Random()
+        self._token = 0
+        self._running: dict[str, jobs.Job] = {}
+        self._outbox: asyncio.Queue[tuple[jobs.Job, jobs.RunResult]] = asyncio.Queue()
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._claims_dirty = False
+        self._wake_scheduler = asyncio.Event()
+        self._next_promote: float | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- public lifecycle --------------------------------------------------------
+
+    def stop(self, *, force: bool = False) -> None:
+        """Begin a graceful stop; ``force`` skips the grace for running jobs."""
+        if self._stop.is_set() and not force:
+            force = True  # a second request means "now"
+        self._stop.set()
+        if force:
+            self._force.set()
+
+    async def run(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None = None) -> int:
+        """Serve until ``shutdown_trigger`` completes (or ``stop`` is called); returns 0."""
+        cfg = self.config
+        self.log.info(
+            "daemon starting",
+            version=__version__,
+            redis=mask_url(cfg.redis.url),
+            priorities=self.priorities,
+            slots=self.slots.total,
+            config=cfg.path,
+        )
+        if shutdown_trigger is not None:
+            self._spawn(self._trigger(shutdown_trigger))
+        await self.pool.start()
+        try:
+            await self._until_redis_answers()
+            if self._stop.is_set():
+                return 0
+            await self._register()
+            self.log.info(
+                "daemon ready", tasks=sorted(self.pool.task_names), worker_pids=self.pool.pids
+            )
+            fetch = self._spawn(self._fetch_loop())
+            recorder = self._spawn(self._recorder_loop())
+            background = [
+                self._spawn(self._heartbeat_loop()),
+                self._spawn(self._scheduler_loop()),
+            ]
+            await self._stop.wait()
+            await self._shutdown(fetch, recorder, background)
+        finally:
+            await self.pool.close()
+            await self.fetcher.close()
+            await self.broker.close()
+        self.log.info("daemon stopped", jobs_done=self.jobs_done)
+        return 0
+
+    # --- helpers -----------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
+        task: asyncio.Task[T] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.log.critical("internal task failed", error=repr(exc), exc_info=exc)
+            self.stop(force=True)
+
+    async def _trigger(self, shutdown_trigger: Callable[[], Awaitable[Any]]) -> None:
+        await shutdown_trigger()
+        self.stop()
+
+    async def _sleep_unless_stopped(self, delay_s: float) -> bool:
+        """Sleep; True if the daemon was asked to stop meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), delay_s)
+        return self._stop.is_set()
+
+    async def _until_stopped(self, aw: Awaitable[T]) -> asyncio.Future[T] | None:
+        """Await ``aw`` unless a stop comes first: the finished future, or None if
+        stopped (``aw`` is then cancelled)."""
+        task = asyncio.ensure_future(aw)
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, BrokerError):
+            await task
+        return None
+
+    def _redis_down(self, what: str, exc: BrokerError, backoff: Backoff) -> float:
+        delay = backoff.next_delay()
+        self.last_error = str(exc)
+        self.log.warning(
+            "redis unavailable",
+            during=what,
+            error=str(exc),
+            retry_in_s=round(delay, 3),
+            failures=backoff.failures,
+        )
+        return delay
+
+    async def _until_redis_answers(self) -> None:
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                await self.broker.ping()
+                return
+            except BrokerError as exc:
+                if await self._sleep_unless_stopped(self._redis_down("start-up", exc, backoff)):
+                    return
+
+    def _daemon_info(self) -> dict[str, str]:
+        return {
+            "host": self.host,
+            "pid": str(os.getpid()),
+            "boot_id": _read("/proc/sys/kernel/random/boot_id"),
+            "pidns": _pidns(),
+            "priorities": ",".join(self.priorities),
+            "slots": str(self.slots.total),
+            "started_at": f"{time.time():.6f}",
+            "version": __version__,
+        }
+
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.config.daemon.lease_s * 1000)
+
+    async def _register(self) -> None:
+        backoff = Backoff()
+        while not self._stop.is_set():
+            try:
+                await self._recover_local_predecessors()
+                beat = await self.broker.heartbeat(self.id, self._lease_ms, self._daemon_info())
+                self._after_heartbeat(beat)
+                return
+            except BrokerError as exc:
+                await self._sleep_unless_stopped(self._redis_down("register", exc, backoff))
+
+    async def _recover_local_predecessors(self) -> None:
+        """Recover daemons that ran on this host and whose process is gone.
+
+        After a SIGKILL and a restart (systemd's Restart=on-failure) the new process
+        puts its predecessor's jobs back at once instead of waiting out the lease.
+        Same host, same boot and same pid namespace are all required: a pid means
+        nothing elsewhere, and a live daemon must never be robbed.
+        """
+        me = self._daemon_info()
+        for other, info, _ in await self.broker.daemons():
+            if other == self.id or not info.get("pid", "").isdigit():
+                continue
+            same_place = all(info.get(k) == me[k] and me[k] for k in ("host", "boot_id", "pidns"))
+            if same_place and not _pid_alive(int(info["pid"])):
+                n = await self.broker.recover(other, self.priorities)
+                self.log.warning("recovered a dead daemon's jobs", dead_daemon=other, jobs=n)
+
+    def _after_heartbeat(self, beat: Any) -> None:
+        if beat.recovered_daemons:
+            self.log.warning(
+                "recovered jobs of daemons whose lease expired",
+                dead_daemons=beat.recovered_daemons,
+                jobs=beat.recovered_jobs,
+            )
+        if beat.next_due_ms is not None:
+            self._schedule_wakeup(beat.next_due_ms)
+
+    def _pool_event(self, event: str, **fields: Any) -> None:
+        if event == "worker_died":
+            self.log.error("worker process died", **fields)
+        elif event == "worker_start_failed":
+            self.last_error = fields.get("error", "")
+            self.log.error("worker process failed to start", **fields)
+        else:
+            self.log.debug(event.replace("_", " "), **fields)
+
+    # --- fetch -------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        backoff = Backoff()
+        while not self._stop.is_set():
+            if await self._until_stopped(self.slots.acquire()) is None:
+                return
+            held = 1 + self.slots.try_acquire(CLAIM_BATCH - 1)
+            try:
+                if self._claims_dirty:
+                    await self.broker.restore_claims(self.id, self.priorities)
+                    self._claims_dirty = False
+                claimed = await self.broker.claim(self.id, held, self.priorities)
+                if not claimed:
+                    # Keep one token while blocked: the job that wakes us has a slot.
+                    self.slots.release(held - 1)
+                    held = 1
+                    self._claims_dirty = True
+                    waited = await self._until_stopped(self.fetcher.wait())
+                    if waited is None:
+                        self.slots.release(held)
+                        return
+                    claimed = waited.result()
+                    self._claims_dirty = False
+                backoff.reset()
+            except BrokerError as exc:
+                self._claims_dirty = True
+                self.slots.release(held)
+                await self._sleep_unless_stopped(self._redis_down("fetch", exc, backoff))
+                continue
+            if len(claimed) > held:
+                held += self.slots.try_acquire(len(claimed) - held)
+            started = await self._start(claimed[:held], putback=claimed[held:])
+            self.slots.release(held - len(started))
+            for job in started:
+                self._dispatch(job)
+
+    async def _start(
+        self, claimed: list[tuple[str, bytes]], putback: list[tuple[str, bytes]]
+    ) -> list[jobs.Job]:
+        """Record claimed payloads as started (or dead, or scheduled) in one call."""
+        now = time.time()
+        ttl = self.config.jobs.result_ttl_s
+        ops: list[jobs.Op] = []
+        parsed: list[jobs.Job | jobs.Rejected] = []
+        for priority, raw in claimed:
+            item = jobs.parse(
+                raw,
+                priority,
+                known_tasks=self.pool.task_names,
+                max_payload_bytes=self.config.jobs.max_payload_bytes,
+                now=now,
+            )
+            parsed.append(item)
+            if isinstance(item, jobs.Rejected):
+                ops.append(jobs.reject_op(item, daemon_id=self.id, ttl_s=ttl, now=now))
+            elif item.delay_ms > 0:
+                ops.append(jobs.schedule_op(item, ttl_s=ttl, now=now))
+            else:
+                self._token += 1
+                item.token = str(self._token)
+                item.started_at = now
+                ops.append(jobs.start_op(item, daemon_id=self.id, ttl_s=ttl, now=now))
+        # Jobs that raced into our claim lists beyond the slots we hold go back.
+        ops += [["putback", p, raw] for p, raw in putback]
+        results = await self._record_until_done(ops, "start", give_up_on_stop=True)
+        if results is None:
+            # Stopped while Redis was away: what we claimed stays in Redis (claim list
+            # or active hash) and is put back by lease recovery or the next start.
+            return []
+        started: list[jobs.Job] = []
+        for item, result in zip(parsed, results, strict=False):
+            if isinstance(item, jobs.Rejected):
+                self.log.warning(
+                    "job rejected",
+                    job_id=item.id or None,
+                    task=item.task or None,
+                    queue=item.priority,
+                    reason=item.reason,
+                )
+            elif item.delay_ms > 0:
+                self.log.info(
+                    "job scheduled",
+                    job_id=item.id,
+                    task=item.task,
+                    queue=item.priority,
+                    delay_s=item.delay_ms / 1000,
+                )
+                self._schedule_wakeup(item.delay_ms)
+            elif result < 0:
+                self.log.warning(
+                    "claim lost to lease recovery; not running it here",
+                    job_id=item.id,
+                    task=item.task,
+                    queue=item.priority,
+                )
+            else:
+                item.attempt = result
+                started.append(item)
+        return started
+
+    def _dispatch(self, job: jobs.Job) -> None:
+        self._running[job.token] = job
+        self.log.info(
+            "job started", job_id=job.id, task=job.task, queue=job.priority, attempt=job.attempt
+        )
+        (future,) = self.pool.submit([job])
+        future.add_done_callback(functools.partial(self._on_job_done, job))
+
+    def _on_job_done(self, job: jobs.Job, future: asyncio.Future[jobs.RunResult]) -> None:
+        # A done-callback: small, synchronous, never raises. One release per acquire.
+        self.slots.release()
+        self._running.pop(job.token, None)
+        if future.cancelled() or future.exception() is not None:
+            result = jobs.RunResult("not_run", error="pool future failed")
+        else:
+            result = future.result()
+        self._outbox.put_nowait((job, result))
+
+    # --- recording ---------------------------------------------------------------
+
+    async def _record_until_done(
+        self,
+        ops: Sequence[jobs.Op],
+        what: str,
+        *,
+        give_up_at: float | None = None,
+        give_up_on_stop: bool = False,
+    ) -> list[int] | None:
+        """Write ``ops``, retrying through outages (every op is safe to repeat).
+
+        None if it gave up: what the ops would have moved is then still recorded in
+        Redis as held by this daemon, and goes back to its queue on our clean stop
+        or by lease recovery. Nothing is lost by giving up, only delayed.
+        """
+        if not ops:
+            return []
+        backoff = Backoff()
+        while True:
+            try:
+                return await self.broker.record(self.id, ops)
+            except BrokerError as exc:
+                delay = self._redis_down(what, exc, backoff)
+                if give_up_at is not None and time.monotonic() + delay > give_up_at:
+                    return None
+                if self._force.is_set() or (give_up_on_stop and self._stop.is_set()):
+                    return None
+                await asyncio.sleep(delay)
+
+    async def _recorder_loop(self) -> None:
+        while True:
+            batch = [await self._outbox.get()]
+            while not self._outbox.empty() and len(batch) < 256:
+                batch.append(self._outbox.get_nowait())
+            try:
+                await self._write_endings(batch)
+            finally:
+                for _ in batch:
+                    self._outbox.task_done()
+
+    async def _write_endings(
+        self, batch: list[tuple[jobs.Job, jobs.RunResult]], give_up_at: float | None = None
+    ) -> bool:
+        cfg = self.config.jobs
+        endings = [
+            jobs.end_op(
+                job,
+                run,
+                daemon_id=self.id,
+                ttl_s=cfg.result_ttl_s,
+                max_retries=cfg.max_retries,
+                backoff_base_s=cfg.retry_backoff_s,
+                backoff_max_s=cfg.retry_backoff_max_s,
+                rng=self._rng,
+            )
+            for job, run in batch
+        ]
+        results = await self._record_until_done(
+            [e.op for e in endings], "record outcome", give_up_at=give_up_at
+        )
+        if results is None:
+            self.log.error(
+                "outcomes not written; the jobs stay in flight and will run again",
+                job_ids=[job.id for job, _ in batch],
+            )
+            return False
+        for (job, run), ending, written in zip(batch, endings, results, strict=True):
+            self._log_ending(job, run, ending, bool(written))
+            if ending.retry_in_s:
+                self._schedule_wakeup(int(ending.retry_in_s * 1000))
+        return True
+
+    def _log_ending(
+        self, job: jobs.Job, run: jobs.RunResult, ending: jobs.Ending, written: bool
+    ) -> None:
+        fields: dict[str, Any] = {
+            "job_id": job.id,
+            "task": job.task,
+            "queue": job.priority,
+            "attempt": job.attempt,
+            "outcome": ending.status,
+        }
+        if run.status != "not_run":
+            fields["duration_s"] = round(max(0.0, run.finished_at - run.started_at), 6)
+        if not written:
+            self.log.warning("job finished but its lease was lost; not recorded here", **fields)
+            return
+        if ending.status == "succeeded":
+            self.jobs_done += 1
+            self.log.info("job finished", **fields)
+        elif ending.status == "requeued":
+            self.log.info("job finished", **fields, reason=run.error or "not run")
+        else:
+            self.jobs_done += 1
+            self.last_error = f"{job.task} {job.id}: {run.error}"
+            level = self.log.error if ending.status == "dead" else self.log.warning
+            extra: dict[str, Any] = {"error": run.error}
+            if ending.status == "failed":
+                extra["retry_in_s"] = round(ending.retry_in_s, 3)
+            if run.traceback:
+                extra["traceback"] = run.traceback
+            level("job finished", **fields, **extra)
+
+    # --- heartbeat and schedule ------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.daemon.lease_s / 3
+        backoff = Backoff()
+        while not await self._sleep_unless_stopped(interval):
+            try:
+                beat = await self.broker.heartbeat(self.id, self._lease_ms, self._daemon_info())
+            except BrokerError as exc:
+                self._redis_down("heartbeat", exc, backoff)
+                continue
+            backoff.reset()
+            if beat.registered:
+                self.log.warning("lease had expired and was renewed; jobs in flight may run twice")
+            self._after_heartbeat(beat)
+
+    def _schedule_wakeup(self, delay_ms: int) -> None:
+        at = time.monotonic() + delay_ms / 1000
+        if self._next_promote is None or at < self._next_promote:
+            self._next_promote = at
+            self._wake_scheduler.set()
+
+    async def _scheduler_loop(self) -> None:
+        backoff = Backoff()
+        while True:
+            self._wake_scheduler.clear()
+            if self._next_promote is None:
+                await self._wake_scheduler.wait()
+                continue
+            delay = self._next_promote - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake_scheduler.wait(), delay)
+                continue
+            self._next_promote = None
+            try:
+                moved, next_due = await self.broker.promote()
+                backoff.reset()
+            except BrokerError as exc:
+                self._schedule_wakeup(int(self._redis_down("promote", exc, backoff) * 1000))
+                continue
+            if moved:
+                self.log.debug("scheduled jobs due", jobs=moved)
+            if next_due is not None:
+                self._schedule_wakeup(next_due)
+
+    # --- shutdown ----------------------------------------------------------------
+
+    async def _shutdown(
+        self,
+        fetch: asyncio.Task[None],
+        recorder: asyncio.Task[None],
+        background: list[asyncio.Task[None]],
+    ) -> None:
+        grace = self.config.daemon.shutdown_grace_s
+        self.log.info(
+            "stopping: no new jobs; waiting for running ones",
+            running=len(self._running),
+            grace_s=grace,
+            force=self._force.is_set(),
+        )
+        with contextlib.suppress(asyncio.CancelledError):
+            await fetch
+        if self.pool.busy_count and not self._force.is_set():
+            idle = asyncio.ensure_future(self.pool.wait_idle())
+            force = asyncio.ensure_future(self._force.wait())
+            await asyncio.wait([idle, force], timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            idle.cancel()
+            force.cancel()
+        killed = self.pool.kill_busy("shutdown")
+        if killed:
+            self.log.warning(
+                "grace over: killed running jobs; they go back to the head of their queues",
+                jobs=killed,
+            )
+        await self.pool.wait_idle()
+        # Flush outcomes; with Redis gone for good, give up after a bound: the jobs
+        # are still recorded as in flight and are recovered from our lease.
+        give_up_at = time.monotonic() + max(5.0, grace)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._outbox.join(), max(5.0, grace))
+        recorder.cancel()
+        leftovers = []
+        while not self._outbox.empty():
+            leftovers.append(self._outbox.get_nowait())
+        if leftovers:
+            await self._write_endings(leftovers, give_up_at=give_up_at)
+        for task in background:
+            task.cancel()
+        for task in [recorder, *background]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            put_back = await self.broker.recover(self.id, self.priorities)
+            if put_back:
+                self.log.info("put back jobs held at stop", jobs=put_back)
+        except BrokerError as exc:
+            self.log.error(
+                "could not deregister; other daemons recover our jobs when the lease ends",
+                error=str(exc),
+            )
+
+
+async def serve(
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+    daemon_id: str | None = None,
+) -> int:
+    """The entry point: run a daemon until a signal (or ``shutdown_trigger``)."""
+    daemon = Daemon(config, daemon_id=daemon_id)
+    loop = asyncio.get_running_loop()
+    installed = []
+    if shutdown_trigger is None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Only set an event: the first signal drains, a second one skips the grace.
+            loop.add_signal_handler(sig, daemon.stop)
+            installed.append(sig)
+    try:
+        return await daemon.run(shutdown_trigger)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,58 @@
+"""Every Redis key and channel name prioqd uses, in one place.
+
+The Lua script (``lua/prioqd.lua``) builds the same names from the prefix; its
+header documents the layout and must change together with this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def queue(self, priority: str) -> str:
+        """LIST a producer LPUSHes JSON jobs onto; daemons take from the right end."""
+        return f"{self.prefix}:queue:{priority}"
+
+    def claim(self, daemon_id: str, priority: str) -> str:
+        """LIST of raw payloads a daemon has taken but not yet recorded as started."""
+        return f"{self.prefix}:claim:{daemon_id}:{priority}"
+
+    def active(self, daemon_id: str) -> str:
+        """HASH token -> "<priority>\\n<job json>" of the jobs a daemon is running."""
+        return f"{self.prefix}:active:{daemon_id}"
+
+    def daemon(self, daemon_id: str) -> str:
+        """HASH describing a live daemon (host, pid, slots, priorities...)."""
+        return f"{self.prefix}:daemon:{daemon_id}"
+
+    @property
+    def daemons(self) -> str:
+        """ZSET daemon id -> lease expiry in ms (Redis clock)."""
+        return f"{self.prefix}:daemons"
+
+    def job(self, job_id: str) -> str:
+        """HASH with a job's status and outcome, expiring after result_ttl_s."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def done(self, job_id: str) -> str:
+        """LIST holding a finished job's outcome JSON, for ``BLPOP`` by producers."""
+        return f"{self.prefix}:done:{job_id}"
+
+    @property
+    def dead(self) -> str:
+        """LIST of dead letters (JSON with the original payload and the reason)."""
+        return f"{self.prefix}:dead"
+
+    @property
+    def scheduled(self) -> str:
+        """ZSET "<priority>\\n<job json>" -> due time in ms: retries and delayed jobs."""
+        return f"{self.prefix}:scheduled"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel on which every attempt's outcome is published."""
+        return f"{self.prefix}:events"

@@ -1,0 +1,327 @@
+-- prioqd.lua: every multi-step change prioqd makes to Redis, each one atomic.
+--
+-- Called as: EVALSHA <sha> 0 <prefix> <command> <args...>
+-- No KEYS are declared: names are built from the prefix (as dramatiq's dispatch.lua
+-- does), so prioqd runs on a single Redis or a replicated primary, not on a Cluster.
+-- Times are Redis's own clock (TIME), so daemons on hosts with skewed clocks agree
+-- on leases and due times.
+--
+-- Key layout (P = prefix, D = daemon id, p = priority name, T = token):
+--   P:queue:p     LIST   producers LPUSH job JSON; daemons take from the RIGHT end,
+--                        so the right end is the head and "put back" means RPUSH.
+--   P:claim:D:p   LIST   payloads D has taken from P:queue:p (by the claim command or
+--                        by a blocking BLMOVE) but not yet recorded as started.
+--   P:active:D    HASH   T -> "p\n<job json>" for each job D is running; T is unique
+--                        within D, the JSON carries the job id.
+--   P:daemons     ZSET   D -> lease expiry in ms. Past it, any daemon may recover D.
+--   P:daemon:D    HASH   host, pid, priorities ("high,normal,low"), slots, started_at.
+--   P:job:<id>    HASH   status, task, priority, attempts, result, error, ...
+--   P:done:<id>   LIST   the outcome JSON of a job that has ended (for BLPOP).
+--   P:dead        LIST   dead-letter JSON, newest on the left.
+--   P:scheduled   ZSET   "p\n<job json>" -> due time in ms (retries, delayed jobs).
+--   P:events      pub/sub channel: the outcome JSON of every attempt.
+--
+-- Invariant: a job is always in exactly one of P:queue:p, P:claim:D:p, P:active:D,
+-- P:scheduled or P:dead (or it has ended), and every move between them is one
+-- script call. That is what makes a SIGKILL or a dropped connection lose nothing.
+
+local prefix = ARGV[1]
+local command = ARGV[2]
+
+local function now_ms()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function queue_key(p) return prefix .. ':queue:' .. p end
+local function claim_key(d, p) return prefix .. ':claim:' .. d .. ':' .. p end
+local function active_key(d) return prefix .. ':active:' .. d end
+local function daemon_key(d) return prefix .. ':daemon:' .. d end
+local function job_key(id) return prefix .. ':job:' .. id end
+local function done_key(id) return prefix .. ':done:' .. id end
+local daemons_key = prefix .. ':daemons'
+local dead_key = prefix .. ':dead'
+local scheduled_key = prefix .. ':scheduled'
+local events_key = prefix .. ':events'
+
+-- "p\n<json>" -> p, json
+local function split_entry(v)
+    local i = string.find(v, '\n', 1, true)
+    return string.sub(v, 1, i - 1), string.sub(v, i + 1)
+end
+
+local function split_csv(s)
+    local out = {}
+    for item in string.gmatch(s, '[^,]+') do out[#out + 1] = item end
+    return out
+end
+
+-- fields_json is a JSON object of field -> string, or null to delete the field.
+local function write_job(id, ttl, fields_json)
+    if id == '' then return end
+    local key = job_key(id)
+    local fields = cjson.decode(fields_json)
+    local set = {}
+    local del = {}
+    for k, v in pairs(fields) do
+        if v == cjson.null then
+            del[#del + 1] = k
+        else
+            set[#set + 1] = k
+            set[#set + 1] = tostring(v)
+        end
+    end
+    if #del > 0 then redis.call('HDEL', key, unpack(del)) end
+    if #set > 0 then redis.call('HSET', key, unpack(set)) end
+    redis.call('EXPIRE', key, ttl)
+end
+
+local function push_done(id, ttl, outcome)
+    if id == '' then return end
+    local key = done_key(id)
+    redis.call('DEL', key)
+    redis.call('RPUSH', key, outcome)
+    redis.call('EXPIRE', key, ttl)
+end
+
+-- Put daemon d's claim lists back at the head of their queues; returns how many.
+local function restore_claims(d, priorities)
+    local n = 0
+    for _, p in ipairs(priorities) do
+        -- The claim list holds the newest on the left: moving from the left onto the
+        -- right end of the queue leaves the oldest claimed at the very head.
+        while redis.call('LMOVE', claim_key(d, p), queue_key(p), 'LEFT', 'RIGHT') do
+            n = n + 1
+        end
+    end
+    return n
+end
+
+-- Put every job daemon d holds back at the head of its queue; returns how many.
+local function recover(d, fallback_priorities)
+    local prios = redis.call('HGET', daemon_key(d), 'priorities')
+    local n = restore_claims(d, prios and split_csv(prios) or fallback_priorities)
+    local active = redis.call('HVALS', active_key(d))
+    for _, v in ipairs(active) do
+        local p, json = split_entry(v)
+        redis.call('RPUSH', queue_key(p), json)
+        n = n + 1
+    end
+    redis.call('DEL', active_key(d), daemon_key(d))
+    redis.call('ZREM', daemons_key, d)
+    return n
+end
+
+local function next_due_in(now)
+    local first = redis.call('ZRANGE', scheduled_key, 0, 0, 'WITHSCORES')
+    if #first == 0 then return -1 end
+    return math.max(0, tonumber(first[2]) - now)
+end
+
+-- claim D max p1 p2 ...
+-- Moves up to max payloads, highest priority first, into D's claim lists.
+-- Returns {p, payload, p, payload, ...}.
+if command == 'claim' then
+    local d = ARGV[3]
+    local left = tonumber(ARGV[4])
+    local out = {}
+    for i = 5, #ARGV do
+        local p = ARGV[i]
+        while left > 0 do
+            local v = redis.call('LMOVE', queue_key(p), claim_key(d, p), 'RIGHT', 'LEFT')
+            if not v then break end
+            out[#out + 1] = p
+            out[#out + 1] = v
+            left = left - 1
+        end
+        if left == 0 then break end
+    end
+    return out
+end
+
+-- record D op args... op args...
+-- Applies a batch of state changes in order and returns one integer per op.
+-- Each op is guarded so that applying it twice (a reply lost to a dropped
+-- connection, then a retry) changes nothing the second time.
+--
+--   start  p raw T json id ttl fields        claim -> active; returns attempts, or -1
+--                                            if the claim is gone (recovered by
+--                                            another daemon: do not run it)
+--   end    T id ttl fields outcome done dead sched_member delay_ms
+--                                            active -> ended / dead / scheduled;
+--                                            returns 1, or 0 if T is not active
+--   requeue T id                             active -> head of queue, attempt not
+--                                            charged; returns 1 or 0
+--   reject p raw id ttl fields outcome dead  claim -> dead letters; 1 or 0
+--   schedule p raw id ttl fields member delay_ms
+--                                            claim -> scheduled; 1 or 0
+--   putback p raw                            claim -> head of queue; 1 or 0
+if command == 'record' then
+    local d = ARGV[3]
+    local active = active_key(d)
+    local out = {}
+    local i = 4
+    local now = nil
+    while i <= #ARGV do
+        local op = ARGV[i]
+        if op == 'start' then
+            local p, raw, token, json, id, ttl, fields =
+                ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+            i = i + 8
+            if redis.call('HEXISTS', active, token) == 1 then
+                out[#out + 1] = tonumber(redis.call('HGET', job_key(id), 'attempts') or '1')
+            elseif redis.call('LREM', claim_key(d, p), 1, raw) == 0 then
+                out[#out + 1] = -1
+            else
+                redis.call('HSET', active, token, p .. '\n' .. json)
+                local attempts = redis.call('HINCRBY', job_key(id), 'attempts', 1)
+                write_job(id, ttl, fields)
+                out[#out + 1] = attempts
+            end
+        elseif op == 'end' then
+            local token, id, ttl, fields, outcome, done, dead, member, delay_ms =
+                ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
+                ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
+            i = i + 10
+            if redis.call('HDEL', active, token) == 1 then
+                write_job(id, ttl, fields)
+                if done == '1' then push_done(id, ttl, outcome) end
+                if dead ~= '' then redis.call('LPUSH', dead_key, dead) end
+                if member ~= '' then
+                    now = now or now_ms()
+                    redis.call('ZADD', scheduled_key, now + tonumber(delay_ms), member)
+                end
+                redis.call('PUBLISH', events_key, outcome)
+                out[#out + 1] = 1
+            else
+                out[#out + 1] = 0
+            end
+        elseif op == 'requeue' then
+            local token, id = ARGV[i + 1], ARGV[i + 2]
+            i = i + 3
+            local v = redis.call('HGET', active, token)
+            if v then
+                redis.call('HDEL', active, token)
+                local p, json = split_entry(v)
+                redis.call('RPUSH', queue_key(p), json)
+                local key = job_key(id)
+                if redis.call('EXISTS', key) == 1 then
+                    redis.call('HINCRBY', key, 'attempts', -1)
+                    redis.call('HSET', key, 'status', 'queued')
+                end
+                out[#out + 1] = 1
+            else
+                out[#out + 1] = 0
+            end
+        elseif op == 'reject' then
+            local p, raw, id, ttl, fields, outcome, dead =
+                ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+            i = i + 8
+            if redis.call('LREM', claim_key(d, p), 1, raw) == 1 then
+                redis.call('LPUSH', dead_key, dead)
+                if id ~= '' then
+                    write_job(id, ttl, fields)
+                    push_done(id, ttl, outcome)
+                end
+                redis.call('PUBLISH', events_key, outcome)
+                out[#out + 1] = 1
+            else
+                out[#out + 1] = 0
+            end
+        elseif op == 'schedule' then
+            local p, raw, id, ttl, fields, member, delay_ms =
+                ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+            i = i + 8
+            if redis.call('LREM', claim_key(d, p), 1, raw) == 1 then
+                now = now or now_ms()
+                redis.call('ZADD', scheduled_key, now + tonumber(delay_ms), member)
+                write_job(id, ttl, fields)
+                out[#out + 1] = 1
+            else
+                out[#out + 1] = 0
+            end
+        elseif op == 'putback' then
+            local p, raw = ARGV[i + 1], ARGV[i + 2]
+            i = i + 3
+            if redis.call('LREM', claim_key(d, p), 1, raw) == 1 then
+                redis.call('RPUSH', queue_key(p), raw)
+                out[#out + 1] = 1
+            else
+                out[#out + 1] = 0
+            end
+        else
+            return redis.error_reply('prioqd: unknown record op ' .. tostring(op))
+        end
+    end
+    return out
+end
+
+-- heartbeat D lease_ms max_recover field value field value ...
+-- Extends D's lease (registering it, with the given info fields, if it has none),
+-- then recovers up to max_recover daemons whose lease has run out.
+-- Returns {registered (1 if D was not registered), recovered daemon ids joined
+-- by ',', jobs put back, ms until the next scheduled job or -1}.
+if command == 'heartbeat' then
+    local d = ARGV[3]
+    local lease_ms = tonumber(ARGV[4])
+    local max_recover = tonumber(ARGV[5])
+    local now = now_ms()
+    local registered = redis.call('ZADD', daemons_key, now + lease_ms, d)
+    if registered == 1 and #ARGV >= 6 then
+        redis.call('HSET', daemon_key(d), unpack(ARGV, 6))
+    end
+    local expired = redis.call('ZRANGEBYSCORE', daemons_key, '-inf', now, 'LIMIT', 0, max_recover)
+    local jobs = 0
+    local fallback = {}
+    local mine = redis.call('HGET', daemon_key(d), 'priorities')
+    if mine then fallback = split_csv(mine) end
+    for _, other in ipairs(expired) do
+        jobs = jobs + recover(other, fallback)
+    end
+    return {registered, table.concat(expired, ','), jobs, next_due_in(now)}
+end
+
+-- recover D p1 p2 ...
+-- Puts everything D holds back at the head of its queues and forgets D. Used by a
+-- daemon on a clean stop (for itself) and on start-up for a dead predecessor on
+-- the same host. The priorities are a fallback for a D with no info hash.
+if command == 'recover' then
+    return recover(ARGV[3], {unpack(ARGV, 4)})
+end
+
+-- restore D p1 p2 ...
+-- Puts D's claim lists (not its active jobs) back at the head of their queues.
+-- Used after a claim whose reply was lost: what it moved is unknown to D.
+if command == 'restore' then
+    return restore_claims(ARGV[3], {unpack(ARGV, 4)})
+end
+
+-- undead entry p payload id
+-- Moves one dead letter (matched by its exact text) back to the tail of queue p as
+-- a fresh job: its attempts start again from 0. Returns 1, or 0 if it is gone.
+if command == 'undead' then
+    if redis.call('LREM', dead_key, 1, ARGV[3]) == 0 then return 0 end
+    redis.call('LPUSH', queue_key(ARGV[4]), ARGV[5])
+    local id = ARGV[6]
+    if id ~= '' and redis.call('EXISTS', job_key(id)) == 1 then
+        redis.call('HSET', job_key(id), 'status', 'queued', 'attempts', 0)
+        redis.call('DEL', done_key(id))
+    end
+    return 1
+end
+
+-- promote max
+-- Moves up to max due jobs from the schedule to the tail of their queues, in due
+-- order. Returns {moved, ms until the next scheduled job or -1}.
+if command == 'promote' then
+    local now = now_ms()
+    local due = redis.call('ZRANGEBYSCORE', scheduled_key, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+    for _, member in ipairs(due) do
+        local p, json = split_entry(member)
+        redis.call('LPUSH', queue_key(p), json)
+    end
+    if #due > 0 then redis.call('ZREM', scheduled_key, unpack(due)) end
+    return {#due, next_due_in(now)}
+end
+
+return redis.error_reply('prioqd: unknown command ' .. tostring(command))

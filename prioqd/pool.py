@@ -1,0 +1,412 @@
+"""A process pool that loses one job, not all of them, when a worker dies.
+
+Why not ``concurrent.futures.ProcessPoolExecutor``: when one of its children dies
+(a timeout kill, a segfault, ``os._exit``, the OOM killer) it marks the whole pool
+broken and fails every job in flight with ``BrokenProcessPool``, and it cannot tell
+which child runs which job, so a timeout cannot kill the right process. Here each
+worker is a child of its own with two pipes (see ``prioqd.worker``); the daemon
+knows what every worker runs, kills exactly the one that overran, and replaces
+exactly the one that died. Its siblings never notice.
+
+``submit`` returns asyncio futures; the daemon adds a done-callback to each that
+releases the job's slot, as it would for ``loop.run_in_executor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import signal
+import struct
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prioqd.errors import WorkerStartError
+from prioqd.jobs import Job, RunResult
+
+_HEADER = struct.Struct("!I")
+_START_TIMEOUT_S = 120.0
+
+
+@dataclass(slots=True)
+class _Running:
+    job: Job
+    seq: int
+    future: asyncio.Future[RunResult]
+    started_mono: float = 0.0
+    started_wall: float = 0.0
+
+
+class _FrameReader(asyncio.Protocol):
+    def __init__(self, on_frame: Callable[[Any], None]) -> None:
+        self._buf = bytearray()
+        self._on_frame = on_frame
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        while len(buf) >= _HEADER.size:
+            (n,) = _HEADER.unpack_from(buf)
+            end = _HEADER.size + n
+            if len(buf) < end:
+                break
+            frame = pickle.loads(bytes(buf[_HEADER.size : end]))
+            del buf[:end]
+            self._on_frame(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "worker process vanished"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"worker process was killed by {name}"
+    return f"worker process exited with code {returncode}"
+
+
+class _Worker:
+    def __init__(self, pool: Pool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pid = 0
+        self.transport: asyncio.WriteTransport | None = None
+        self.reader: _FrameReader | None = None
+        self.ready: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self.batch: deque[_Running] = deque()
+        self.deadline: asyncio.TimerHandle | None = None
+        # Why we killed it, so its exit is not reported as a crash.
+        self.kill_reason: str | None = None
+        self.jobs_done = 0
+        self.retiring = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.batch)
+
+    def on_frame(self, frame: Any) -> None:
+        kind = frame[0]
+        if kind == "ready":
+            self.pid = frame[1]
+            if not self.ready.done():
+                self.ready.set_result(list(frame[2]))
+        elif kind == "error":
+            if not self.ready.done():
+                self.ready.set_exception(WorkerStartError(frame[1]))
+        elif kind == "done":
+            self.pool._on_done(self, frame)
+
+    def send(self, obj: Any) -> None:
+        assert self.transport is not None
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        self.transport.write(_HEADER.pack(len(data)) + data)
+
+    def kill(self, reason: str) -> None:
+        if self.kill_reason is None:
+            self.kill_reason = reason
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+
+
+class Pool:
+    """``size`` worker processes; one batch of jobs per worker at a time."""
+
+    def __init__(
+        self,
+        size: int,
+        modules: Sequence[str],
+        *,
+        default_timeout_s: float,
+        max_jobs_per_worker: int = 0,
+        on_event: Callable[..., None] | None = None,
+    ) -> None:
+        self.size = size
+        self.modules = list(modules)
+        self.default_timeout_s = default_timeout_s
+        self.max_jobs_per_worker = max_jobs_per_worker
+        self.task_names: frozenset[str] = frozenset()
+        self._on_event = on_event or (lambda *a, **k: None)
+        self._workers: set[_Worker] = set()
+        self._idle: deque[_Worker] = deque()
+        self._pending: deque[list[_Running]] = deque()
+        self._seq = 0
+        self._next_index = 0
+        self._closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._idle_event = asyncio.Event()
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> frozenset[str]:
+        """Start every worker; raises ``WorkerStartError`` if the task modules fail."""
+        workers = await asyncio.gather(
+            *(self._spawn() for _ in range(self.size)), return_exceptions=True
+        )
+        errors = [w for w in workers if isinstance(w, BaseException)]
+        if errors:
+            for w in workers:
+                if isinstance(w, _Worker):
+                    w.kill("start failed")
+            raise errors[0]
+        return self.task_names
+
+    async def _spawn(self) -> _Worker:
+        loop = asyncio.get_running_loop()
+        worker = _Worker(self, self._next_index)
+        self._next_index += 1
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "prioqd.worker",
+                str(cmd_r),
+                str(res_w),
+                *self.modules,
+                pass_fds=(cmd_r, res_w),
+                stdin=asyncio.subprocess.DEVNULL,
+                # Task output goes to stderr: the daemon's stdout carries only its logs.
+                stdout=sys.stderr.fileno(),
+                env={**os.environ, "PRIOQD_PARENT_PID": str(os.getpid())},
+            )
+        except BaseException:
+            for fd in (cmd_r, cmd_w, res_r, res_w):
+                os.close(fd)
+            raise
+        finally:
+            # The child holds its ends now; closing ours makes EOF mean "the other
+            # side is gone".
+            with contextlib.suppress(OSError):
+                os.close(cmd_r)
+            with contextlib.suppress(OSError):
+                os.close(res_w)
+        worker.proc = proc
+        self._workers.add(worker)
+        transport, _ = await loop.connect_write_pipe(
+            asyncio.Protocol, os.fdopen(cmd_w, "wb", buffering=0)
+        )
+        worker.transport = transport
+        _, reader = await loop.connect_read_pipe(
+            lambda: _FrameReader(worker.on_frame), os.fdopen(res_r, "rb", buffering=0)
+        )
+        worker.reader = reader
+        self._track(asyncio.ensure_future(self._watch(worker)))
+        try:
+            names = await asyncio.wait_for(asyncio.shield(worker.ready), _START_TIMEOUT_S)
+        except TimeoutError:
+            worker.kill("start timed out")
+            raise WorkerStartError(
+                f"worker process did not start within {_START_TIMEOUT_S:.0f}s"
+            ) from None
+        self.task_names = frozenset(names)
+        self._make_idle(worker)
+        self._on_event("worker_started", pid=worker.pid, index=worker.index)
+        return worker
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self, worker: _Worker) -> None:
+        assert worker.proc is not None and worker.reader is not None
+        returncode = await worker.proc.wait()
+        # Results the worker wrote before it died are still in the pipe: read them
+        # first so a job that did finish is not reported as crashed.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(worker.reader.closed), 1.0)
+        self._on_exit(worker, returncode)
+
+    def _on_exit(self, worker: _Worker, returncode: int | None) -> None:
+        self._workers.discard(worker)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        if worker.deadline is not None:
+            worker.deadline.cancel()
+        if worker.transport is not None:
+            worker.transport.close()
+        if not worker.ready.done():
+            worker.ready.set_exception(
+                WorkerStartError(f"{_describe_exit(returncode)} before it was ready")
+            )
+        now = time.time()
+        reason = worker.kill_reason
+        if worker.batch:
+            head = worker.batch.popleft()
+            if reason == "timeout":
+                timeout = head.job.timeout_s or self.default_timeout_s
+                result = RunResult("timeout", error=f"timed out after {timeout:g}s")
+            elif reason == "shutdown":
+                result = RunResult("not_run", error="stopped by shutdown")
+            else:
+                result = RunResult("crashed", error=_describe_exit(returncode))
+            result.started_at, result.finished_at = head.started_wall, now
+            self._resolve(head, result)
+            # The rest of the batch never started: they go back without charge.
+            while worker.batch:
+                self._resolve(worker.batch.popleft(), RunResult("not_run"))
+            if reason not in ("timeout", "shutdown"):
+                exit_text = _describe_exit(returncode)
+                self._on_event("worker_died", pid=worker.pid, exit=exit_text, job_id=head.job.id)
+        if not self._closing and len(self._workers) < self.size:
+            self._track(asyncio.ensure_future(self._replace()))
+        self._idle_event.set()
+
+    async def _replace(self) -> None:
+        delay = 0.1
+        while not self._closing and len(self._workers) < self.size:
+            try:
+                await self._spawn()
+                return
+            except WorkerStartError as exc:
+                self._on_event("worker_start_failed", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    # --- running jobs ----------------------------------------------------------
+
+    def submit(self, jobs: Sequence[Job]) -> list[asyncio.Future[RunResult]]:
+        """Run ``jobs`` one after another in one worker; one future per job."""
+        loop = asyncio.get_running_loop()
+        batch = []
+        for job in jobs:
+            self._seq += 1
+            batch.append(_Running(job, self._seq, loop.create_future()))
+        if self._idle:
+            self._run(self._idle.popleft(), batch)
+        else:
+            # Every worker is busy or being replaced after a crash: the slot was
+            # freed already, so this waits only for the replacement to start.
+            self._pending.append(batch)
+        return [r.future for r in batch]
+
+    def _run(self, worker: _Worker, batch: list[_Running]) -> None:
+        worker.batch.extend(batch)
+        worker.send(("run", [(r.seq, r.job.task, r.job.args, r.job.kwargs) for r in batch]))
+        self._arm(worker)
+
+    def _arm(self, worker: _Worker) -> None:
+        """Start the clock on the job at the head of the worker's batch."""
+        if worker.deadline is not None:
+            worker.deadline.cancel()
+            worker.deadline = None
+        if not worker.batch:
+            return
+        head = worker.batch[0]
+        loop = asyncio.get_running_loop()
+        head.started_mono = loop.time()
+        head.started_wall = time.time()
+        timeout = head.job.timeout_s or self.default_timeout_s
+        worker.deadline = loop.call_at(head.started_mono + timeout, worker.kill, "timeout")
+
+    def _on_done(self, worker: _Worker, frame: Any) -> None:
+        _, seq, status, result_json, error, tb, started, finished = frame
+        if not worker.batch or worker.batch[0].seq != seq:
+            return  # a late result for a job already given up on
+        head = worker.batch.popleft()
+        self._resolve(head, RunResult(status, result_json, error, tb, started, finished))
+        worker.jobs_done += 1
+        self._arm(worker)
+        if not worker.batch:
+            self._make_idle(worker)
+
+    def _make_idle(self, worker: _Worker) -> None:
+        if worker.kill_reason is not None:
+            return
+        if self.max_jobs_per_worker and worker.jobs_done >= self.max_jobs_per_worker:
+            self._retire(worker)
+            return
+        if len(self._workers) - len(self._retiring()) > self.size:
+            self._retire(worker)
+            return
+        if self._pending:
+            self._run(worker, self._pending.popleft())
+        else:
+            self._idle.append(worker)
+            self._idle_event.set()
+
+    def _retiring(self) -> list[_Worker]:
+        return [w for w in self._workers if w.retiring]
+
+    def _retire(self, worker: _Worker) -> None:
+        """Let an idle worker exit by closing its command pipe (EOF)."""
+        worker.retiring = True
+        worker.kill_reason = "retired"
+        if worker.transport is not None:
+            worker.transport.close()
+
+    @staticmethod
+    def _resolve(running: _Running, result: RunResult) -> None:
+        if not running.future.done():
+            running.future.set_result(result)
+
+    # --- size and shutdown -------------------------------------------------------
+
+    @property
+    def busy_count(self) -> int:
+        return sum(1 for w in self._workers if w.busy) + len(self._pending)
+
+    @property
+    def pids(self) -> list[int]:
+        return sorted(w.pid for w in self._workers if w.pid)
+
+    async def resize(self, size: int) -> None:
+        """Grow at once; shrink as workers become idle."""
+        self.size = size
+        while self._idle and len(self._workers) - len(self._retiring()) > size:
+            self._retire(self._idle.pop())
+        missing = size - (len(self._workers) - len(self._retiring()))
+        if missing > 0:
+            await asyncio.gather(*(self._spawn() for _ in range(missing)))
+
+    async def wait_idle(self) -> None:
+        """Return once no worker runs a job."""
+        while self.busy_count:
+            self._idle_event.clear()
+            await self._idle_event.wait()
+
+    def kill_busy(self, reason: str = "shutdown") -> int:
+        """Kill every worker that is running something; their jobs end as not_run."""
+        busy = [w for w in self._workers if w.busy]
+        for w in busy:
+            w.kill(reason)
+        while self._pending:
+            for r in self._pending.popleft():
+                self._resolve(r, RunResult("not_run"))
+        return len(busy)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Stop every worker: idle ones exit on EOF, the rest are killed."""
+        self._closing = True
+        for w in list(self._workers):
+            if w.busy:
+                w.kill("shutdown")
+            elif w.transport is not None:
+                w.kill_reason = w.kill_reason or "closed"
+                w.transport.close()
+        procs = [w.proc for w in self._workers if w.proc is not None]
+        if procs:
+            waits = asyncio.gather(*(p.wait() for p in procs))
+            try:
+                await asyncio.wait_for(waits, timeout_s)
+            except TimeoutError:
+                for w in list(self._workers):
+                    w.kill("closed")
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, 2.0)

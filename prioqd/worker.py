@@ -1,0 +1,154 @@
+"""The worker process: runs the jobs the daemon sends it, one at a time.
+
+Started by ``prioqd.pool`` as ``python -m prioqd.worker CMD_FD RESULT_FD MODULE...``.
+A fresh interpreter (not a fork of the daemon, which holds an event loop and Redis
+sockets) imports the task modules and then serves frames on two pipes:
+
+    daemon -> worker   ("run", [(seq, task, args, kwargs), ...])
+    worker -> daemon   ("ready", pid, [task names]) | ("error", message)
+                       ("done", seq, status, result_json, error, traceback,
+                        started_at, finished_at)
+
+A frame is a 4-byte big-endian length and a pickle. EOF on the command pipe means
+"exit". Only the standard library and the task modules are imported here, so a
+respawn costs little.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import json
+import os
+import pickle
+import signal
+import struct
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+_HEADER = struct.Struct("!I")
+
+
+def write_frame(fd: int, obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_HEADER.pack(len(data)) + data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    chunks = []
+    while n:
+        chunk = os.read(fd, n)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_frame(fd: int) -> Any:
+    header = _read_exact(fd, _HEADER.size)
+    if header is None:
+        return None
+    body = _read_exact(fd, _HEADER.unpack(header)[0])
+    if body is None:
+        return None
+    return pickle.loads(body)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the daemon dies, so no orphan keeps burning
+    CPU on a job whose result nobody will record (the job is recovered elsewhere)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _error_line(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(exc)).strip()
+
+
+class Runner:
+    def __init__(self, tasks: dict[str, Callable[..., Any]]) -> None:
+        self.tasks = tasks
+        self._signatures: dict[str, inspect.Signature | None] = {}
+
+    def _signature(self, name: str, fn: Callable[..., Any]) -> inspect.Signature | None:
+        if name not in self._signatures:
+            try:
+                self._signatures[name] = inspect.signature(fn)
+            except (TypeError, ValueError):
+                self._signatures[name] = None
+        return self._signatures[name]
+
+    def run(self, seq: int, name: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        started = time.time()
+
+        def out(status: str, result: str = "", error: str = "", tb: str = "") -> tuple[Any, ...]:
+            return ("done", seq, status, result, error, tb, started, time.time())
+
+        fn = self.tasks.get(name)
+        if fn is None:
+            return out("rejected", error=f"unknown task {name!r}")
+        sig = self._signature(name, fn)
+        if sig is not None:
+            # Binding first separates "the job's arguments are wrong" (no retry can
+            # help) from a TypeError raised inside the task (which may be retried).
+            try:
+                sig.bind(*args, **kwargs)
+            except TypeError as exc:
+                return out("rejected", error=f"task {name!r} rejected its arguments: {exc}")
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:  # a task's SystemExit must not end the worker
+            return out("error", error=_error_line(exc), tb=traceback.format_exc())
+        try:
+            result = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            return out(
+                "bad_result",
+                error=f"task {name!r} returned a value that is not JSON-serialisable: {exc}",
+            )
+        return out("ok", result=result)
+
+
+def main(argv: list[str]) -> int:
+    cmd_fd, result_fd = int(argv[0]), int(argv[1])
+    modules = argv[2:]
+    # The daemon handles Ctrl-C and systemd's SIGTERM, once; a worker must not die
+    # of a signal sent to the whole process group and lose the job it runs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent(int(os.environ.get("PRIOQD_PARENT_PID", os.getppid())))
+
+    from prioqd import registry
+    from prioqd.errors import TaskRegistryError
+
+    try:
+        tasks = registry.load(modules)
+    except TaskRegistryError as exc:
+        write_frame(result_fd, ("error", str(exc)))
+        return 3
+    write_frame(result_fd, ("ready", os.getpid(), sorted(tasks)))
+    runner = Runner(tasks)
+    while True:
+        msg = read_frame(cmd_fd)
+        if msg is None:
+            return 0
+        if msg[0] == "run":
+            for seq, name, args, kwargs in msg[1]:
+                write_frame(result_fd, runner.run(seq, name, args, kwargs))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
