@@ -1,0 +1,59 @@
+"""Tasks the tests run: misbehaving ones included."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from pathlib import Path
+
+from prioqd import task
+
+
+@task
+def nap(ms: float, tag: object = None) -> object:
+    time.sleep(ms / 1000)
+    return tag
+
+
+@task(name="custom.name")
+def renamed() -> str:
+    return "renamed"
+
+
+@task
+def crash(code: int = 13) -> None:
+    os._exit(code)
+
+
+@task
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+@task
+def spin(seconds: float = 3600.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
+@task
+def flaky(counter_path: str, failures: int) -> int:
+    """Fails the first ``failures`` calls (counted in a file), then succeeds."""
+    path = Path(counter_path)
+    n = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(n + 1))
+    if n < failures:
+        raise ValueError(f"flaky failure {n + 1}")
+    return n + 1
+
+
+@task
+def unserialisable() -> object:
+    return object()
+
+
+@task
+def pid() -> int:
+    return os.getpid()

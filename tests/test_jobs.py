@@ -1,0 +1,138 @@
+"""The job contract as a producer meets it: what is accepted and why not."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from prioqd import jobs
+
+TASKS = {"square", "echo"}
+
+
+def parse(payload: bytes | str, **kw: object) -> jobs.Job | jobs.Rejected:
+    raw = payload.encode() if isinstance(payload, str) else payload
+    return jobs.parse(raw, "high", known_tasks=TASKS, max_payload_bytes=1000, **kw)  # type: ignore[arg-type]
+
+
+def test_minimal_job_gets_an_id_pinned_into_its_stored_form() -> None:
+    job = parse('{"task":"square","args":[7]}')
+    assert isinstance(job, jobs.Job)
+    assert job.task == "square" and job.args == [7] and job.kwargs == {}
+    assert len(job.id) == 32
+    assert json.loads(job.json) == {"id": job.id, "task": "square", "args": [7]}
+    assert job.raw == b'{"task":"square","args":[7]}'
+
+
+def test_job_with_id_is_stored_byte_for_byte() -> None:
+    text = '{"id":"a-1", "task":"echo","args":[1.5e300, 12345678901234567890],"kwargs":{"k":"v"}}'
+    job = parse(text)
+    assert isinstance(job, jobs.Job)
+    assert job.id == "a-1" and job.json == text
+    assert job.args == [1.5e300, 12345678901234567890]
+    assert job.kwargs == {"k": "v"}
+
+
+def test_optional_fields() -> None:
+    job = parse('{"id":"x","task":"square","args":[2],"timeout_s":2,"max_retries":0,"meta":{}}')
+    assert isinstance(job, jobs.Job)
+    assert job.timeout_s == 2.0 and job.max_retries == 0
+
+
+def test_delay_becomes_due_time_and_leaves_the_stored_form() -> None:
+    job = parse('{"id":"d","task":"square","args":[2],"delay_s":1.5}')
+    assert isinstance(job, jobs.Job)
+    assert job.delay_ms == 1500
+    assert "delay_s" not in json.loads(job.json)
+    eta = parse('{"id":"e","task":"square","args":[2],"eta":1000.25}', now=1000.0)
+    assert isinstance(eta, jobs.Job) and eta.delay_ms == 250
+    past = parse('{"id":"e","task":"square","args":[2],"eta":10}', now=1000.0)
+    assert isinstance(past, jobs.Job) and past.delay_ms == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\xff\xfe", "not UTF-8"),
+        ("x" * 1001, "over max_payload_bytes=1000"),
+        ("{not json", "not valid JSON"),
+        ("[1,2]", "must be a JSON object, got an array"),
+        ('"square"', "must be a JSON object, got a string"),
+        ("{}", "missing 'task'"),
+        ('{"task":5}', "'task' must be a non-empty string"),
+        ('{"task":"nope"}', "unknown task 'nope'"),
+        ('{"task":"square","args":7}', "'args' must be an array"),
+        ('{"task":"square","kwargs":[]}', "'kwargs' must be an object"),
+        ('{"task":"square","timeout_s":0}', "'timeout_s' must be a number greater than 0"),
+        ('{"task":"square","timeout_s":true}', "'timeout_s' must be a number"),
+        ('{"task":"square","max_retries":-1}', "'max_retries' must be a whole number"),
+        ('{"task":"square","id":""}', "'id' must be a non-empty string"),
+        ('{"task":"square","id":"a b"}', "'id' must be"),
+        ('{"task":"square","id":7}', "'id' must be"),
+        ('{"task":"square","delay_s":-1}', "'delay_s' must be a number, 0 or greater"),
+        ('{"task":"square","delay_s":1,"eta":5}', "not both"),
+        ('{"task":"square","priority":"high"}', "unknown field(s) 'priority'"),
+        ('{"task":"square","meta":3}', "'meta' must be an object"),
+    ],
+)
+def test_rejections_carry_a_reason(payload: bytes | str, reason: str) -> None:
+    out = parse(payload)
+    assert isinstance(out, jobs.Rejected)
+    assert reason in out.reason
+    assert out.raw == (payload.encode() if isinstance(payload, str) else payload)
+
+
+def test_rejection_keeps_a_valid_id_so_the_producer_hears_of_it() -> None:
+    out = parse('{"id":"j1","task":"nope"}')
+    assert isinstance(out, jobs.Rejected) and out.id == "j1" and out.task == "nope"
+
+
+def test_dead_letter_payload_survives_non_utf8() -> None:
+    assert jobs.payload_field(b"\xff") == {"payload_b64": "/w=="}
+    assert jobs.payload_field(b"ok") == {"payload": "ok"}
+
+
+def test_backoff_grows_with_jitter_and_is_capped() -> None:
+    rng = random.Random(1)
+    for attempt, step in [(1, 1.0), (2, 2.0), (3, 4.0), (10, 30.0)]:
+        for _ in range(50):
+            d = jobs.backoff_s(attempt, 1.0, 30.0, rng)
+            assert step / 2 <= d <= step
+
+
+def _job(**kw: object) -> jobs.Job:
+    j = parse('{"id":"j","task":"square","args":[2]}')
+    assert isinstance(j, jobs.Job)
+    for k, v in kw.items():
+        setattr(j, k, v)
+    return j
+
+
+def _end(job: jobs.Job, run: jobs.RunResult, max_retries: int = 2) -> jobs.Ending:
+    return jobs.end_op(
+        job, run, daemon_id="d", ttl_s=60, max_retries=max_retries,
+        backoff_base_s=1.0, backoff_max_s=10.0, rng=random.Random(0),
+    )  # fmt: skip
+
+
+def test_policy_retries_until_attempts_run_out() -> None:
+    err = jobs.RunResult("error", error="ValueError: x", started_at=1.0, finished_at=2.0)
+    assert _end(_job(attempt=1), err).status == "failed"
+    assert _end(_job(attempt=3), err).status == "dead"
+    assert _end(_job(attempt=1, max_retries=0), err).status == "dead"
+    assert _end(_job(attempt=1), jobs.RunResult("timeout", error="t")).status == "failed"
+    assert _end(_job(attempt=1), jobs.RunResult("crashed", error="c")).status == "failed"
+
+
+def test_policy_permanent_failures_skip_retries() -> None:
+    for status in ("rejected", "bad_result"):
+        ending = _end(_job(attempt=1), jobs.RunResult(status, error="no"))  # type: ignore[arg-type]
+        assert ending.status == "dead"
+
+
+def test_policy_not_run_is_requeued_without_charge() -> None:
+    ending = _end(_job(attempt=1, token="7"), jobs.RunResult("not_run"))
+    assert ending.status == "requeued"
+    assert ending.op == ["requeue", "7", "j"]
