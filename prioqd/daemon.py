@@ -295,8 +295,18 @@ class Daemon:
         }
 
     @property
+    def _heartbeat_interval_s(self) -> float:
+        return self.config.daemon.lease_s / 3
+
+    @property
     def _lease_ms(self) -> int:
-        return int(self.config.daemon.lease_s * 1000)
+        """How long past a heartbeat this daemon counts as alive.
+
+        Two intervals: one missed beat is tolerated, and since every live daemon
+        checks for expired leases once an interval, a dead daemon's jobs are put
+        back within lease_s of its last beat (2/3 + 1/3), as documented.
+        """
+        return int(self._heartbeat_interval_s * 2 * 1000)
 
     async def _register(self) -> None:
         backoff = Backoff()
@@ -375,8 +385,10 @@ class Daemon:
                 self.slots.release(held)
                 await self._sleep_unless_stopped(self._redis_down("fetch", exc, backoff))
                 continue
-            if len(claimed) > held:
-                held += self.slots.try_acquire(len(claimed) - held)
+            # More than one job only comes from the BLMOVE race, highest priority first.
+            # Running the extras on free slots could start a low job ahead of a
+            # higher one pushed a moment later; they go back to the head of their
+            # queues, and the next claim takes jobs in strict priority order.
             started = await self._start(claimed[:held], putback=claimed[held:])
             self.slots.release(held - len(started))
             for job in started:
@@ -571,9 +583,8 @@ class Daemon:
     # --- heartbeat and schedule ------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.config.daemon.lease_s / 3
         backoff = Backoff()
-        while not await self._sleep_unless_stopped(interval):
+        while not await self._sleep_unless_stopped(self._heartbeat_interval_s):
             try:
                 beat = await self.broker.heartbeat(self.id, self._lease_ms, self._daemon_info())
             except BrokerError as exc:

@@ -198,3 +198,23 @@ def test_clean_stop_leaves_no_in_flight_record(
     leftovers = [k.decode() for k in r.keys("prioqd:*")]
     assert not [k for k in leftovers if k.split(":")[1] in ("claim", "active", "daemon", "daemons")]
     assert d.events("daemon stopped")
+
+
+def test_a_job_racing_into_the_blocking_wait_does_not_jump_the_priority_order(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    # Idle, the daemon blocks on every queue at once; a burst can wake several of
+    # those waits. With two slots, the low job must wait for a free slot behind both
+    # normal ones, however the burst lands.
+    daemon(config(workers={"slots": 2}))
+    for round_ in range(15):
+        ids = [f"a{round_}", f"b{round_}", f"c{round_}"]
+        pipe = r.pipeline(transaction=False)
+        pipe.lpush("prioqd:queue:normal", json.dumps({"id": ids[0], "task": "nap", "args": [30]}))
+        pipe.lpush("prioqd:queue:normal", json.dumps({"id": ids[1], "task": "nap", "args": [30]}))
+        pipe.lpush("prioqd:queue:low", json.dumps({"id": ids[2], "task": "nap", "args": [1]}))
+        pipe.execute()
+        h = wait_status(r, ids)
+        first_free = min(float(h[ids[0]]["finished_at"]), float(h[ids[1]]["finished_at"]))
+        assert float(h[ids[2]]["started_at"]) >= first_free, f"round {round_}: low jumped ahead"
+        time.sleep(0.05)

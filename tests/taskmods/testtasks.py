@@ -57,3 +57,22 @@ def unserialisable() -> object:
 @task
 def pid() -> int:
     return os.getpid()
+
+
+@task
+def selfkill() -> None:
+    """Dies the way the OOM killer kills: SIGKILL."""
+    os.kill(os.getpid(), 9)
+
+
+@task
+def logrun(path: str, tag: str, ms: float = 0.0) -> str:
+    """Appends ``tag`` to ``path`` (one O_APPEND write, so runs can be counted), then naps."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{tag}\n".encode())
+    finally:
+        os.close(fd)
+    if ms:
+        time.sleep(ms / 1000)
+    return tag

@@ -1,0 +1,305 @@
+"""Nothing lost: retries, delays, timeouts, dying workers, shutdown, bad input, outages."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+from helpers import (
+    DaemonProcess,
+    RedisServer,
+    dead_letters,
+    job_hash,
+    push,
+    wait_for,
+    wait_status,
+    write_config,
+)
+
+Daemon = Callable[..., DaemonProcess]
+Config = Callable[..., Path]
+
+FAST_RETRY = {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2}
+
+
+def outcomes(r: redis.Redis, job_id: str) -> dict[str, str]:
+    return job_hash(r, job_id)
+
+
+# --- retries and dead letters ---------------------------------------------------------
+
+
+def test_failing_job_is_retried_with_backoff_then_succeeds(
+    r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
+) -> None:
+    d = daemon(config(jobs={"retry_backoff_s": 0.2, "retry_backoff_max_s": 1}))
+    counter = tmp_path / "count"
+    push(r, "normal", {"id": "flaky", "task": "flaky", "args": [str(counter), 2]})
+    h = wait_status(r, ["flaky"])["flaky"]
+    assert h["status"] == "succeeded" and h["result"] == "3" and h["attempts"] == "3"
+    assert "error" not in h  # the last error is cleared by the success
+    failed = [e for e in d.events("job finished") if e["outcome"] == "failed"]
+    assert [e["attempt"] for e in failed] == [1, 2]
+    assert "ValueError: flaky failure 1" in failed[0]["error"]
+    # Equal-jitter backoff: attempt 1 waits 0.1-0.2 s, attempt 2 waits 0.2-0.4 s.
+    assert 0.1 <= failed[0]["retry_in_s"] <= 0.2
+    assert 0.2 <= failed[1]["retry_in_s"] <= 0.4
+    starts = [e for e in d.events("job started") if e["job_id"] == "flaky"]
+    assert [e["attempt"] for e in starts] == [1, 2, 3]
+
+
+def test_job_that_keeps_failing_ends_dead_with_reason_and_traceback(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    daemon(config(jobs={"max_retries": 1, **FAST_RETRY}))
+    push(r, "high", {"id": "bad", "task": "fail", "args": ["boom"]})
+    push(r, "high", {"id": "bad0", "task": "fail", "args": ["once"], "max_retries": 0})
+    hashes = wait_status(r, ["bad", "bad0"])
+    assert hashes["bad"]["status"] == "dead" and hashes["bad"]["attempts"] == "2"
+    assert hashes["bad"]["error"] == "RuntimeError: boom"
+    assert 'raise RuntimeError(message)' in hashes["bad"]["traceback"]
+    assert hashes["bad0"]["attempts"] == "1"
+    dead = {e["id"]: e for e in dead_letters(r)}
+    assert "RuntimeError: boom (attempt 2 of 2, no retries left)" == dead["bad"]["reason"]
+    assert "Traceback" in dead["bad"]["traceback"]
+    assert json.loads(dead["bad"]["payload"])["id"] == "bad"
+    outcome = json.loads(r.lpop("prioqd:done:bad"))  # type: ignore[arg-type]
+    assert outcome["status"] == "dead"
+
+
+def test_delayed_jobs_wait_and_enter_their_queue_in_due_order(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    daemon(config(workers={"slots": 1}))
+    pushed = time.time()
+    push(r, "low", {"id": "d3", "task": "square", "args": [3], "delay_s": 0.9})
+    push(r, "low", {"id": "d2", "task": "square", "args": [2], "delay_s": 0.6})
+    push(r, "low", {"id": "d1", "task": "square", "args": [1], "eta": pushed + 0.3})
+    wait_for(lambda: r.zcard("prioqd:scheduled") == 3, 5)
+    assert job_hash(r, "d1")["status"] == "scheduled"
+    hashes = wait_status(r, ["d1", "d2", "d3"])
+    for job_id, delay in (("d1", 0.3), ("d2", 0.6), ("d3", 0.9)):
+        assert float(hashes[job_id]["started_at"]) - pushed >= delay - 0.02
+        assert float(hashes[job_id]["started_at"]) - pushed < delay + 1.0
+    assert sorted(hashes, key=lambda j: float(hashes[j]["started_at"])) == ["d1", "d2", "d3"]
+
+
+# --- timeouts and dying workers -----------------------------------------------------
+
+
+def test_timeout_kills_the_worker_within_a_second_and_siblings_finish(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    d = daemon(config(workers={"slots": 3}, jobs={"max_retries": 0}))
+    workers_before = set(psutil.Process(d.pid).children())
+    push(r, "normal", {"id": "sib1", "task": "nap", "args": [1500, "a"]})
+    push(r, "normal", {"id": "slow", "task": "spin", "timeout_s": 1})
+    push(r, "normal", {"id": "sib2", "task": "nap", "args": [1500, "b"]})
+    hashes = wait_status(r, ["slow", "sib1", "sib2"])
+    slow = hashes["slow"]
+    assert slow["status"] == "dead" and slow["error"] == "timed out after 1s"
+    ran_for = float(slow["finished_at"]) - float(slow["started_at"])
+    assert 1.0 <= ran_for < 2.0
+    for sib in ("sib1", "sib2"):
+        assert hashes[sib]["status"] == "succeeded" and hashes[sib]["attempts"] == "1"
+    # Exactly one worker was replaced: the one that ran the spinning job.
+    wait_for(lambda: len(psutil.Process(d.pid).children()) == 3, 10)
+    after = set(psutil.Process(d.pid).children())
+    assert len(workers_before - after) == 1
+    assert not any(p.is_running() for p in workers_before - after)
+
+
+@pytest.mark.parametrize(
+    ("task", "error"),
+    [
+        ("segfault", "worker process was killed by SIGSEGV"),
+        ("crash", "worker process exited with code 13"),
+        ("selfkill", "worker process was killed by SIGKILL"),
+    ],
+)
+def test_dying_worker_charges_only_its_job_and_the_pool_recovers(
+    r: redis.Redis, config: Config, daemon: Daemon, task: str, error: str
+) -> None:
+    d = daemon(config(workers={"slots": 2}, jobs={"max_retries": 2, **FAST_RETRY}))
+    push(r, "normal", {"id": "sib", "task": "nap", "args": [800]})
+    push(r, "normal", {"id": "poison", "task": task})
+    hashes = wait_status(r, ["poison", "sib"])
+    # The poison pill is retried, then dead-lettered: it does not loop forever.
+    assert hashes["poison"]["status"] == "dead" and hashes["poison"]["attempts"] == "3"
+    assert hashes["poison"]["error"] == error
+    assert hashes["sib"]["status"] == "succeeded" and hashes["sib"]["attempts"] == "1"
+    assert len(d.events("worker process died")) == 3
+    push(r, "normal", {"id": "after", "task": "square", "args": [5]})
+    assert wait_status(r, ["after"])["after"]["result"] == "25"
+
+
+def test_arguments_the_task_rejects_and_unserialisable_results_are_dead_letters(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    daemon(config(jobs={"max_payload_bytes": 200}))
+    push(r, "normal", {"id": "args", "task": "square", "args": [1, 2, 3]})
+    push(r, "normal", {"id": "kw", "task": "square", "args": [2], "kwargs": {"nope": 1}})
+    push(r, "normal", {"id": "res", "task": "unserialisable"})
+    push(r, "normal", {"id": "big", "task": "echo", "args": ["x" * 300]})
+    hashes = wait_status(r, ["args", "kw", "res"])
+    assert all(h["status"] == "dead" for h in hashes.values())
+    assert hashes["args"]["attempts"] == "1"  # no retry can fix a bad call
+    wait_for(lambda: r.llen("prioqd:dead") == 4, 10)
+    # An oversized payload is not parsed at all, so its id is not known either.
+    reasons = {e["id"] or json.loads(e["payload"])["id"]: e["reason"] for e in dead_letters(r)}
+    assert "task 'square' rejected its arguments: too many positional arguments" in reasons["args"]
+    assert "unexpected keyword argument 'nope'" in reasons["kw"]
+    assert "not JSON-serialisable" in reasons["res"]
+    assert "over max_payload_bytes=200" in reasons["big"]
+
+
+# --- shutdown -------------------------------------------------------------------
+
+
+def test_sigterm_lets_running_jobs_finish_within_the_grace(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    d = daemon(config(daemon={"shutdown_grace_s": 10}))
+    push(r, "normal", {"id": "a", "task": "nap", "args": [700]}, {"id": "b", "task": "nap", "args": [700]})
+    push(r, "low", {"id": "queued", "task": "square", "args": [1]})
+    wait_status(r, ["a", "b"], ("running",))
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0
+    assert all(job_hash(r, j)["status"] == "succeeded" for j in ("a", "b"))
+    # Not started before the stop: still queued, untouched.
+    assert r.lrange("prioqd:queue:low", 0, -1) == [b'{"id": "queued", "task": "square", "args": [1]}']
+    assert not r.keys("prioqd:active:*") and not r.keys("prioqd:claim:*")
+
+
+def test_grace_over_kills_and_puts_back_at_the_head_without_charge(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    d = daemon(config(workers={"slots": 1}, daemon={"shutdown_grace_s": 0.5}))
+    push(r, "high", {"id": "long", "task": "spin", "args": [60]})
+    wait_status(r, ["long"], ("running",))
+    push(r, "high", {"id": "next", "task": "square", "args": [2]})
+    t = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0
+    assert time.monotonic() - t < 5
+    queue = [json.loads(x)["id"] for x in r.lrange("prioqd:queue:high", 0, -1)]
+    assert queue == ["next", "long"]  # the right end is the head: "long" runs first
+    h = job_hash(r, "long")
+    assert h["status"] == "queued" and h["attempts"] == "0"
+    assert d.events("grace over: killed running jobs; they go back to the head of their queues")
+    # The next daemon runs it as attempt 1.
+    d2 = daemon(config(workers={"slots": 1}, daemon={"shutdown_grace_s": 0.5}))
+    wait_status(r, ["long"], ("running",))
+    assert d2.wait_log("job started", job_id="long")["attempt"] == 1
+
+
+def test_second_signal_skips_the_grace(r: redis.Redis, config: Config, daemon: Daemon) -> None:
+    d = daemon(config(workers={"slots": 1}, daemon={"shutdown_grace_s": 60}))
+    push(r, "high", {"id": "long", "task": "spin", "args": [60]})
+    wait_status(r, ["long"], ("running",))
+    t = time.monotonic()
+    d.signal(signal.SIGINT)
+    d.wait_log("stopping: no new jobs; waiting for running ones")
+    d.signal(signal.SIGINT)
+    assert d.wait(20) == 0
+    assert time.monotonic() - t < 5
+    assert [json.loads(x)["id"] for x in r.lrange("prioqd:queue:high", 0, -1)] == ["long"]
+
+
+# --- leases ----------------------------------------------------------------------
+
+
+def test_sigkilled_daemon_jobs_are_recovered_by_its_restart_at_once(
+    r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
+) -> None:
+    cfg = config(workers={"slots": 2}, daemon={"lease_s": 60})
+    d = daemon(cfg)
+    runs = tmp_path / "runs"
+    push(r, "normal", *({"id": f"k{i}", "task": "logrun", "args": [str(runs), f"k{i}", 300]} for i in range(6)))
+    wait_for(lambda: len(r.keys("prioqd:active:*")) == 1 and r.hlen(r.keys("prioqd:active:*")[0]) == 2, 10)
+    in_flight = {json.loads(v.split(b"\n", 1)[1])["id"] for v in r.hvals(r.keys("prioqd:active:*")[0])}
+    d.kill()
+    workers_gone = wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"]) if "prioqd.worker" in " ".join(p.info["cmdline"] or []) and p.ppid() == 1], 5)
+    assert workers_gone
+    t = time.monotonic()
+    d.start()  # same host, dead pid: no need to wait out the 60 s lease
+    hashes = wait_status(r, [f"k{i}" for i in range(6)])
+    assert time.monotonic() - t < 15
+    assert all(h["status"] == "succeeded" for h in hashes.values())
+    recovered = d.wait_log("recovered a dead daemon's jobs")
+    assert recovered["jobs"] == 2
+    counts: dict[str, int] = {}
+    for tag in runs.read_text().split():
+        counts[tag] = counts.get(tag, 0) + 1
+    assert set(counts) == {f"k{i}" for i in range(6)}
+    assert {t for t, n in counts.items() if n > 1} <= in_flight
+
+
+def test_lost_daemon_jobs_are_recovered_by_another_within_the_lease(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    lease = 3.0
+    cfg = config(workers={"slots": 1}, daemon={"lease_s": lease})
+    victim = daemon(cfg)
+    push(r, "high", {"id": "held", "task": "nap", "args": [10_000]})
+    wait_status(r, ["held"], ("running",))
+    survivor = daemon(cfg)
+    victim.proc.send_signal(signal.SIGSTOP)  # alive but silent: a network cut, a hang
+    stopped_at = time.monotonic()
+    try:
+        survivor.wait_log("recovered jobs of daemons whose lease expired", timeout_s=lease + 3)
+        assert time.monotonic() - stopped_at <= lease + 0.5
+        h = wait_status(r, ["held"], ("running",))["held"]
+        assert h["daemon"] != victim.events("daemon ready")[0]["daemon_id"]
+    finally:
+        victim.proc.send_signal(signal.SIGCONT)
+
+
+def test_a_heartbeating_daemon_is_never_robbed(r: redis.Redis, config: Config, daemon: Daemon) -> None:
+    cfg = config(workers={"slots": 1}, daemon={"lease_s": 1.5})
+    a = daemon(cfg)
+    push(r, "high", {"id": "long", "task": "nap", "args": [4000]})
+    wait_status(r, ["long"], ("running",))
+    b = daemon(cfg)
+    h = wait_status(r, ["long"], timeout_s=15)["long"]
+    assert h["status"] == "succeeded" and h["attempts"] == "1"
+    assert not b.events("job started") and not b.events("recovered jobs of daemons whose lease expired")
+    assert a.events("job finished")
+
+
+# --- Redis outages -----------------------------------------------------------------
+
+
+def test_redis_outage_keeps_running_jobs_and_writes_their_outcomes_after(
+    tmp_path: Path, daemon: Daemon
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    try:
+        r = server.client()
+        cfg = write_config(tmp_path / "c.toml", server.url, daemon={"lease_s": 30})
+        d = daemon(cfg)
+        push(r, "normal", {"id": "through", "task": "nap", "args": [1500]})
+        wait_status(r, ["through"], ("running",))
+        proc = psutil.Process(d.pid)
+        cpu_before = sum(proc.cpu_times()[:2])
+        server.stop()
+        time.sleep(3)
+        cpu_during = sum(proc.cpu_times()[:2]) - cpu_before
+        assert cpu_during < 0.5, f"the daemon spun while Redis was away: {cpu_during:.2f}s CPU"
+        assert d.events("redis unavailable")
+        server.start()
+        h = wait_status(r, ["through"], timeout_s=20)["through"]
+        assert h["status"] == "succeeded" and h["attempts"] == "1"
+        # ...and it fetches again on its own.
+        push(r, "high", {"id": "after", "task": "square", "args": [4]})
+        assert wait_status(r, ["after"], timeout_s=20)["after"]["result"] == "16"
+        r.close()
+    finally:
+        server.stop()
