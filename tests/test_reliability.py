@@ -63,10 +63,10 @@ def test_job_that_keeps_failing_ends_dead_with_reason_and_traceback(
     hashes = wait_status(r, ["bad", "bad0"])
     assert hashes["bad"]["status"] == "dead" and hashes["bad"]["attempts"] == "2"
     assert hashes["bad"]["error"] == "RuntimeError: boom"
-    assert 'raise RuntimeError(message)' in hashes["bad"]["traceback"]
+    assert "raise RuntimeError(message)" in hashes["bad"]["traceback"]
     assert hashes["bad0"]["attempts"] == "1"
     dead = {e["id"]: e for e in dead_letters(r)}
-    assert "RuntimeError: boom (attempt 2 of 2, no retries left)" == dead["bad"]["reason"]
+    assert dead["bad"]["reason"] == "RuntimeError: boom (attempt 2 of 2, no retries left)"
     assert "Traceback" in dead["bad"]["traceback"]
     assert json.loads(dead["bad"]["payload"])["id"] == "bad"
     outcome = json.loads(r.lpop("prioqd:done:bad"))  # type: ignore[arg-type]
@@ -166,14 +166,21 @@ def test_sigterm_lets_running_jobs_finish_within_the_grace(
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:
     d = daemon(config(daemon={"shutdown_grace_s": 10}))
-    push(r, "normal", {"id": "a", "task": "nap", "args": [700]}, {"id": "b", "task": "nap", "args": [700]})
+    push(
+        r,
+        "normal",
+        {"id": "a", "task": "nap", "args": [700]},
+        {"id": "b", "task": "nap", "args": [700]},
+    )
     push(r, "low", {"id": "queued", "task": "square", "args": [1]})
     wait_status(r, ["a", "b"], ("running",))
     d.signal(signal.SIGTERM)
     assert d.wait(20) == 0
     assert all(job_hash(r, j)["status"] == "succeeded" for j in ("a", "b"))
     # Not started before the stop: still queued, untouched.
-    assert r.lrange("prioqd:queue:low", 0, -1) == [b'{"id": "queued", "task": "square", "args": [1]}']
+    assert r.lrange("prioqd:queue:low", 0, -1) == [
+        b'{"id": "queued", "task": "square", "args": [1]}'
+    ]
     assert not r.keys("prioqd:active:*") and not r.keys("prioqd:claim:*")
 
 
@@ -221,11 +228,29 @@ def test_sigkilled_daemon_jobs_are_recovered_by_its_restart_at_once(
     cfg = config(workers={"slots": 2}, daemon={"lease_s": 60})
     d = daemon(cfg)
     runs = tmp_path / "runs"
-    push(r, "normal", *({"id": f"k{i}", "task": "logrun", "args": [str(runs), f"k{i}", 300]} for i in range(6)))
-    wait_for(lambda: len(r.keys("prioqd:active:*")) == 1 and r.hlen(r.keys("prioqd:active:*")[0]) == 2, 10)
-    in_flight = {json.loads(v.split(b"\n", 1)[1])["id"] for v in r.hvals(r.keys("prioqd:active:*")[0])}
+    push(
+        r,
+        "normal",
+        *({"id": f"k{i}", "task": "logrun", "args": [str(runs), f"k{i}", 300]} for i in range(6)),
+    )
+    wait_for(
+        lambda: len(r.keys("prioqd:active:*")) == 1 and r.hlen(r.keys("prioqd:active:*")[0]) == 2,
+        10,
+    )
+    in_flight = {
+        json.loads(v.split(b"\n", 1)[1])["id"] for v in r.hvals(r.keys("prioqd:active:*")[0])
+    }
     d.kill()
-    workers_gone = wait_for(lambda: not [p for p in psutil.process_iter(["cmdline"]) if "prioqd.worker" in " ".join(p.info["cmdline"] or []) and p.ppid() == 1], 5)
+    workers_gone = wait_for(
+        lambda: (
+            not [
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if "prioqd.worker" in " ".join(p.info["cmdline"] or []) and p.ppid() == 1
+            ]
+        ),
+        5,
+    )
     assert workers_gone
     t = time.monotonic()
     d.start()  # same host, dead pid: no need to wait out the 60 s lease
@@ -261,7 +286,9 @@ def test_lost_daemon_jobs_are_recovered_by_another_within_the_lease(
         victim.proc.send_signal(signal.SIGCONT)
 
 
-def test_a_heartbeating_daemon_is_never_robbed(r: redis.Redis, config: Config, daemon: Daemon) -> None:
+def test_a_heartbeating_daemon_is_never_robbed(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
     cfg = config(workers={"slots": 1}, daemon={"lease_s": 1.5})
     a = daemon(cfg)
     push(r, "high", {"id": "long", "task": "nap", "args": [4000]})
@@ -269,7 +296,9 @@ def test_a_heartbeating_daemon_is_never_robbed(r: redis.Redis, config: Config, d
     b = daemon(cfg)
     h = wait_status(r, ["long"], timeout_s=15)["long"]
     assert h["status"] == "succeeded" and h["attempts"] == "1"
-    assert not b.events("job started") and not b.events("recovered jobs of daemons whose lease expired")
+    assert not b.events("job started") and not b.events(
+        "recovered jobs of daemons whose lease expired"
+    )
     assert a.events("job finished")
 
 
