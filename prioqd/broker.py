@@ -23,9 +23,12 @@ from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from prioqd.config import mask_url
 from prioqd.errors import BrokerError
 from prioqd.jobs import Op
 from prioqd.keys import Keys
+
+__all__ = ["BlockingFetch", "Broker", "Heartbeat", "mask_url", "wrap_errors"]
 
 _SCRIPT = resources.files("prioqd").joinpath("lua/prioqd.lua").read_text(encoding="utf-8")
 
@@ -43,18 +46,6 @@ def wrap_errors(what: str) -> Iterator[None]:
         yield
     except (redis.exceptions.RedisError, OSError) as exc:
         raise BrokerError(f"{what}: {type(exc).__name__}: {exc}") from exc
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, for logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
 @dataclass(frozen=True)
@@ -155,6 +146,11 @@ class Broker:
     async def promote(self, max_jobs: int = 1000) -> tuple[int, int | None]:
         moved, due = await self._call("promote", "promote", max_jobs)
         return int(moved), None if int(due) < 0 else int(due)
+
+    async def update_daemon_info(self, daemon_id: str, info: dict[str, str]) -> None:
+        with wrap_errors("update daemon info"):
+            r: Any = self.redis
+            await r.hset(self.keys.daemon(daemon_id), mapping=info)
 
     async def daemons(self) -> list[tuple[str, dict[str, str], float]]:
         """Registered daemons: (id, info, lease ms left by Redis's clock)."""

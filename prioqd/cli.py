@@ -12,11 +12,16 @@ import os
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prioqd import __version__
 from prioqd.config import DEFAULT_CONFIG_PATH, Config, RedisConfig, load
 from prioqd.errors import BrokerError, ConfigError, PrioqdError, WorkerStartError
+
+if TYPE_CHECKING:
+    from prioqd.broker import Broker
+
+from prioqd.keys import Keys
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -32,6 +37,21 @@ def _config(args: argparse.Namespace, *, must_exist: bool) -> Config:
     if getattr(args, "url", None):
         cfg = cfg.replace(redis=RedisConfig(**{**cfg.redis.__dict__, "url": args.url}))
     return cfg
+
+
+def _broker(cfg: Config, socket_timeout_s: float | None = None) -> Broker:
+    """A client connection as the daemon makes it (password from the credential or
+    ``PRIOQD_REDIS_PASSWORD``)."""
+    from prioqd.broker import Broker
+    from prioqd.systemd import redis_password
+
+    return Broker(
+        cfg.redis.url,
+        Keys(cfg.queues.prefix),
+        socket_timeout_s=socket_timeout_s or cfg.redis.socket_timeout_s,
+        connect_timeout_s=cfg.redis.connect_timeout_s,
+        password=redis_password(),
+    )
 
 
 def _arg_value(text: str) -> Any:
@@ -109,11 +129,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 async def _submit(
     cfg: Config, priority: str, job: dict[str, Any], wait: bool, wait_timeout_s: float
 ) -> int:
-    from prioqd.broker import Broker, wrap_errors
-    from prioqd.keys import Keys
+    from prioqd.broker import wrap_errors
 
     keys = Keys(cfg.queues.prefix)
-    broker = Broker(cfg.redis.url, keys, socket_timeout_s=max(wait_timeout_s + 5, 10))
+    broker = _broker(cfg, socket_timeout_s=max(wait_timeout_s + 5, 10))
     try:
         with wrap_errors("submit"):
             # Exactly what `redis-cli LPUSH <prefix>:queue:<p> '<json>'` would push.
@@ -141,11 +160,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 async def _status(cfg: Config, as_json: bool) -> int:
-    from prioqd.broker import Broker, wrap_errors
-    from prioqd.keys import Keys
+    from prioqd.broker import wrap_errors
 
     keys = Keys(cfg.queues.prefix)
-    broker = Broker(cfg.redis.url, keys)
+    broker = _broker(cfg)
     try:
         with wrap_errors("status"):
             r: Any = broker.redis
@@ -216,12 +234,11 @@ def _entry_payload(entry: dict[str, Any]) -> bytes:
 
 
 async def _dead(cfg: Config, args: argparse.Namespace) -> int:
-    from prioqd.broker import Broker, wrap_errors
+    from prioqd.broker import wrap_errors
     from prioqd.jobs import payload_field
-    from prioqd.keys import Keys
 
     keys = Keys(cfg.queues.prefix)
-    broker = Broker(cfg.redis.url, keys)
+    broker = _broker(cfg)
     try:
         with wrap_errors("dead letters"):
             r: Any = broker.redis

@@ -39,10 +39,16 @@ def _name(v: str) -> str | None:
 
 
 def _redis_url(v: str) -> str | None:
-    scheme = urllib.parse.urlsplit(v).scheme
-    if scheme in ("redis", "rediss", "unix"):
-        return None
-    return f"scheme must be redis://, rediss:// or unix://, got {scheme or 'none'!r}"
+    parts = urllib.parse.urlsplit(v)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return f"scheme must be redis://, rediss:// or unix://, got {parts.scheme or 'none'!r}"
+    if parts.password or "password=" in parts.query:
+        # A secret in a world-readable file ends up in backups and bug reports.
+        return (
+            "must not contain a password: put it in the redis-password credential "
+            "(LoadCredential=) or PRIOQD_REDIS_PASSWORD"
+        )
+    return None
 
 
 def _one_of(*choices: str) -> Callable[[str], str | None]:
@@ -67,6 +73,15 @@ def _slots(v: int | str) -> str | None:
     if v == "auto" or (isinstance(v, int) and v >= 1):
         return None
     return 'must be "auto" or a whole number of at least 1'
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***``, for logs and error messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def _check(fn: Callable[[Any], str | None]) -> dict[str, Any]:
@@ -129,7 +144,9 @@ class TasksConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = field(default="info", metadata=_check(_one_of(*_LEVELS)))
-    format: str = field(default="auto", metadata=_check(_one_of("auto", "json", "console")))
+    format: str = field(
+        default="auto", metadata=_check(_one_of("auto", "json", "console", "journal"))
+    )
 
 
 @dataclass(frozen=True)
@@ -211,7 +228,8 @@ def _build_section(path: str, name: str, cls: type, raw: Any) -> Any:
         value = _coerce(path, dotted, str(f.type), value)
         check = f.metadata.get("check")
         if check is not None and (problem := check(value)):
-            raise ConfigError(path, dotted, f"{problem}, got {value!r}")
+            shown = mask_url(value) if dotted == "redis.url" else value
+            raise ConfigError(path, dotted, f"{problem}, got {shown!r}")
         values[key] = value
     return cls(**values)
 
@@ -230,6 +248,42 @@ def from_mapping(data: Mapping[str, Any], path: str = "<defaults>") -> Config:
             path, "jobs.retry_backoff_max_s", "must not be smaller than jobs.retry_backoff_s"
         )
     return cfg
+
+
+#: What a reload (SIGHUP) applies to a running daemon; the rest needs a restart.
+LIVE_KEYS = (
+    "log.",
+    "workers.slots",
+    "workers.max_jobs_per_worker",
+    "jobs.",
+    "daemon.",
+)
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ between two configurations."""
+    out = []
+    for name in _SECTIONS:
+        a, b = getattr(old, name), getattr(new, name)
+        for f in dataclasses.fields(a):
+            if getattr(a, f.name) != getattr(b, f.name):
+                out.append(f"{name}.{f.name}")
+    return out
+
+
+def reloadable(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """The configuration to run after a reload: ``new``'s live keys on top of ``old``.
+
+    Returns (config, keys applied, keys that need a restart to take effect).
+    """
+    changed = changed_keys(old, new)
+    applied = [k for k in changed if k.startswith(LIVE_KEYS)]
+    pending = [k for k in changed if k not in applied]
+    merged = {name: getattr(new, name) for name in ("log", "jobs", "daemon")}
+    merged["workers"] = dataclasses.replace(
+        old.workers, slots=new.workers.slots, max_jobs_per_worker=new.workers.max_jobs_per_worker
+    )
+    return dataclasses.replace(old, path=new.path, **merged), applied, pending
 
 
 def load(path: str) -> Config:

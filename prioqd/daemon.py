@@ -29,13 +29,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from prioqd import __version__, jobs
+from prioqd import __version__, jobs, log
+from prioqd import config as configuration
 from prioqd.broker import BlockingFetch, Broker, mask_url
 from prioqd.config import Config
-from prioqd.errors import BrokerError
+from prioqd.errors import BrokerError, ConfigError, WorkerStartError
 from prioqd.keys import Keys
 from prioqd.log import get_logger
 from prioqd.pool import Pool
+from prioqd.systemd import Notifier, redis_password, watchdog_interval_s
 
 T = TypeVar("T")
 
@@ -149,7 +151,9 @@ class Daemon:
             self.keys,
             socket_timeout_s=config.redis.socket_timeout_s,
             connect_timeout_s=config.redis.connect_timeout_s,
+            password=redis_password(),
         )
+        self.notifier = Notifier()
         self.slots = Slots(config.workers.slot_count)
         self.pool = Pool(
             self.slots.total,
@@ -171,6 +175,9 @@ class Daemon:
         self._wake_scheduler = asyncio.Event()
         self._next_promote: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._status_dirty = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._needs_restart: list[str] = []
 
     # --- public lifecycle --------------------------------------------------------
 
@@ -181,6 +188,10 @@ class Daemon:
         self._stop.set()
         if force:
             self._force.set()
+
+    def request_reload(self) -> None:
+        """Re-read the configuration file soon (the SIGHUP handler calls this)."""
+        self._reload.set()
 
     async def run(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None = None) -> int:
         """Serve until ``shutdown_trigger`` completes (or ``stop`` is called); returns 0."""
@@ -195,7 +206,15 @@ class Daemon:
         )
         if shutdown_trigger is not None:
             self._spawn(self._trigger(shutdown_trigger))
-        await self.pool.start()
+        watchdog = watchdog_interval_s()
+        if watchdog is not None:
+            self._spawn(self._watchdog_loop(watchdog))
+        self.notifier.send(STATUS="starting worker processes")
+        try:
+            await self.pool.start()
+        except WorkerStartError as exc:
+            self.notifier.send(STATUS=f"failed: {exc}")
+            raise
         try:
             await self._until_redis_answers()
             if self._stop.is_set():
@@ -204,13 +223,19 @@ class Daemon:
             self.log.info(
                 "daemon ready", tasks=sorted(self.pool.task_names), worker_pids=self.pool.pids
             )
+            # Only now: Redis answers and the workers are up (Type=notify waits for it).
+            self.notifier.ready(self._status_text())
             fetch = self._spawn(self._fetch_loop())
             recorder = self._spawn(self._recorder_loop())
             background = [
                 self._spawn(self._heartbeat_loop()),
                 self._spawn(self._scheduler_loop()),
+                self._spawn(self._reload_loop()),
             ]
+            if self.notifier.enabled:
+                background.append(self._spawn(self._status_loop()))
             await self._stop.wait()
+            self.notifier.stopping(f"stopping: draining {len(self._running)} running job(s)")
             await self._shutdown(fetch, recorder, background)
         finally:
             await self.pool.close()
@@ -279,7 +304,11 @@ class Daemon:
                 await self.broker.ping()
                 return
             except BrokerError as exc:
-                if await self._sleep_unless_stopped(self._redis_down("start-up", exc, backoff)):
+                delay = self._redis_down("start-up", exc, backoff)
+                self.notifier.send(
+                    STATUS=f"waiting for Redis at {mask_url(self.config.redis.url)}: {exc}"
+                )
+                if await self._sleep_unless_stopped(delay):
                     return
 
     def _daemon_info(self) -> dict[str, str]:
@@ -460,6 +489,7 @@ class Daemon:
 
     def _dispatch(self, job: jobs.Job) -> None:
         self._running[job.token] = job
+        self._status_dirty.set()
         self.log.info(
             "job started", job_id=job.id, task=job.task, queue=job.priority, attempt=job.attempt
         )
@@ -470,6 +500,7 @@ class Daemon:
         # A done-callback: small, synchronous, never raises. One release per acquire.
         self.slots.release()
         self._running.pop(job.token, None)
+        self._status_dirty.set()
         if future.cancelled() or future.exception() is not None:
             result = jobs.RunResult("not_run", error="pool future failed")
         else:
@@ -625,6 +656,79 @@ class Daemon:
             if next_due is not None:
                 self._schedule_wakeup(next_due)
 
+    # --- systemd: watchdog, status, reload ------------------------------------------
+
+    async def _watchdog_loop(self, interval_s: float) -> None:
+        # Pinged from the event loop itself: if the loop wedges, the pings stop and
+        # systemd's WatchdogSec kills and restarts us.
+        while True:
+            self.notifier.send(WATCHDOG=1)
+            await asyncio.sleep(interval_s)
+
+    def _status_text(self) -> str:
+        text = f"{self.slots.busy}/{self.slots.total} slots busy, {self.jobs_done} jobs done"
+        if self.last_error:
+            text += f", last error: {self.last_error[:150]}"
+        if self._needs_restart:
+            text += f"; restart needed for {', '.join(self._needs_restart)}"
+        return text
+
+    async def _status_loop(self) -> None:
+        # Woken by changes only (nothing at idle), and at most once a second.
+        last = ""
+        while True:
+            await self._status_dirty.wait()
+            self._status_dirty.clear()
+            text = self._status_text()
+            if text != last:
+                self.notifier.send(STATUS=text)
+                last = text
+            await asyncio.sleep(1.0)
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply what can change live; True if applied.
+
+        Live: log level and format, slots, max_jobs_per_worker, every [jobs] and
+        [daemon] key. Redis, queues and task modules need a restart: they are named
+        in the log and the STATUS line. An invalid file changes nothing.
+        """
+        self.notifier.reloading()
+        try:
+            new = configuration.load(self.config.path)
+        except ConfigError as exc:
+            self.last_error = f"reload rejected: {exc}"
+            self.log.error(
+                "reload rejected; still running the previous configuration", error=str(exc)
+            )
+            self.notifier.ready(self._status_text())
+            return False
+        merged, applied, pending = configuration.reloadable(self.config, new)
+        if merged.log != self.config.log:
+            log.configure(merged.log.level, merged.log.format)
+            self.log = get_logger(daemon_id=self.id)
+        slots = merged.workers.slot_count
+        if slots != self.slots.total:
+            self.slots.resize(slots)
+            await self.pool.resize(slots)
+            with contextlib.suppress(BrokerError):  # the next registration rewrites it
+                await self.broker.update_daemon_info(self.id, {"slots": str(slots)})
+        self.pool.default_timeout_s = merged.jobs.timeout_s
+        self.pool.max_jobs_per_worker = merged.workers.max_jobs_per_worker
+        self.config = merged
+        self._needs_restart = pending
+        # A key that needs a restart is something an operator must act on.
+        report = self.log.warning if pending else self.log.info
+        report("config reloaded", applied=applied, needs_restart=pending)
+        self.notifier.ready(self._status_text())
+        self._status_dirty.set()
+        return True
+
     # --- shutdown ----------------------------------------------------------------
 
     async def _shutdown(
@@ -697,6 +801,8 @@ async def serve(
             # Only set an event: the first signal drains, a second one skips the grace.
             loop.add_signal_handler(sig, daemon.stop)
             installed.append(sig)
+    loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+    installed.append(signal.SIGHUP)
     try:
         return await daemon.run(shutdown_trigger)
     finally:

@@ -1,48 +1,113 @@
-"""structlog set-up: JSON lines for machines, a console format for people.
+"""structlog set-up: journald fields under systemd, JSON lines or a console otherwise.
 
 Every event carries its context as flat keys (``job_id``, ``task``, ``queue``,
-``daemon_id``...), so a log shipper or ``jq`` can filter on them.
+``daemon_id``...). Under systemd they become native journal fields (``JOB_ID=``,
+``TASK=``, ``QUEUE=``, ``DAEMON_ID=``), so ``journalctl -u prioqd JOB_ID=<id>``
+finds one job's lines and ``journalctl -p err`` its failures.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
+import traceback
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
-_LEVELS = {
+from prioqd.systemd import journal_stream_attached
+
+LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
     "error": logging.ERROR,
     "critical": logging.CRITICAL,
 }
+# syslog priorities, which journald filters on with -p.
+_SYSLOG = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+_FIELD_RE = re.compile(r"[^A-Z0-9_]")
+_MAX_FIELD = 64 * 1024
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
-    """(Re)configure logging; safe to call again, e.g. on a reload."""
+def journal_fields(event_dict: MutableMapping[str, Any]) -> dict[str, str]:
+    """A structlog event as journal fields: MESSAGE, PRIORITY and one field per key."""
+    ev = dict(event_dict)
+    level = str(ev.pop("level", "info"))
+    message = str(ev.pop("event", ""))
+    ev.pop("timestamp", None)  # journald stamps every entry itself
+    fields = {"PRIORITY": str(_SYSLOG.get(level, 6)), "SYSLOG_IDENTIFIER": "prioqd"}
+    exc = ev.pop("exc_info", None)
+    if exc:
+        if exc is True:
+            exc = sys.exc_info()
+        if isinstance(exc, BaseException):
+            exc = (type(exc), exc, exc.__traceback__)
+        if isinstance(exc, tuple) and exc[0] is not None:
+            ev.setdefault("traceback", "".join(traceback.format_exception(*exc)))
+    parts = [message]
+    for key, value in ev.items():
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        name = _FIELD_RE.sub("_", key.upper()).lstrip("_") or "FIELD"
+        fields[name] = text[:_MAX_FIELD]
+        if name != "TRACEBACK":
+            parts.append(f"{key}={text}")
+    fields["MESSAGE"] = " ".join(parts)[:_MAX_FIELD]
+    return fields
+
+
+class JournalRenderer:
+    """Final processor: send the event to journald, print nothing."""
+
+    def __init__(self, send: Callable[..., Any] | None = None) -> None:
+        if send is None:
+            from cysystemd import journal
+
+            send = journal.send
+        self._send = send
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> str:
+        try:
+            self._send(**journal_fields(event_dict))
+        except Exception as exc:  # a log line must never take the daemon down
+            print(f"prioqd: journal send failed: {exc}: {event_dict!r}", file=sys.stderr)
+        raise structlog.DropEvent
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> str:
+    """(Re)configure logging; safe to call again, e.g. on a reload. Returns the format used."""
     out = stream or sys.stdout
-    use_console = fmt == "console" or (fmt == "auto" and out.isatty())
+    if fmt == "auto" and journal_stream_attached():
+        fmt = "journal"
+    elif fmt == "auto":
+        fmt = "console" if out.isatty() else "json"
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    if use_console:
-        processors.append(structlog.dev.ConsoleRenderer())
+    if fmt == "journal":
+        processors.append(JournalRenderer())
+    elif fmt == "console":
+        processors += [
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.dev.ConsoleRenderer(),
+        ]
     else:
         processors += [
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(),
         ]
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    return fmt
 
 
 def get_logger(**context: Any) -> Any:

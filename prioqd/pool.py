@@ -29,6 +29,7 @@ from typing import Any
 
 from prioqd.errors import WorkerStartError
 from prioqd.jobs import Job, RunResult
+from prioqd.systemd import PRIVATE_ENV
 
 _HEADER = struct.Struct("!I")
 _START_TIMEOUT_S = 120.0
@@ -183,7 +184,7 @@ class Pool:
                 stdin=asyncio.subprocess.DEVNULL,
                 # Task output goes to stderr: the daemon's stdout carries only its logs.
                 stdout=sys.stderr.fileno(),
-                env={**os.environ, "PRIOQD_PARENT_PID": str(os.getpid())},
+                env=self._child_env(),
             )
         except BaseException:
             for fd in (cmd_r, cmd_w, res_r, res_w):
@@ -218,6 +219,12 @@ class Pool:
         self._make_idle(worker)
         self._on_event("worker_started", pid=worker.pid, index=worker.index)
         return worker
+
+    @staticmethod
+    def _child_env() -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENV}
+        env["PRIOQD_PARENT_PID"] = str(os.getpid())
+        return env
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
