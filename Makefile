@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test test-fast lint demo bench install clean
 
 $(BIN)/.installed: pyproject.toml
 	./scripts/ensure-redis.sh
@@ -35,6 +35,10 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+# As root: venv under /opt/prioqd, /etc/prioqd/config.toml, the systemd unit.
+install:
+	./scripts/install.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
