@@ -26,7 +26,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from prioqd import __version__, jobs, log
@@ -41,8 +41,10 @@ from prioqd.systemd import Notifier, redis_password, watchdog_interval_s
 
 T = TypeVar("T")
 
-#: How many payloads one claim may take; capped by the free slots.
-CLAIM_BATCH = 64
+#: A worker is handed a run of short jobs expected to take about this long in all.
+BATCH_BUDGET_S = 0.002
+#: ...and never more jobs than this at once.
+MAX_BATCH = 64
 
 
 class Slots:
@@ -168,7 +170,21 @@ class Daemon:
         self._rng = random.Random()
         self._token = 0
         self._running: dict[str, jobs.Job] = {}
-        self._outbox: asyncio.Queue[tuple[jobs.Job, jobs.RunResult]] = asyncio.Queue()
+        # Written by the next cycle, in order, with a note on what each op is about.
+        self._ops: list[jobs.Op] = []
+        self._op_notes: list[tuple[str, Any]] = []
+        self._finished: deque[tuple[jobs.Job, jobs.RunResult]] = deque()
+        self._cycle_wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._fetching = True
+        # Set at the end of a stop: the loops finish what they are doing and return.
+        # (They are not cancelled mid-I/O: on Python 3.11 a cancellation that lands as
+        # a redis-py read completes can be lost, leaving a task that never ends.)
+        self._closing = False
+        self._waiting: asyncio.Task[None] | None = None
+        self._wait_backoff = Backoff()
+        self._ewma_s = BATCH_BUDGET_S
+        self._task_ewma_s: dict[str, float] = {}
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._claims_dirty = False
@@ -225,8 +241,8 @@ class Daemon:
             )
             # Only now: Redis answers and the workers are up (Type=notify waits for it).
             self.notifier.ready(self._status_text())
-            fetch = self._spawn(self._fetch_loop())
-            recorder = self._spawn(self._recorder_loop())
+            cycle = self._spawn(self._cycle_loop())
+            self._cycle_wake.set()
             background = [
                 self._spawn(self._heartbeat_loop()),
                 self._spawn(self._scheduler_loop()),
@@ -236,7 +252,7 @@ class Daemon:
                 background.append(self._spawn(self._status_loop()))
             await self._stop.wait()
             self.notifier.stopping(f"stopping: draining {len(self._running)} running job(s)")
-            await self._shutdown(fetch, recorder, background)
+            await self._shutdown(cycle, background)
         finally:
             await self.pool.close()
             await self.fetcher.close()
@@ -268,22 +284,6 @@ class Daemon:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), delay_s)
         return self._stop.is_set()
-
-    async def _until_stopped(self, aw: Awaitable[T]) -> asyncio.Future[T] | None:
-        """Await ``aw`` unless a stop comes first: the finished future, or None if
-        stopped (``aw`` is then cancelled)."""
-        task = asyncio.ensure_future(aw)
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            await asyncio.wait([task, stop], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if task.done():
-            return task
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, BrokerError):
-            await task
-        return None
 
     def _redis_down(self, what: str, exc: BrokerError, backoff: Backoff) -> float:
         delay = backoff.next_delay()
@@ -384,53 +384,125 @@ class Daemon:
         else:
             self.log.debug(event.replace("_", " "), **fields)
 
-    # --- fetch -------------------------------------------------------------------
+    # --- the cycle: one round trip writes what happened and claims what is next -----
 
-    async def _fetch_loop(self) -> None:
+    def _add_op(self, op: jobs.Op, note: tuple[str, Any]) -> None:
+        self._ops.append(op)
+        self._op_notes.append(note)
+        self._drained.clear()
+        self._cycle_wake.set()
+
+    def _batch_size(self, task: str | None = None) -> int:
+        """How many jobs one worker gets at once: as many as fit in BATCH_BUDGET_S.
+
+        Long or unknown jobs go one at a time; only runs of short ones are batched,
+        so a batch delays a higher-priority job by about one short job at most.
+        """
+        ewma = self._ewma_s if task is None else self._task_ewma_s.get(task, BATCH_BUDGET_S)
+        return max(1, min(MAX_BATCH, int(BATCH_BUDGET_S / max(ewma, 1e-6))))
+
+    def _plan_claim(self) -> tuple[int, int]:
+        """(slot tokens taken, payloads to claim) for the next cycle."""
+        if not self._fetching or self._waiting is not None:
+            return 0, 0
+        tokens = self.slots.try_acquire(self.slots.total)
+        return tokens, tokens * self._batch_size()
+
+    async def _cycle_loop(self) -> None:
         backoff = Backoff()
-        while not self._stop.is_set():
-            if await self._until_stopped(self.slots.acquire()) is None:
-                return
-            held = 1 + self.slots.try_acquire(CLAIM_BATCH - 1)
-            try:
-                if self._claims_dirty:
-                    await self.broker.restore_claims(self.id, self.priorities)
-                    self._claims_dirty = False
-                claimed = await self.broker.claim(self.id, held, self.priorities)
-                if not claimed:
-                    # Keep one token while blocked: the job that wakes us has a slot.
-                    self.slots.release(held - 1)
-                    held = 1
-                    self._claims_dirty = True
-                    waited = await self._until_stopped(self.fetcher.wait())
-                    if waited is None:
-                        self.slots.release(held)
-                        return
-                    claimed = waited.result()
-                    self._claims_dirty = False
-                backoff.reset()
-            except BrokerError as exc:
-                self._claims_dirty = True
-                self.slots.release(held)
-                await self._sleep_unless_stopped(self._redis_down("fetch", exc, backoff))
+        while not self._closing:
+            await self._cycle_wake.wait()
+            self._cycle_wake.clear()
+            self._build_end_ops()
+            tokens, want = self._plan_claim()
+            ops, notes = self._ops, self._op_notes
+            self._ops, self._op_notes = [], []
+            if self._claims_dirty and self._waiting is None:
+                # A claim whose reply was lost moved payloads we do not know about.
+                # After the ops (which settle every claim we do know), put the rest back.
+                ops = ops + [jobs.restore_op(p) for p in self.priorities]
+                notes = notes + [("restore", p) for p in self.priorities]
+            if not ops and want == 0:
+                if not self._finished:
+                    self._drained.set()
                 continue
-            # More than one job only comes from the BLMOVE race, highest priority first.
-            # Running the extras on free slots could start a low job ahead of a
-            # higher one pushed a moment later; they go back to the head of their
-            # queues, and the next claim takes jobs in strict priority order.
-            started = await self._start(claimed[:held], putback=claimed[held:])
-            self.slots.release(held - len(started))
-            for job in started:
-                self._dispatch(job)
+            try:
+                results, claimed = await self.broker.cycle(self.id, ops, want, self.priorities)
+            except BrokerError as exc:
+                # Nothing is known to have applied: every op is repeated as it was (they
+                # are idempotent), and a claim that may have moved payloads is restored.
+                self._ops[:0] = [
+                    op for op, note in zip(ops, notes, strict=True) if note[0] != "restore"
+                ]
+                self._op_notes[:0] = [n for n in notes if n[0] != "restore"]
+                if want:
+                    self._claims_dirty = True
+                self.slots.release(tokens)
+                delay = self._redis_down("cycle", exc, backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._force.wait(), delay)
+                if self._force.is_set():
+                    self._ops.clear()
+                    self._op_notes.clear()
+                    self._drained.set()
+                    return
+                self._cycle_wake.set()
+                continue
+            backoff.reset()
+            if any(note[0] == "restore" for note in notes):
+                self._claims_dirty = False
+            self._apply(notes, results)
+            if want:
+                if claimed:
+                    self._take(claimed, tokens)
+                else:
+                    self._start_waiting(tokens)
+            if self._ops or self._finished:
+                self._cycle_wake.set()
+            else:
+                self._drained.set()
 
-    async def _start(
-        self, claimed: list[tuple[str, bytes]], putback: list[tuple[str, bytes]]
-    ) -> list[jobs.Job]:
-        """Record claimed payloads as started (or dead, or scheduled) in one call."""
+    def _apply(self, notes: list[tuple[str, Any]], results: list[int]) -> None:
+        for (kind, obj), result in zip(notes, results, strict=True):
+            if kind == "start":
+                job: jobs.Job = obj
+                if result < 0:
+                    job.attempt = -1
+                    self.log.warning(
+                        "claim lost to lease recovery; this run may be repeated elsewhere",
+                        job_id=job.id, task=job.task, queue=job.priority,
+                    )  # fmt: skip
+                else:
+                    job.attempt = result
+                    self.log.info(
+                        "job started", job_id=job.id, task=job.task, queue=job.priority,
+                        attempt=job.attempt,
+                    )  # fmt: skip
+            elif kind == "end":
+                job, run, ending = obj
+                self._log_ending(job, run, ending, bool(result))
+                if ending.retry_in_s:
+                    self._schedule_wakeup(int(ending.retry_in_s * 1000))
+            elif kind == "reject":
+                rej: jobs.Rejected = obj
+                self.log.warning(
+                    "job rejected", job_id=rej.id or None, task=rej.task or None,
+                    queue=rej.priority, reason=rej.reason,
+                )  # fmt: skip
+            elif kind == "schedule":
+                self.log.info(
+                    "job scheduled", job_id=obj.id, task=obj.task, queue=obj.priority,
+                    delay_s=obj.delay_ms / 1000,
+                )  # fmt: skip
+                self._schedule_wakeup(obj.delay_ms)
+            elif kind == "restore" and result:
+                self.log.info("put back payloads of a lost claim", queue=obj, jobs=result)
+
+    def _take(self, claimed: list[tuple[str, bytes]], tokens: int) -> None:
+        """Parse claimed payloads, hand the runnable ones to workers in batches (one slot
+        token each), and queue their start records for the next cycle."""
         now = time.time()
-        ttl = self.config.jobs.result_ttl_s
-        ops: list[jobs.Op] = []
-        parsed: list[jobs.Job | jobs.Rejected] = []
+        runnable: list[jobs.Job] = []
         for priority, raw in claimed:
             item = jobs.parse(
                 raw,
@@ -439,121 +511,99 @@ class Daemon:
                 max_payload_bytes=self.config.jobs.max_payload_bytes,
                 now=now,
             )
-            parsed.append(item)
+            ttl = self.config.jobs.result_ttl_s
             if isinstance(item, jobs.Rejected):
-                ops.append(jobs.reject_op(item, daemon_id=self.id, ttl_s=ttl, now=now))
+                self._add_op(
+                    jobs.reject_op(item, daemon_id=self.id, ttl_s=ttl, now=now), ("reject", item)
+                )
             elif item.delay_ms > 0:
-                ops.append(jobs.schedule_op(item, ttl_s=ttl, now=now))
+                self._add_op(jobs.schedule_op(item, ttl_s=ttl, now=now), ("schedule", item))
             else:
+                runnable.append(item)
+        batches, spill = self._batches(runnable, tokens)
+        # More than fits (the claim was sized before we knew which tasks came): back to
+        # the head of their queues, latest first so the order there is kept.
+        for job in reversed(spill):
+            self._add_op(jobs.putback_op(job.priority, job.raw), ("putback", job))
+        self.slots.release(tokens - len(batches))
+        for batch in batches:
+            left = [len(batch)]
+            for job in batch:
                 self._token += 1
-                item.token = str(self._token)
-                item.started_at = now
-                ops.append(jobs.start_op(item, daemon_id=self.id, ttl_s=ttl, now=now))
-        # Jobs that raced into our claim lists beyond the slots we hold go back.
-        ops += [["putback", p, raw] for p, raw in putback]
-        results = await self._record_until_done(ops, "start", give_up_on_stop=True)
-        if results is None:
-            # Stopped while Redis was away: what we claimed stays in Redis (claim list
-            # or active hash) and is put back by lease recovery or the next start.
-            return []
-        started: list[jobs.Job] = []
-        for item, result in zip(parsed, results, strict=False):
-            if isinstance(item, jobs.Rejected):
-                self.log.warning(
-                    "job rejected",
-                    job_id=item.id or None,
-                    task=item.task or None,
-                    queue=item.priority,
-                    reason=item.reason,
+                job.token = str(self._token)
+                job.started_at = now
+                self._running[job.token] = job
+            for job, future in zip(batch, self.pool.submit(batch), strict=True):
+                future.add_done_callback(functools.partial(self._on_job_done, job, left))
+            for job in batch:
+                ttl = self.config.jobs.result_ttl_s
+                self._add_op(
+                    jobs.start_op(job, daemon_id=self.id, ttl_s=ttl, now=now), ("start", job)
                 )
-            elif item.delay_ms > 0:
-                self.log.info(
-                    "job scheduled",
-                    job_id=item.id,
-                    task=item.task,
-                    queue=item.priority,
-                    delay_s=item.delay_ms / 1000,
-                )
-                self._schedule_wakeup(item.delay_ms)
-            elif result < 0:
-                self.log.warning(
-                    "claim lost to lease recovery; not running it here",
-                    job_id=item.id,
-                    task=item.task,
-                    queue=item.priority,
-                )
-            else:
-                item.attempt = result
-                started.append(item)
-        return started
-
-    def _dispatch(self, job: jobs.Job) -> None:
-        self._running[job.token] = job
         self._status_dirty.set()
-        self.log.info(
-            "job started", job_id=job.id, task=job.task, queue=job.priority, attempt=job.attempt
-        )
-        (future,) = self.pool.submit([job])
-        future.add_done_callback(functools.partial(self._on_job_done, job))
 
-    def _on_job_done(self, job: jobs.Job, future: asyncio.Future[jobs.RunResult]) -> None:
-        # A done-callback: small, synchronous, never raises. One release per acquire.
-        self.slots.release()
+    def _batches(
+        self, runnable: list[jobs.Job], tokens: int
+    ) -> tuple[list[list[jobs.Job]], list[jobs.Job]]:
+        """Split runnable jobs into at most ``tokens`` batches, keeping claim order.
+
+        Each free worker gets a job first (parallelism before batching); the rest join
+        the smallest batch that still has room, where room is the batch size of its
+        slowest task, so a task not known to be short always runs alone.
+        """
+        batches: list[list[jobs.Job]] = []
+        limits: list[int] = []
+        spill: list[jobs.Job] = []
+        for job in runnable:
+            size = self._batch_size(job.task)
+            if len(batches) < tokens:
+                batches.append([job])
+                limits.append(size)
+                continue
+            room = [i for i, b in enumerate(batches) if len(b) < min(limits[i], size)]
+            if not room:
+                spill.append(job)
+                continue
+            i = min(room, key=lambda k: len(batches[k]))
+            batches[i].append(job)
+            limits[i] = min(limits[i], size)
+        return batches, spill
+
+    def _on_job_done(
+        self, job: jobs.Job, left: list[int], future: asyncio.Future[jobs.RunResult]
+    ) -> None:
+        # A done-callback: small, synchronous, never raises. The batch holds one slot
+        # token; its last job's callback releases it: one release per acquire.
+        left[0] -= 1
+        if left[0] == 0:
+            self.slots.release()
         self._running.pop(job.token, None)
-        self._status_dirty.set()
         if future.cancelled() or future.exception() is not None:
             result = jobs.RunResult("not_run", error="pool future failed")
         else:
             result = future.result()
-        self._outbox.put_nowait((job, result))
+        if result.status in ("ok", "error"):
+            took = max(0.0, result.finished_at - result.started_at)
+            self._ewma_s += 0.2 * (took - self._ewma_s)
+            prev = self._task_ewma_s.get(job.task, took)
+            self._task_ewma_s[job.task] = prev + 0.2 * (took - prev)
+        self._finished.append((job, result))
+        self._drained.clear()
+        self._cycle_wake.set()
+        self._status_dirty.set()
 
-    # --- recording ---------------------------------------------------------------
-
-    async def _record_until_done(
-        self,
-        ops: Sequence[jobs.Op],
-        what: str,
-        *,
-        give_up_at: float | None = None,
-        give_up_on_stop: bool = False,
-    ) -> list[int] | None:
-        """Write ``ops``, retrying through outages (every op is safe to repeat).
-
-        None if it gave up: what the ops would have moved is then still recorded in
-        Redis as held by this daemon, and goes back to its queue on our clean stop
-        or by lease recovery. Nothing is lost by giving up, only delayed.
-        """
-        if not ops:
-            return []
-        backoff = Backoff()
-        while True:
-            try:
-                return await self.broker.record(self.id, ops)
-            except BrokerError as exc:
-                delay = self._redis_down(what, exc, backoff)
-                if give_up_at is not None and time.monotonic() + delay > give_up_at:
-                    return None
-                if self._force.is_set() or (give_up_on_stop and self._stop.is_set()):
-                    return None
-                await asyncio.sleep(delay)
-
-    async def _recorder_loop(self) -> None:
-        while True:
-            batch = [await self._outbox.get()]
-            while not self._outbox.empty() and len(batch) < 256:
-                batch.append(self._outbox.get_nowait())
-            try:
-                await self._write_endings(batch)
-            finally:
-                for _ in batch:
-                    self._outbox.task_done()
-
-    async def _write_endings(
-        self, batch: list[tuple[jobs.Job, jobs.RunResult]], give_up_at: float | None = None
-    ) -> bool:
+    def _build_end_ops(self) -> None:
+        """Turn finished runs into end ops, once their start is on record (the policy
+        needs the attempt number the start record returned)."""
         cfg = self.config.jobs
-        endings = [
-            jobs.end_op(
+        waiting: deque[tuple[jobs.Job, jobs.RunResult]] = deque()
+        for job, run in self._finished:
+            if job.attempt == 0:
+                waiting.append((job, run))
+                continue
+            if job.attempt < 0:
+                continue  # the claim was lost: another daemon owns this job now
+            ending = jobs.end_op(
                 job,
                 run,
                 daemon_id=self.id,
@@ -563,22 +613,41 @@ class Daemon:
                 backoff_max_s=cfg.retry_backoff_max_s,
                 rng=self._rng,
             )
-            for job, run in batch
-        ]
-        results = await self._record_until_done(
-            [e.op for e in endings], "record outcome", give_up_at=give_up_at
-        )
-        if results is None:
-            self.log.error(
-                "outcomes not written; the jobs stay in flight and will run again",
-                job_ids=[job.id for job, _ in batch],
-            )
-            return False
-        for (job, run), ending, written in zip(batch, endings, results, strict=True):
-            self._log_ending(job, run, ending, bool(written))
-            if ending.retry_in_s:
-                self._schedule_wakeup(int(ending.retry_in_s * 1000))
-        return True
+            self._ops.append(ending.op)
+            self._op_notes.append(("end", (job, run, ending)))
+        self._finished = waiting
+
+    # --- the blocking wait ---------------------------------------------------------
+
+    def _start_waiting(self, tokens: int) -> None:
+        # Keep one token while blocked: the job that wakes us has a slot.
+        self.slots.release(tokens - 1)
+        self._waiting = self._spawn(self._wait_for_jobs())
+
+    async def _wait_for_jobs(self) -> None:
+        try:
+            claimed = await self.fetcher.wait()
+        except BrokerError as exc:
+            self._claims_dirty = True
+            self.slots.release()
+            self._waiting = None
+            delay = self._redis_down("blocking fetch", exc, self._wait_backoff)
+            await self._sleep_unless_stopped(delay)
+            self._cycle_wake.set()
+            return
+        except asyncio.CancelledError:
+            self._claims_dirty = True  # a BLMOVE may have moved a payload meanwhile
+            self.slots.release()
+            self._waiting = None
+            raise
+        self._wait_backoff.reset()
+        self._waiting = None
+        # Only the first (the highest priority) runs: a job that raced in behind it
+        # goes back, and the next claim takes jobs in strict priority order.
+        for priority, raw in claimed[1:]:
+            self._add_op(jobs.putback_op(priority, raw), ("putback", None))
+        self._take(claimed[:1], 1)
+        self._cycle_wake.set()
 
     def _log_ending(
         self, job: jobs.Job, run: jobs.RunResult, ending: jobs.Ending, written: bool
@@ -634,7 +703,7 @@ class Daemon:
 
     async def _scheduler_loop(self) -> None:
         backoff = Backoff()
-        while True:
+        while not self._closing:
             self._wake_scheduler.clear()
             if self._next_promote is None:
                 await self._wake_scheduler.wait()
@@ -689,6 +758,8 @@ class Daemon:
         while True:
             await self._reload.wait()
             self._reload.clear()
+            if self._closing:
+                return
             await self.reload()
 
     async def reload(self) -> bool:
@@ -732,10 +803,7 @@ class Daemon:
     # --- shutdown ----------------------------------------------------------------
 
     async def _shutdown(
-        self,
-        fetch: asyncio.Task[None],
-        recorder: asyncio.Task[None],
-        background: list[asyncio.Task[None]],
+        self, cycle: asyncio.Task[None], background: list[asyncio.Task[None]]
     ) -> None:
         grace = self.config.daemon.shutdown_grace_s
         self.log.info(
@@ -744,8 +812,16 @@ class Daemon:
             grace_s=grace,
             force=self._force.is_set(),
         )
-        with contextlib.suppress(asyncio.CancelledError):
-            await fetch
+        self._fetching = False
+        waiting = self._waiting
+        if waiting is not None:
+            waiting.cancel()
+            _, pending = await asyncio.wait([waiting], timeout=1.0)
+            if pending:
+                # The cancellation was lost (see _closing): closing the connections
+                # makes the blocked BLMOVE reads fail instead.
+                await self.fetcher.close()
+                await asyncio.wait([waiting], timeout=2.0)
         if self.pool.busy_count and not self._force.is_set():
             idle = asyncio.ensure_future(self.pool.wait_idle())
             force = asyncio.ensure_future(self._force.wait())
@@ -759,22 +835,25 @@ class Daemon:
                 jobs=killed,
             )
         await self.pool.wait_idle()
-        # Flush outcomes; with Redis gone for good, give up after a bound: the jobs
-        # are still recorded as in flight and are recovered from our lease.
-        give_up_at = time.monotonic() + max(5.0, grace)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._outbox.join(), max(5.0, grace))
-        recorder.cancel()
-        leftovers = []
-        while not self._outbox.empty():
-            leftovers.append(self._outbox.get_nowait())
-        if leftovers:
-            await self._write_endings(leftovers, give_up_at=give_up_at)
-        for task in background:
-            task.cancel()
-        for task in [recorder, *background]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Write every outcome; with Redis gone for good, give up after a bound: the
+        # jobs are still recorded as ours in Redis and come back by lease recovery.
+        self._cycle_wake.set()
+        try:
+            await asyncio.wait_for(self._drained.wait(), max(5.0, grace))
+        except TimeoutError:
+            self.log.error(
+                "outcomes not written; the jobs stay in flight and will run again",
+                job_ids=[job.id for job, _ in self._finished],
+            )
+        self._closing = True
+        for event in (self._cycle_wake, self._wake_scheduler, self._reload):
+            event.set()
+        tasks = [cycle, *background]
+        _, pending = await asyncio.wait(tasks, timeout=5.0)
+        for task in pending:
+            task.cancel()  # the status loop only sleeps; anything else here is a bug
+        if pending:
+            await asyncio.wait(pending, timeout=2.0)
         try:
             put_back = await self.broker.recover(self.id, self.priorities)
             if put_back:

@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
 
 ALLOWED_FIELDS = (
@@ -252,33 +252,28 @@ class Ending:
     """How a run ended, as decided by policy, and the ``record end`` op to write it."""
 
     status: Literal["succeeded", "failed", "dead", "requeued"]
-    op: list[str]
-    outcome: dict[str, Any] = field(default_factory=dict)
+    op: Op
     retry_in_s: float = 0.0
 
 
+def _pairs(fields: dict[str, str]) -> list[str]:
+    out = [str(len(fields))]
+    for k, v in fields.items():
+        out += (k, v)
+    return out
+
+
 def start_op(job: Job, *, daemon_id: str, ttl_s: int, now: float) -> Op:
-    fields = {
-        "status": "running",
-        "task": job.task,
-        "priority": job.priority,
-        "started_at": _ts(now),
-        "daemon": daemon_id,
-        "finished_at": None,
-        "duration_s": None,
-        "retry_at": None,
-        "result": None,
-    }
     return [
-        "start",
-        job.priority,
-        job.raw,
-        job.token,
-        job.json,
-        job.id,
-        str(ttl_s),
-        _dumps(fields),
-    ]
+        "start", job.priority, job.raw, job.token, job.json, job.id, str(ttl_s),
+        *_pairs({
+            "status": "running",
+            "task": job.task,
+            "priority": job.priority,
+            "started_at": _ts(now),
+            "daemon": daemon_id,
+        }),
+    ]  # fmt: skip
 
 
 def _reject_record(rej: Rejected, daemon_id: str, now: float) -> tuple[dict[str, Any], str]:
@@ -316,15 +311,9 @@ def reject_op(rej: Rejected, *, daemon_id: str, ttl_s: int, now: float) -> Op:
         "attempts": "0",
     }
     return [
-        "reject",
-        rej.priority,
-        rej.raw,
-        rej.id,
-        str(ttl_s),
-        _dumps(fields),
-        _dumps(outcome),
-        dead,
-    ]
+        "reject", rej.priority, rej.raw, rej.id, str(ttl_s), _dumps(outcome), dead,
+        *_pairs(fields),
+    ]  # fmt: skip
 
 
 def schedule_op(job: Job, *, ttl_s: int, now: float) -> Op:
@@ -335,19 +324,21 @@ def schedule_op(job: Job, *, ttl_s: int, now: float) -> Op:
         "retry_at": _ts(now + job.delay_ms / 1000),
     }
     return [
-        "schedule",
-        job.priority,
-        job.raw,
-        job.id,
-        str(ttl_s),
-        _dumps(fields),
-        f"{job.priority}\n{job.json}",
-        str(job.delay_ms),
-    ]
+        "schedule", job.priority, job.raw, job.id, str(ttl_s),
+        f"{job.priority}\n{job.json}", str(job.delay_ms), *_pairs(fields),
+    ]  # fmt: skip
 
 
 def requeue_op(job: Job) -> Op:
     return ["requeue", job.token, job.id]
+
+
+def putback_op(priority: str, raw: bytes) -> Op:
+    return ["putback", priority, raw]
+
+
+def restore_op(priority: str) -> Op:
+    return ["restore", priority]
 
 
 def end_op(
@@ -363,7 +354,7 @@ def end_op(
 ) -> Ending:
     """Decide succeeded / failed-and-retry / dead for a finished run."""
     if run.status == "not_run":
-        return Ending("requeued", ["requeue", job.token, job.id])
+        return Ending("requeued", requeue_op(job))
     duration = max(0.0, run.finished_at - run.started_at)
     outcome: dict[str, Any] = {
         "id": job.id,
@@ -377,7 +368,7 @@ def end_op(
         "finished_at": round(run.finished_at, 6),
         "duration_s": round(duration, 6),
     }
-    fields: dict[str, Any] = {
+    fields: dict[str, str] = {
         "attempts": str(job.attempt),
         "started_at": _ts(run.started_at),
         "finished_at": _ts(run.finished_at),
@@ -390,13 +381,22 @@ def end_op(
     retry_in = 0.0
     if run.status == "ok":
         status: Literal["succeeded", "failed", "dead"] = "succeeded"
-        outcome["result"] = json.loads(run.result_json)
-        fields.update(result=run.result_json, error=None, traceback=None, retry_at=None)
+        # The worker's JSON text is embedded as is: parsing it only to dump it again
+        # would cost more than the rest of the outcome.
+        outcome_json = _dumps({**outcome, "status": status, "result": None})
+        outcome_json = outcome_json.replace('"result":null', '"result":' + run.result_json, 1)
+        fields.update(status=status, result=run.result_json)
+        dels = ["error", "traceback", "retry_at"]
     else:
         allowed = job.max_retries if job.max_retries is not None else max_retries
         retry = run.status not in _PERMANENT and job.attempt <= allowed
         outcome["error"] = run.error
-        fields.update(error=run.error, traceback=run.traceback or None, result=None)
+        fields["error"] = run.error
+        dels = ["result"]
+        if run.traceback:
+            fields["traceback"] = run.traceback
+        else:
+            dels.append("traceback")
         if retry:
             status = "failed"
             retry_in = backoff_s(job.attempt, backoff_base_s, backoff_max_s, rng)
@@ -406,7 +406,7 @@ def end_op(
             fields["retry_at"] = _ts(run.finished_at + retry_in)
         else:
             status = "dead"
-            fields["retry_at"] = None
+            dels.append("retry_at")
             if run.status in _PERMANENT:
                 reason = run.error
             else:
@@ -424,22 +424,15 @@ def end_op(
                     "dead_at": round(run.finished_at, 6),
                 }
             )
-    outcome["status"] = status
-    fields["status"] = status
+        outcome["status"] = status
+        fields["status"] = status
+        outcome_json = _dumps(outcome)
     terminal = status != "failed"
     op = [
-        "end",
-        job.token,
-        job.id,
-        str(ttl_s),
-        _dumps(fields),
-        _dumps(outcome),
-        "1" if terminal else "0",
-        dead_entry,
-        member,
-        str(delay_ms),
-    ]
-    return Ending(status, op, outcome, retry_in)
+        "end", job.token, job.id, str(ttl_s), "1" if terminal else "0", dead_entry, member,
+        str(delay_ms), outcome_json, str(len(dels)), *dels, *_pairs(fields),
+    ]  # fmt: skip
+    return Ending(status, op, retry_in)
 
 
 def run_json_safe(result: Any) -> str:

@@ -56,26 +56,6 @@ local function split_csv(s)
     return out
 end
 
--- fields_json is a JSON object of field -> string, or null to delete the field.
-local function write_job(id, ttl, fields_json)
-    if id == '' then return end
-    local key = job_key(id)
-    local fields = cjson.decode(fields_json)
-    local set = {}
-    local del = {}
-    for k, v in pairs(fields) do
-        if v == cjson.null then
-            del[#del + 1] = k
-        else
-            set[#set + 1] = k
-            set[#set + 1] = tostring(v)
-        end
-    end
-    if #del > 0 then redis.call('HDEL', key, unpack(del)) end
-    if #set > 0 then redis.call('HSET', key, unpack(set)) end
-    redis.call('EXPIRE', key, ttl)
-end
-
 local function push_done(id, ttl, outcome)
     if id == '' then return end
     local key = done_key(id)
@@ -118,73 +98,89 @@ local function next_due_in(now)
     return math.max(0, tonumber(first[2]) - now)
 end
 
--- claim D max p1 p2 ...
--- Moves up to max payloads, highest priority first, into D's claim lists.
--- Returns {p, payload, p, payload, ...}.
-if command == 'claim' then
-    local d = ARGV[3]
-    local left = tonumber(ARGV[4])
+-- Reads "n k1 v1 ... kn vn" starting at ARGV[i]; returns {k1, v1, ...} and the next i.
+local function read_pairs(i)
+    local n = tonumber(ARGV[i])
     local out = {}
-    for i = 5, #ARGV do
-        local p = ARGV[i]
-        while left > 0 do
-            local v = redis.call('LMOVE', queue_key(p), claim_key(d, p), 'RIGHT', 'LEFT')
-            if not v then break end
-            out[#out + 1] = p
-            out[#out + 1] = v
-            left = left - 1
-        end
-        if left == 0 then break end
-    end
-    return out
+    for j = i + 1, i + 2 * n do out[#out + 1] = ARGV[j] end
+    return out, i + 2 * n + 1
 end
 
--- record D op args... op args...
--- Applies a batch of state changes in order and returns one integer per op.
+-- Reads "n a1 ... an" starting at ARGV[i].
+local function read_list(i)
+    local n = tonumber(ARGV[i])
+    local out = {}
+    for j = i + 1, i + n do out[#out + 1] = ARGV[j] end
+    return out, i + n + 1
+end
+
+local function write_job(id, ttl, pairs, dels)
+    if id == '' then return end
+    local key = job_key(id)
+    if dels and #dels > 0 then redis.call('HDEL', key, unpack(dels)) end
+    if #pairs > 0 then redis.call('HSET', key, unpack(pairs)) end
+    redis.call('EXPIRE', key, ttl)
+end
+
+-- cycle D want n p1..pn op args... op args...
+-- The daemon's one round trip: apply a batch of state changes in order, then claim
+-- up to `want` payloads, highest priority first, into D's claim lists.
+-- Returns {{one integer per op}, {p, payload, p, payload, ...}}.
 -- Each op is guarded so that applying it twice (a reply lost to a dropped
 -- connection, then a retry) changes nothing the second time.
 --
---   start  p raw T json id ttl fields        claim -> active; returns attempts, or -1
---                                            if the claim is gone (recovered by
---                                            another daemon: do not run it)
---   end    T id ttl fields outcome done dead sched_member delay_ms
---                                            active -> ended / dead / scheduled;
---                                            returns 1, or 0 if T is not active
---   requeue T id                             active -> head of queue, attempt not
---                                            charged; returns 1 or 0
---   reject p raw id ttl fields outcome dead  claim -> dead letters; 1 or 0
---   schedule p raw id ttl fields member delay_ms
---                                            claim -> scheduled; 1 or 0
---   putback p raw                            claim -> head of queue; 1 or 0
-if command == 'record' then
+--   start  p raw T json id ttl npairs k v...   claim -> active, job hash "running";
+--                                             returns attempts, or -1 if the claim is
+--                                             gone (recovered by another daemon)
+--   end    T id ttl done dead member delay_ms outcome ndel k... npairs k v...
+--                                             active -> ended (done list if done=1),
+--                                             dead letters (dead ~= ''), or the
+--                                             schedule (member ~= ''); 1, or 0 if T
+--                                             is not active
+--   requeue T id                              active -> head of queue, attempt not
+--                                             charged; 1 or 0
+--   reject p raw id ttl outcome dead npairs k v...
+--                                             claim -> dead letters; 1 or 0
+--   schedule p raw id ttl member delay_ms npairs k v...
+--                                             claim -> scheduled; 1 or 0
+--   putback p raw                             claim -> head of queue; 1 or 0
+--   restore p                                 all of claim:D:p -> head of queue;
+--                                             returns how many
+if command == 'cycle' then
     local d = ARGV[3]
+    local want = tonumber(ARGV[4])
+    local priorities, i = read_list(5)
     local active = active_key(d)
-    local out = {}
-    local i = 4
+    local results = {}
     local now = nil
     while i <= #ARGV do
         local op = ARGV[i]
+        local r
         if op == 'start' then
-            local p, raw, token, json, id, ttl, fields =
-                ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-            i = i + 8
+            local p, raw, token, json, id, ttl = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+            local pairs
+            pairs, i = read_pairs(i + 7)
             if redis.call('HEXISTS', active, token) == 1 then
-                out[#out + 1] = tonumber(redis.call('HGET', job_key(id), 'attempts') or '1')
+                r = tonumber(redis.call('HGET', job_key(id), 'attempts') or '1')
             elseif redis.call('LREM', claim_key(d, p), 1, raw) == 0 then
-                out[#out + 1] = -1
+                r = -1
             else
                 redis.call('HSET', active, token, p .. '\n' .. json)
-                local attempts = redis.call('HINCRBY', job_key(id), 'attempts', 1)
-                write_job(id, ttl, fields)
-                out[#out + 1] = attempts
+                r = redis.call('HINCRBY', job_key(id), 'attempts', 1)
+                -- A rerun: what the last attempt left is not this one's.
+                local stale = nil
+                if r > 1 then stale = {'finished_at', 'duration_s', 'retry_at', 'result'} end
+                write_job(id, ttl, pairs, stale)
             end
         elseif op == 'end' then
-            local token, id, ttl, fields, outcome, done, dead, member, delay_ms =
+            local token, id, ttl, done, dead, member, delay_ms, outcome =
                 ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
-                ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
-            i = i + 10
+                ARGV[i + 7], ARGV[i + 8]
+            local dels, pairs
+            dels, i = read_list(i + 9)
+            pairs, i = read_pairs(i)
             if redis.call('HDEL', active, token) == 1 then
-                write_job(id, ttl, fields)
+                write_job(id, ttl, pairs, dels)
                 if done == '1' then push_done(id, ttl, outcome) end
                 if dead ~= '' then redis.call('LPUSH', dead_key, dead) end
                 if member ~= '' then
@@ -192,14 +188,15 @@ if command == 'record' then
                     redis.call('ZADD', scheduled_key, now + tonumber(delay_ms), member)
                 end
                 redis.call('PUBLISH', events_key, outcome)
-                out[#out + 1] = 1
+                r = 1
             else
-                out[#out + 1] = 0
+                r = 0
             end
         elseif op == 'requeue' then
             local token, id = ARGV[i + 1], ARGV[i + 2]
             i = i + 3
             local v = redis.call('HGET', active, token)
+            r = 0
             if v then
                 redis.call('HDEL', active, token)
                 local p, json = split_entry(v)
@@ -209,51 +206,61 @@ if command == 'record' then
                     redis.call('HINCRBY', key, 'attempts', -1)
                     redis.call('HSET', key, 'status', 'queued')
                 end
-                out[#out + 1] = 1
-            else
-                out[#out + 1] = 0
+                r = 1
             end
         elseif op == 'reject' then
-            local p, raw, id, ttl, fields, outcome, dead =
-                ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-            i = i + 8
+            local p, raw, id, ttl, outcome, dead = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+            local pairs
+            pairs, i = read_pairs(i + 7)
+            r = 0
             if redis.call('LREM', claim_key(d, p), 1, raw) == 1 then
                 redis.call('LPUSH', dead_key, dead)
                 if id ~= '' then
-                    write_job(id, ttl, fields)
+                    write_job(id, ttl, pairs, nil)
                     push_done(id, ttl, outcome)
                 end
                 redis.call('PUBLISH', events_key, outcome)
-                out[#out + 1] = 1
-            else
-                out[#out + 1] = 0
+                r = 1
             end
         elseif op == 'schedule' then
-            local p, raw, id, ttl, fields, member, delay_ms =
-                ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-            i = i + 8
+            local p, raw, id, ttl, member, delay_ms = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
+            local pairs
+            pairs, i = read_pairs(i + 7)
+            r = 0
             if redis.call('LREM', claim_key(d, p), 1, raw) == 1 then
                 now = now or now_ms()
                 redis.call('ZADD', scheduled_key, now + tonumber(delay_ms), member)
-                write_job(id, ttl, fields)
-                out[#out + 1] = 1
-            else
-                out[#out + 1] = 0
+                write_job(id, ttl, pairs, nil)
+                r = 1
             end
         elseif op == 'putback' then
             local p, raw = ARGV[i + 1], ARGV[i + 2]
             i = i + 3
+            r = 0
             if redis.call('LREM', claim_key(d, p), 1, raw) == 1 then
                 redis.call('RPUSH', queue_key(p), raw)
-                out[#out + 1] = 1
-            else
-                out[#out + 1] = 0
+                r = 1
             end
+        elseif op == 'restore' then
+            r = restore_claims(d, {ARGV[i + 1]})
+            i = i + 2
         else
-            return redis.error_reply('prioqd: unknown record op ' .. tostring(op))
+            return redis.error_reply('prioqd: unknown cycle op ' .. tostring(op))
+        end
+        results[#results + 1] = r
+    end
+    local claimed = {}
+    for _, p in ipairs(priorities) do
+        if want <= 0 then break end
+        while want > 0 do
+            local v = redis.call('LMOVE', queue_key(p), claim_key(d, p), 'RIGHT', 'LEFT')
+            if not v then break end
+            claimed[#claimed + 1] = p
+            claimed[#claimed + 1] = v
+            want = want - 1
         end
     end
-    return out
+    return {results, claimed}
 end
 
 -- heartbeat D lease_ms max_recover field value field value ...
@@ -287,13 +294,6 @@ end
 -- the same host. The priorities are a fallback for a D with no info hash.
 if command == 'recover' then
     return recover(ARGV[3], {unpack(ARGV, 4)})
-end
-
--- restore D p1 p2 ...
--- Puts D's claim lists (not its active jobs) back at the head of their queues.
--- Used after a claim whose reply was lost: what it moved is unknown to D.
-if command == 'restore' then
-    return restore_claims(ARGV[3], {unpack(ARGV, 4)})
 end
 
 -- undead entry p payload id
