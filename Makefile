@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 .PHONY: setup test test-fast lint demo bench install clean
 
 $(BIN)/.installed: pyproject.toml
-	./scripts/ensure-redis.sh
+	./scripts/ensure-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

@@ -45,6 +45,8 @@ T = TypeVar("T")
 BATCH_BUDGET_S = 0.002
 #: ...and never more jobs than this at once.
 MAX_BATCH = 64
+#: A job still running this long after dispatch has its start ("running") written.
+START_RECORD_AFTER_S = 0.005
 
 
 class Slots:
@@ -174,6 +176,8 @@ class Daemon:
         self._ops: list[jobs.Op] = []
         self._op_notes: list[tuple[str, Any]] = []
         self._finished: deque[tuple[jobs.Job, jobs.RunResult]] = deque()
+        # Dispatched, start not yet written (see START_RECORD_AFTER_S).
+        self._unstarted: dict[str, jobs.Job] = {}
         self._cycle_wake = asyncio.Event()
         self._drained = asyncio.Event()
         self._fetching = True
@@ -181,6 +185,7 @@ class Daemon:
         # (They are not cancelled mid-I/O: on Python 3.11 a cancellation that lands as
         # a redis-py read completes can be lost, leaving a task that never ends.)
         self._closing = False
+        self._closed = asyncio.Event()
         self._waiting: asyncio.Task[None] | None = None
         self._wait_backoff = Backoff()
         self._ewma_s = BATCH_BUDGET_S
@@ -413,7 +418,7 @@ class Daemon:
         while not self._closing:
             await self._cycle_wake.wait()
             self._cycle_wake.clear()
-            self._build_end_ops()
+            self._build_ops()
             tokens, want = self._plan_claim()
             ops, notes = self._ops, self._op_notes
             self._ops, self._op_notes = [], []
@@ -483,6 +488,23 @@ class Daemon:
                 self._log_ending(job, run, ending, bool(result))
                 if ending.retry_in_s:
                     self._schedule_wakeup(int(ending.retry_in_s * 1000))
+            elif kind == "finish":
+                job, run = obj
+                if result < 0:
+                    self.log.warning(
+                        "job finished but its claim was lost; not recorded here",
+                        job_id=job.id, task=job.task, queue=job.priority,
+                    )  # fmt: skip
+                    continue
+                job.attempt = result
+                self.log.info(
+                    "job started", job_id=job.id, task=job.task, queue=job.priority,
+                    attempt=result,
+                )  # fmt: skip
+                self._log_ending(job, run, jobs.Ending("succeeded", []), True)
+            elif kind == "putback" and obj is not None and isinstance(obj, tuple):
+                job, run = obj
+                self._log_ending(job, run, jobs.Ending("requeued", []), bool(result))
             elif kind == "reject":
                 rej: jobs.Rejected = obj
                 self.log.warning(
@@ -527,19 +549,23 @@ class Daemon:
             self._add_op(jobs.putback_op(job.priority, job.raw), ("putback", job))
         self.slots.release(tokens - len(batches))
         for batch in batches:
-            left = [len(batch)]
+            # [jobs not yet done, how many left when the token goes back]: a batch of
+            # several gives its token back halfway, so the next batch is claimed while
+            # the worker runs the rest and waits in the pool, not the worker for Redis.
+            left = [len(batch), len(batch) // 2]
             for job in batch:
                 self._token += 1
                 job.token = str(self._token)
                 job.started_at = now
+                job.dispatched_at = time.monotonic()
                 self._running[job.token] = job
+                self._unstarted[job.token] = job
             for job, future in zip(batch, self.pool.submit(batch), strict=True):
                 future.add_done_callback(functools.partial(self._on_job_done, job, left))
-            for job in batch:
-                ttl = self.config.jobs.result_ttl_s
-                self._add_op(
-                    jobs.start_op(job, daemon_id=self.id, ttl_s=ttl, now=now), ("start", job)
-                )
+        if batches:
+            # Start records wait a moment: a job that is done by then is recorded in
+            # one step (claim -> succeeded); one still running gets its "running".
+            asyncio.get_running_loop().call_later(START_RECORD_AFTER_S, self._cycle_wake.set)
         self._status_dirty.set()
 
     def _batches(
@@ -573,9 +599,9 @@ class Daemon:
         self, job: jobs.Job, left: list[int], future: asyncio.Future[jobs.RunResult]
     ) -> None:
         # A done-callback: small, synchronous, never raises. The batch holds one slot
-        # token; its last job's callback releases it: one release per acquire.
+        # token; exactly one of its jobs' callbacks releases it.
         left[0] -= 1
-        if left[0] == 0:
+        if left[0] == left[1]:
             self.slots.release()
         self._running.pop(job.token, None)
         if future.cancelled() or future.exception() is not None:
@@ -592,14 +618,35 @@ class Daemon:
         self._cycle_wake.set()
         self._status_dirty.set()
 
-    def _build_end_ops(self) -> None:
-        """Turn finished runs into end ops, once their start is on record (the policy
-        needs the attempt number the start record returned)."""
+    def _build_ops(self) -> None:
+        """Turn finished runs into ops, and write the start of jobs still running.
+
+        A success whose start was never written is one ``finish`` op. Any other
+        ending needs its start on record first: the policy (retry or dead) needs the
+        attempt number that the start record returns.
+        """
         cfg = self.config.jobs
+        ttl = cfg.result_ttl_s
         waiting: deque[tuple[jobs.Job, jobs.RunResult]] = deque()
         for job, run in self._finished:
             if job.attempt == 0:
-                waiting.append((job, run))
+                if self._unstarted.pop(job.token, None) is None:
+                    waiting.append((job, run))  # its start op is on its way
+                elif run.status == "ok":
+                    op = jobs.finish_op(job, run, daemon_id=self.id, ttl_s=ttl)
+                    self._ops.append(op)
+                    self._op_notes.append(("finish", (job, run)))
+                elif run.status == "not_run":
+                    # Never recorded as started: it goes back as it came, uncharged.
+                    op = jobs.putback_op(job.priority, job.raw)
+                    self._ops.append(op)
+                    self._op_notes.append(("putback", (job, run)))
+                else:
+                    self._ops.append(
+                        jobs.start_op(job, daemon_id=self.id, ttl_s=ttl, now=job.started_at)
+                    )
+                    self._op_notes.append(("start", job))
+                    waiting.append((job, run))
                 continue
             if job.attempt < 0:
                 continue  # the claim was lost: another daemon owns this job now
@@ -616,6 +663,14 @@ class Daemon:
             self._ops.append(ending.op)
             self._op_notes.append(("end", (job, run, ending)))
         self._finished = waiting
+        due = time.monotonic() - START_RECORD_AFTER_S
+        for token, job in list(self._unstarted.items()):
+            if job.dispatched_at <= due:
+                del self._unstarted[token]
+                self._ops.append(
+                    jobs.start_op(job, daemon_id=self.id, ttl_s=ttl, now=job.started_at)
+                )
+                self._op_notes.append(("start", job))
 
     # --- the blocking wait ---------------------------------------------------------
 
@@ -745,14 +800,15 @@ class Daemon:
     async def _status_loop(self) -> None:
         # Woken by changes only (nothing at idle), and at most once a second.
         last = ""
-        while True:
+        while not self._closing:
             await self._status_dirty.wait()
             self._status_dirty.clear()
             text = self._status_text()
-            if text != last:
+            if text != last and not self._closing:
                 self.notifier.send(STATUS=text)
                 last = text
-            await asyncio.sleep(1.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closed.wait(), 1.0)
 
     async def _reload_loop(self) -> None:
         while True:
@@ -846,12 +902,14 @@ class Daemon:
                 job_ids=[job.id for job, _ in self._finished],
             )
         self._closing = True
-        for event in (self._cycle_wake, self._wake_scheduler, self._reload):
+        self._closed.set()
+        for event in (self._cycle_wake, self._wake_scheduler, self._reload, self._status_dirty):
             event.set()
         tasks = [cycle, *background]
         _, pending = await asyncio.wait(tasks, timeout=5.0)
         for task in pending:
-            task.cancel()  # the status loop only sleeps; anything else here is a bug
+            self.log.error("a background task did not stop; cancelling it", task=repr(task))
+            task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=2.0)
         try:

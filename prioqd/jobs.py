@@ -16,6 +16,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
 
+import orjson
+
 ALLOWED_FIELDS = (
     "task",
     "args",
@@ -48,8 +50,9 @@ class Job:
     max_retries: int | None = None
     delay_ms: int = 0  # > 0: not due yet, goes to the schedule
     token: str = ""
-    attempt: int = 0
+    attempt: int = 0  # from the start record: 0 until written, -1 if the claim was lost
     started_at: float = 0.0
+    dispatched_at: float = 0.0  # monotonic
 
 
 @dataclass(slots=True)
@@ -112,7 +115,7 @@ def parse(
     job_id = obj.get("id")
     rid = job_id if _valid_id(job_id) else ""
     task = obj.get("task")
-    rtask = task if isinstance(task, str) else ""
+    rtask = safe_text(task) if isinstance(task, str) else ""
 
     def reject(reason: str) -> Rejected:
         return Rejected(priority, raw, reason, id=rid, task=rtask)
@@ -173,7 +176,7 @@ def parse(
         if not rid:
             rid = new_job_id()
             obj = {"id": rid, **obj}
-        stored = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+        stored = _dumps(obj)
     else:
         stored = text
     return Job(
@@ -205,7 +208,24 @@ def _json_type(v: Any) -> str:
 
 
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return orjson.dumps(obj).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        # A lone surrogate (from a "\ud800" escape in a payload) has no UTF-8 form;
+        # ASCII escapes keep it, and the record stays valid JSON.
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
+
+
+def safe_text(text: str) -> str:
+    """``text`` made encodable as UTF-8 (lone surrogates become backslash escapes).
+
+    Strings that come from payloads or task code end up in Redis as UTF-8.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _ts(t: float) -> str:
@@ -329,6 +349,40 @@ def schedule_op(job: Job, *, ttl_s: int, now: float) -> Op:
     ]  # fmt: skip
 
 
+def finish_op(job: Job, run: RunResult, *, daemon_id: str, ttl_s: int) -> Op:
+    """A success recorded in one step, for a job that ended before its start was
+    written: the claim goes straight to ``succeeded`` (Lua adds the attempt count)."""
+    duration = max(0.0, run.finished_at - run.started_at)
+    head = _dumps(
+        {
+            "id": job.id,
+            "task": job.task,
+            "priority": job.priority,
+            "status": "succeeded",
+            "result": None,
+            "error": None,
+            "started_at": round(run.started_at, 6),
+            "finished_at": round(run.finished_at, 6),
+            "duration_s": round(duration, 6),
+        }
+    )
+    # The worker's JSON text goes in as is; "attempts" is appended by the script.
+    head = head.replace('"result":null', '"result":' + run.result_json, 1)[:-1] + ',"attempts":'
+    return [
+        "finish", job.priority, job.raw, job.id, str(ttl_s), head,
+        *_pairs({
+            "status": "succeeded",
+            "task": job.task,
+            "priority": job.priority,
+            "result": run.result_json,
+            "started_at": _ts(run.started_at),
+            "finished_at": _ts(run.finished_at),
+            "duration_s": f"{duration:.6f}",
+            "daemon": daemon_id,
+        }),
+    ]  # fmt: skip
+
+
 def requeue_op(job: Job) -> Op:
     return ["requeue", job.token, job.id]
 
@@ -355,6 +409,8 @@ def end_op(
     """Decide succeeded / failed-and-retry / dead for a finished run."""
     if run.status == "not_run":
         return Ending("requeued", requeue_op(job))
+    run.error = safe_text(run.error)
+    run.traceback = safe_text(run.traceback)
     duration = max(0.0, run.finished_at - run.started_at)
     outcome: dict[str, Any] = {
         "id": job.id,
@@ -433,8 +489,3 @@ def end_op(
         str(delay_ms), outcome_json, str(len(dels)), *dels, *_pairs(fields),
     ]  # fmt: skip
     return Ending(status, op, retry_in)
-
-
-def run_json_safe(result: Any) -> str:
-    """Serialise a task's return value, as the worker does (used by tests too)."""
-    return json.dumps(result, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -109,7 +109,8 @@ class _Worker:
             if not self.ready.done():
                 self.ready.set_exception(WorkerStartError(frame[1]))
         elif kind == "done":
-            self.pool._on_done(self, frame)
+            for result in frame[1]:
+                self.pool._on_done(self, result)
 
     def send(self, obj: Any) -> None:
         assert self.transport is not None
@@ -321,8 +322,8 @@ class Pool:
         timeout = head.job.timeout_s or self.default_timeout_s
         worker.deadline = loop.call_at(head.started_mono + timeout, worker.kill, "timeout")
 
-    def _on_done(self, worker: _Worker, frame: Any) -> None:
-        _, seq, status, result_json, error, tb, started, finished = frame
+    def _on_done(self, worker: _Worker, result: Any) -> None:
+        seq, status, result_json, error, tb, started, finished = result
         if not worker.batch or worker.batch[0].seq != seq:
             return  # a late result for a job already given up on
         head = worker.batch.popleft()

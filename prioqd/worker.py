@@ -6,8 +6,8 @@ sockets) imports the task modules and then serves frames on two pipes:
 
     daemon -> worker   ("run", [(seq, task, args, kwargs), ...])
     worker -> daemon   ("ready", pid, [task names]) | ("error", message)
-                       ("done", seq, status, result_json, error, traceback,
-                        started_at, finished_at)
+                       ("done", [(seq, status, result_json, error, traceback,
+                                  started_at, finished_at), ...])
 
 A frame is a 4-byte big-endian length and a pickle. EOF on the command pipe means
 "exit". Only the standard library and the task modules are imported here, so a
@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 _HEADER = struct.Struct("!I")
+FLUSH_AFTER_S = 0.0005
 
 
 def write_frame(fd: int, obj: Any) -> None:
@@ -95,7 +96,7 @@ class Runner:
         started = time.time()
 
         def out(status: str, result: str = "", error: str = "", tb: str = "") -> tuple[Any, ...]:
-            return ("done", seq, status, result, error, tb, started, time.time())
+            return (seq, status, result, error, tb, started, time.time())
 
         fn = self.tasks.get(name)
         if fn is None:
@@ -114,6 +115,10 @@ class Runner:
             return out("error", error=_error_line(exc), tb=traceback.format_exc())
         try:
             result = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            try:
+                result.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: keep it as an ASCII escape
+                result = json.dumps(value, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
             return out(
                 "bad_result",
@@ -146,8 +151,18 @@ def main(argv: list[str]) -> int:
         if msg is None:
             return 0
         if msg[0] == "run":
-            for seq, name, args, kwargs in msg[1]:
-                write_frame(result_fd, runner.run(seq, name, args, kwargs))
+            batch = msg[1]
+            done: list[tuple[Any, ...]] = []
+            sent = time.monotonic()
+            for i, (seq, name, args, kwargs) in enumerate(batch):
+                done.append(runner.run(seq, name, args, kwargs))
+                # Results of a run of short jobs go back together; anything that took
+                # a while, and the batch's last, at once.
+                now = time.monotonic()
+                if i == len(batch) - 1 or now - sent > FLUSH_AFTER_S:
+                    write_frame(result_fd, ("done", done))
+                    done = []
+                    sent = now
 
 
 if __name__ == "__main__":

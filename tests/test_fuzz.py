@@ -45,6 +45,9 @@ payloads = st.one_of(
     st.just(b'{"task":"echo","args":[1]'),  # truncated
     st.just(b'{"task":"echo","args":[1]}' * 2),  # two documents
     st.just('{"task":"echo","args":["\u00e9\U0001f600"]}'.encode()),
+    # Lone surrogates: valid JSON text, but not encodable as UTF-8 once decoded.
+    st.just(b'{"task":"echo","args":["\\ud800"],"kwargs":{"\\udfff":1}}'),
+    st.just(b'{"task":"nope","id":"x\\udc00"}'),
 )
 
 

@@ -137,6 +137,11 @@ end
 --                                             dead letters (dead ~= ''), or the
 --                                             schedule (member ~= ''); 1, or 0 if T
 --                                             is not active
+--   finish p raw id ttl outcome npairs k v... claim -> succeeded in one step, for a
+--                                             job that ended before its start was
+--                                             recorded; `outcome` lacks its attempts,
+--                                             appended here. Returns attempts, or -1 if
+--                                             the claim is gone
 --   requeue T id                              active -> head of queue, attempt not
 --                                             charged; 1 or 0
 --   reject p raw id ttl outcome dead npairs k v...
@@ -191,6 +196,23 @@ if command == 'cycle' then
                 r = 1
             else
                 r = 0
+            end
+        elseif op == 'finish' then
+            local p, raw, id, ttl, outcome = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+            local pairs
+            pairs, i = read_pairs(i + 6)
+            if redis.call('LREM', claim_key(d, p), 1, raw) == 0 then
+                -- Applied already (a lost reply, now repeated), or the claim was taken.
+                local job = redis.call('HMGET', job_key(id), 'status', 'daemon', 'attempts')
+                if job[1] == 'succeeded' and job[2] == d then r = tonumber(job[3]) else r = -1 end
+            else
+                r = redis.call('HINCRBY', job_key(id), 'attempts', 1)
+                pairs[#pairs + 1] = 'attempts'
+                pairs[#pairs + 1] = r
+                write_job(id, ttl, pairs, r > 1 and {'error', 'traceback', 'retry_at'} or nil)
+                outcome = outcome .. r .. '}'
+                push_done(id, ttl, outcome)
+                redis.call('PUBLISH', events_key, outcome)
             end
         elseif op == 'requeue' then
             local token, id = ARGV[i + 1], ARGV[i + 2]
