@@ -280,8 +280,9 @@ def test_lost_daemon_jobs_are_recovered_by_another_within_the_lease(
     try:
         survivor.wait_log("recovered jobs of daemons whose lease expired", timeout_s=lease + 3)
         assert time.monotonic() - stopped_at <= lease + 0.5
-        h = wait_status(r, ["held"], ("running",))["held"]
-        assert h["daemon"] != victim.events("daemon ready")[0]["daemon_id"]
+        survivor_id = survivor.events("daemon ready")[0]["daemon_id"]
+        wait_for(lambda: job_hash(r, "held").get("daemon") == survivor_id, 10)
+        assert job_hash(r, "held")["status"] == "running"
     finally:
         victim.proc.send_signal(signal.SIGCONT)
 
@@ -332,3 +333,23 @@ def test_redis_outage_keeps_running_jobs_and_writes_their_outcomes_after(
         r.close()
     finally:
         server.stop()
+
+
+def test_recovered_jobs_read_queued_until_they_run_again(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    cfg = config(workers={"slots": 1}, daemon={"lease_s": 1.5})
+    a = daemon(cfg)
+    push(r, "high", {"id": "held", "task": "nap", "args": [10_000]})
+    wait_for(lambda: job_hash(r, "held").get("status") == "running", 10)
+    b = daemon(cfg)
+    push(r, "high", {"id": "busy", "task": "nap", "args": [10_000]})  # a is full: b takes it
+    wait_for(lambda: job_hash(r, "busy").get("status") == "running", 10)
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        b.wait_log("recovered jobs of daemons whose lease expired", timeout_s=5)
+        assert [json.loads(x)["id"] for x in r.lrange("prioqd:queue:high", 0, -1)] == ["held"]
+        assert job_hash(r, "held")["status"] == "queued"
+    finally:
+        a.proc.send_signal(signal.SIGCONT)

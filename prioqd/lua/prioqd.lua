@@ -86,6 +86,15 @@ local function recover(d, fallback_priorities)
         local p, json = split_entry(v)
         redis.call('RPUSH', queue_key(p), json)
         n = n + 1
+        -- Its hash said "running" for a daemon that is gone. (Decoding only reads the
+        -- id: the payload itself is pushed back byte for byte.)
+        local ok, job = pcall(cjson.decode, json)
+        if ok and type(job) == 'table' and type(job.id) == 'string' then
+            local key = job_key(job.id)
+            if redis.call('HGET', key, 'status') == 'running' then
+                redis.call('HSET', key, 'status', 'queued')
+            end
+        end
     end
     redis.call('DEL', active_key(d), daemon_key(d))
     redis.call('ZREM', daemons_key, d)
@@ -301,11 +310,14 @@ if command == 'heartbeat' then
     end
     local expired = redis.call('ZRANGEBYSCORE', daemons_key, '-inf', now, 'LIMIT', 0, max_recover)
     local jobs = 0
-    local fallback = {}
-    local mine = redis.call('HGET', daemon_key(d), 'priorities')
-    if mine then fallback = split_csv(mine) end
-    for _, other in ipairs(expired) do
-        jobs = jobs + recover(other, fallback)
+    if #expired > 0 then
+        -- Idle daemons heartbeat forever: only pay for this when someone died.
+        local fallback = {}
+        local mine = redis.call('HGET', daemon_key(d), 'priorities')
+        if mine then fallback = split_csv(mine) end
+        for _, other in ipairs(expired) do
+            jobs = jobs + recover(other, fallback)
+        end
     end
     return {registered, table.concat(expired, ','), jobs, next_due_in(now)}
 end
