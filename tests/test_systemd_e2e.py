@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 from nspawn import Container, build_wheels, project_files
 
@@ -45,14 +46,7 @@ PREFIX = "prioqd"
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
+    return helpers.wait_for(predicate, timeout_s, 0.05, what)
 
 
 def now_us() -> int:
