@@ -1,275 +1,372 @@
 """prioqd benchmark: one command, a table of figures.
 
-    make bench                 # or: .venv/bin/python bench/run.py [--only W1,W5]
+    make bench                            # or: .venv/bin/python bench/run.py
+    .venv/bin/python bench/run.py --only W1,W3 --quick
+    .venv/bin/python bench/run.py --write-results   # also rewrites bench/RESULTS.md
 
-Starts a throwaway redis-server on a free loopback port (never the shared one) and
-the daemon as a real ``prioqd run`` process with the default configuration (only
-the Redis URL and the log level differ), exactly as a user runs it.
+Every workload starts throwaway redis-servers of its own on free loopback ports
+(never the shared one on 6379) and the daemon as a real ``prioqd run`` process with
+the default configuration (only the Redis URL, and the priorities for the levels
+runs, are set), exactly as a user runs it. Workloads: CEILING, W1..W5, MEM, SCALE
+(backlogs), LEVELS (3 and 10 priority levels).
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import json
+import datetime
+import hashlib
 import os
 import platform
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import redis
+import harness
+import workloads as wl
+from harness import OtherLoad, log
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+HERE = Path(__file__).resolve().parent
+WORKLOADS = ["CEILING", "W1", "W2", "W3", "W4", "W5", "MEM", "SCALE", "LEVELS"]
+ALIASES = {"MEMORY": "MEM", "CEIL": "CEILING", "BACKLOG": "SCALE"}
 
 
-@contextmanager
-def redis_server(workdir: Path) -> Iterator[redis.Redis]:
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    client = redis.Redis(port=port)
+def cpu_model() -> str:
     try:
-        for _ in range(500):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.01)
-        yield client
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(10)
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
-class Daemon:
-    def __init__(self, client: redis.Redis, workdir: Path, **sections: dict[str, Any]) -> None:
-        port = client.connection_pool.connection_kwargs["port"]
-        cfg: dict[str, dict[str, Any]] = {
-            "redis": {"url": f"redis://127.0.0.1:{port}/0"},
-            "log": {"level": "warning", "format": "json"},
-        }
-        for k, v in sections.items():
-            cfg.setdefault(k, {}).update(v)
-        path = workdir / "bench.toml"
-        path.write_text(
-            "\n".join(
-                f"[{t}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in kv.items())
-                for t, kv in cfg.items()
-            )
+def redis_version() -> str:
+    try:
+        out = subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    for part in out.split():
+        if part.startswith("v="):
+            return part[2:]
+    return out.strip()
+
+
+def machine() -> str:
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPUs ({cpu_model()}), Python "
+        f"{platform.python_version()}, {platform.machine()}, {platform.system()} "
+        f"{platform.release()}, redis-server {redis_version()}"
+    )
+
+
+#: Other processes keeping more CPU than this busy during a workload disturb it.
+NOISY_CPU = 0.25
+LEGEND = (
+    f"other load: CPUs kept busy by processes outside the benchmark during the workload;"
+    f" '!' above {NOISY_CPU} - that figure is disturbed by them"
+)
+
+
+def load_cell(load: float | None) -> str:
+    if load is None:
+        return ""
+    return f"{load:.2f} CPU{' !' if load > NOISY_CPU else ''}"
+
+
+def table(rows: list[wl.Row]) -> list[str]:
+    heads = ("", "workload", "result", "target", "", "other load")
+    cells = [
+        (
+            r.key,
+            r.what,
+            r.value,
+            r.target,
+            r.verdict,
+            load_cell(r.other_load),
         )
-        self.client = client
-        self.log = open(workdir / "daemon.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "prioqd.cli", "run", "--config", str(path)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self) -> float:
-        """Block until the daemon is registered in Redis; returns that moment."""
-        while not self.client.zcard("prioqd:daemons"):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"daemon exited: {self.log.name}")
-            time.sleep(0.002)
-        return time.time()
-
-    def pids(self) -> list[int]:
-        import psutil
-
-        p = psutil.Process(self.proc.pid)
-        return [p.pid] + [c.pid for c in p.children(recursive=True)]
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        for r in rows
+    ]
+    widths = [max(len(c[i]) for c in [heads, *cells]) for i in range(len(heads))]
+    out = []
+    for c in [heads, *cells]:
+        out.append("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
+    return out
 
 
-def push_many(client: redis.Redis, priority: str, jobs: list[dict[str, Any]]) -> None:
-    pipe = client.pipeline(transaction=False)
-    for i in range(0, len(jobs), 1000):
-        pipe.lpush(f"prioqd:queue:{priority}", *(json.dumps(j) for j in jobs[i : i + 1000]))
-    pipe.execute()
+def markdown(rows: list[wl.Row]) -> list[str]:
+    out = [
+        "| | workload | result | target | | other load |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        load = load_cell(r.other_load)
+        what = r.what.strip().replace("*", "\\*")
+        out.append(f"| {r.key} | {what} | {r.value} | {r.target} | {r.verdict} | {load} |")
+    return out
 
 
-def count_outcomes(client: redis.Redis, n: int, ready: threading.Event) -> Callable[[], float]:
-    """Subscribe to the outcome channel; the returned callable waits for ``n`` outcomes
-    and returns the time the last one arrived."""
-    pubsub = client.pubsub()
-    pubsub.subscribe("prioqd:events")
-    result: dict[str, float] = {}
-
-    def listen() -> None:
-        seen = 0
-        ready.set()
-        for msg in pubsub.listen():
-            if msg["type"] == "message":
-                seen += 1
-                if seen >= n:
-                    result["t"] = time.time()
-                    break
-        pubsub.close()
-
-    t = threading.Thread(target=listen, daemon=True)
-    t.start()
-
-    def wait() -> float:
-        t.join(600)
-        return result["t"]
-
-    return wait
-
-
-def w1_throughput(workdir: Path, jobs_n: int = 5000, backlog: int = 0, levels: int = 3) -> float:
-    """Jobs/s for ``jobs_n`` trivial jobs queued before the daemon starts."""
-    priorities = [f"p{i}" for i in range(levels)] if levels != 3 else ["high", "normal", "low"]
-    with redis_server(workdir) as client:
-        low = priorities[-1]
-        if backlog:
-            # The backlog sits at a lower priority than nothing: same queue, behind.
-            filler = [{"id": f"b{i}", "task": "square", "args": [i]} for i in range(backlog)]
-            push_many(client, low, filler)
-        measured = [{"id": f"w{i}", "task": "square", "args": [i]} for i in range(jobs_n)]
-        # The measured jobs go to the head (right end) of the queue: RPUSH.
-        pipe = client.pipeline(transaction=False)
-        for i in range(0, jobs_n, 1000):
-            pipe.rpush(
-                f"prioqd:queue:{low}", *(json.dumps(j) for j in reversed(measured[i : i + 1000]))
-            )
-        pipe.execute()
-        ready = threading.Event()
-        wait = count_outcomes(client, jobs_n, ready)
-        ready.wait()
-        daemon = Daemon(client, workdir, queues={"priorities": priorities})
-        try:
-            start = daemon.wait_ready()
-            end = wait()
-        finally:
-            daemon.stop()
-        return jobs_n / (end - start)
+METHOD = [
+    '- Every workload starts its own redis-server (`--save "" --appendonly no`) on a free',
+    "  loopback port and stops it by pid; the daemon is `python -m prioqd.cli run --config",
+    "  F` where F sets only `[redis] url` (and `[queues] priorities` for 10 levels).",
+    "- Time origin (W1, W2, scale, levels): the `started_at` the daemon writes into its",
+    "  info hash as it registers in `prioqd:daemons` (jobs are queued before it starts).",
+    "  End: arrival of the last outcome on `prioqd:events` at a subscriber that was",
+    "  subscribed before the daemon started. Every job's status is checked afterwards.",
+    "- W2 ideal time: 400 x 5 ms / slots (slots as the daemon registered them).",
+    "- W3, W5 wait: `started_at` from the job hash (the worker's clock) minus the time",
+    "  taken just before the LPUSH; same host, same clock.",
+    "- W4: ready, 2 s to settle, then INFO commandstats, 20 s, INFO commandstats; the",
+    "  diff minus our own first INFO. Commands that the daemon's Lua scripts run are",
+    "  counted by commandstats too; a MONITOR connection splits sent from in-script.",
+    "  CPU: on-CPU time of every thread of the daemon and its workers from",
+    "  /proc/PID/task/*/schedstat (ns), the clock-tick figure in the notes.",
+    "- Memory: RSS (and PSS) summed over the daemon's process tree (psutil), 1 s after",
+    "  ready, then 1 s after the last outcome of each round of trivial jobs pushed in",
+    "  pipelined LPUSH chunks.",
+    "- Ceiling: `loop.run_in_executor(pool, noop)` with a ProcessPoolExecutor of",
+    "  CPU-count forkserver workers, warmed up, no Redis, on the stock asyncio loop.",
+    "- Scale: the backlog is LPUSHed into `low` first, the 5,000 measured jobs RPUSHed",
+    "  to its head; the rounds interleave the sizes (and the level counts), and the",
+    "  cost ratio is the median of per-round ratios.",
+    "- CPU per job in the notes: on-CPU time (schedstat) over the measured window.",
+]
 
 
-def w5_pickup(workdir: Path, n: int = 200, every_s: float = 0.01) -> tuple[float, float]:
-    """Push one trivial job every 10 ms to an idle daemon: push-to-start p50, p99 (ms)."""
-    with redis_server(workdir) as client:
-        daemon = Daemon(client, workdir)
-        try:
-            daemon.wait_ready()
-            time.sleep(1.0)
-            pushed: dict[str, float] = {}
-            for i in range(n):
-                job_id = f"l{i}"
-                pushed[job_id] = time.time()
-                client.lpush(
-                    "prioqd:queue:normal", json.dumps({"id": job_id, "task": "square", "args": [i]})
-                )
-                time.sleep(every_s)
-            lat = []
-            deadline = time.time() + 30
-            for job_id, t in pushed.items():
-                while True:
-                    started = client.hget(f"prioqd:job:{job_id}", "started_at")
-                    if started or time.time() > deadline:
-                        break
-                    time.sleep(0.01)
-                lat.append((float(started) - t) * 1000)  # type: ignore[arg-type]
-        finally:
-            daemon.stop()
-    lat.sort()
-    return statistics.median(lat), lat[int(len(lat) * 0.99) - 1]
+def write_results(
+    path: Path, command: str, started: datetime.datetime, runtime_s: float,
+    rows: list[wl.Row], notes: list[str], header: list[str], code: str,
+) -> None:  # fmt: skip
+    lines = [
+        "# prioqd benchmark results",
+        "",
+        "Written by `bench/run.py --write-results` from the run below; rerun to refresh.",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {started:%Y-%m-%d %H:%M %Z} (runtime {runtime_s / 60:.1f} min)",
+        f"- Machine: {machine()}",
+        *(f"- {h}" for h in header),
+        f"- Code: {code}",
+        "",
+        "Each workload runs against throwaway redis-servers of its own on loopback and a",
+        "real `prioqd run` with the default configuration (info-level JSON logs to a file,",
+        '`slots = "auto"`). A figure with `(n=5: a-b)` is the median of five runs, with',
+        "their range (seven interleaved rounds for scale and levels); W3, W4, W5 and",
+        "memory are one run each.",
+        "The machine is shared: the last column is how many CPUs processes outside the",
+        f"benchmark kept busy during that workload; '!' marks more than {NOISY_CPU} CPU, where",
+        "the figure is disturbed (on 2 CPUs every such process competes with the daemon).",
+        "",
+        *markdown(rows),
+        "",
+        "## Notes",
+        "",
+        *(f"- {n}" for n in notes),
+        "",
+        "## Method",
+        "",
+        *METHOD,
+        "",
+    ]
+    path.write_text("\n".join(lines))
 
 
-def _noop() -> None:
-    return None
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(HERE.parent), *args],
+            capture_output=True, text=True, timeout=10,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
-def ceiling(n: int = 5000) -> float:
-    """Raw ProcessPoolExecutor round trips/s of a no-op, no Redis: the one-job-per-call bound."""
-    import asyncio
+def code_state() -> str:
+    """The commit, plus what is uncommitted in the code the daemon runs (prioqd is
+    installed editable: the benchmark measures the working tree)."""
+    head = _git("rev-parse", "--short", "HEAD").strip() or "?"
+    paths = ["prioqd", "pyproject.toml"]
+    dirty = [line[3:] for line in _git("status", "--porcelain", "--", *paths).splitlines()]
+    if not dirty:
+        return f"{head} (clean)"
+    digest = hashlib.sha1(_git("diff", "HEAD", "--", *paths).encode()).hexdigest()[:10]
+    return f"{head} + uncommitted changes to {', '.join(dirty)} (diff sha1 {digest})"
 
-    async def run() -> float:
-        loop = asyncio.get_running_loop()
-        workers = os.cpu_count() or 1
-        import multiprocessing
 
-        with concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("forkserver")
-        ) as pool:
-            await asyncio.gather(*(loop.run_in_executor(pool, _noop) for _ in range(workers * 4)))
-            sem = asyncio.Semaphore(workers)
+def export_rev(rev: str, dest: Path) -> str:
+    """Export prioqd/ as of ``rev`` into ``dest`` and point the daemons at it."""
+    sha = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").strip()
+    if not sha:
+        raise RuntimeError(f"--rev {rev!r}: not a commit")
+    dest.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", sha, "prioqd"],
+        capture_output=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
+    harness.CODE_DIR = dest
+    return f"{sha[:7]} ({rev}, exported with git archive; the working tree is not used)"
 
-            async def one() -> None:
-                async with sem:
-                    await loop.run_in_executor(pool, _noop)
 
-            t = time.perf_counter()
-            await asyncio.gather(*(one() for _ in range(n)))
-            return n / (time.perf_counter() - t)
+class Overrun(BaseException):
+    """Raised by SIGALRM past --max-minutes; a BaseException so that no workload's
+    error handling swallows it (the ``finally`` blocks still stop every process)."""
 
-    return asyncio.run(run())
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise Overrun("the benchmark ran past --max-minutes")
+
+
+def _on_term(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", help="comma-separated workloads, e.g. W1,W5")
+    parser = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="workloads: " + ", ".join(WORKLOADS),
+    )
+    parser.add_argument("--only", help="comma-separated workloads, e.g. W1,W3,MEM")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller counts to iterate: 20k jobs for memory, no 1M backlog, one run each",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help="runs of CEILING, W1, W2 (default 5) and rounds of SCALE, LEVELS (default 7)",
+    )
+    parser.add_argument("--write-results", action="store_true", help="rewrite bench/RESULTS.md")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    parser.add_argument(
+        "--rev",
+        help="benchmark prioqd as committed at this git revision (exported with git"
+        " archive) instead of the working tree the editable install points at",
+    )
+    parser.add_argument("--max-minutes", type=float, default=20.0, help="abort past this")
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
-        print("redis-server is required", file=sys.stderr)
+        print("redis-server is required (scripts/ensure-redis.sh)", file=sys.stderr)
         return 1
-    only = set(args.only.upper().split(",")) if args.only else None
-    rows: list[tuple[str, str, str]] = []
+    selected = WORKLOADS
+    if args.only:
+        selected = [ALIASES.get(w, w) for w in args.only.upper().replace(" ", "").split(",")]
+        unknown = [w for w in selected if w not in WORKLOADS]
+        if unknown:
+            parser.error(f"unknown workload(s) {unknown}; choose from {WORKLOADS}")
+    reps = args.repeat or (1 if args.quick else 5)
+    # Flatness compares W1 runs with each other: more rounds to beat their noise.
+    flat_reps = args.repeat or (1 if args.quick else 7)
+    mem_jobs = 20_000 if args.quick else 100_000
+    backlogs = [10, 100_000] if args.quick else [10, 100_000, 1_000_000]
 
-    def want(name: str) -> bool:
-        return only is None or name in only
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.alarm(int(args.max_minutes * 60))
+    if "W1" in selected and "CEILING" not in selected:
+        selected = ["CEILING", *selected]  # W1 is reported as a fraction of it
+    log("measuring the load of other processes for 3 s ...")
+    pre = OtherLoad()
+    time.sleep(3)
+    pre_load = pre.stop()
+    work = Path(tempfile.mkdtemp(prefix="prioqd-bench-"))
+    if args.rev:
+        try:
+            code = export_rev(args.rev, work / "code")
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            print(exc, file=sys.stderr)
+            return 2
+    else:
+        code = code_state()
+    started = datetime.datetime.now().astimezone()
+    t_start = time.monotonic()
+    rows: list[wl.Row] = []
+    notes: list[str] = []
+    figures: dict[str, Any] = {}
+    aborted = ""
+    log(f"work dir {work}; workloads {','.join(w for w in WORKLOADS if w in selected)}")
+    try:
+        plan: list[tuple[str, Callable[[], wl.Report]]] = [
+            ("CEILING", lambda: wl.ceiling(reps)),
+            ("W1", lambda: wl.w1(work, reps, figures.get("ceiling"))),
+            ("W2", lambda: wl.w2(work, reps)),
+            ("W3", lambda: wl.w3(work, "cpu")),
+            ("W3", lambda: wl.w3(work, "sleep")),
+            ("W4", lambda: wl.w4(work)),
+            ("W5", lambda: wl.w5(work)),
+            ("MEM", lambda: wl.memory(work, mem_jobs)),
+            ("SCALE", lambda: wl.scale(work, flat_reps, backlogs)),
+            ("LEVELS", lambda: wl.levels(work, flat_reps, [3, 10])),
+        ]
+        for name, fn in plan:
+            if name not in selected:
+                continue
+            log(f"{name} ...")
+            load = OtherLoad()
+            try:
+                rep = fn()
+            except (KeyboardInterrupt, Overrun) as exc:
+                aborted = f"{type(exc).__name__} {exc} during {name}"
+                log(f"ABORTED: {aborted}")
+                break
+            except Exception as exc:
+                log(f"{name} failed: {exc!r}")
+                rows.append(wl.Row(name, "FAILED", f"{type(exc).__name__}: {exc}"))
+                continue
+            other = load.stop()
+            for row in rep.rows:
+                row.other_load = other
+            rows.extend(rep.rows)
+            notes.extend(rep.notes)
+            figures.update(rep.figures)
+    finally:
+        signal.alarm(0)
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    runtime = time.monotonic() - t_start
+    header = [
+        f"Load of other processes before the start: {pre_load:.2f} CPU; load average at"
+        f" the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+    ]
+    if aborted:
+        header.append(f"ABORTED: {aborted}; the table is partial")
+    code_after = code if args.rev else code_state()
+    if code_after != code:
+        header.append(f"THE CODE CHANGED DURING THE RUN: {code} -> {code_after}")
 
-    with tempfile.TemporaryDirectory(prefix="prioqd-bench-") as tmp:
-        work = Path(tmp)
-        ceil = None
-        if want("CEILING") or want("W1"):
-            ceil = ceiling()
-            rows.append(("ceiling", "raw run_in_executor no-op round trips/s", f"{ceil:,.0f}"))
-        if want("W1"):
-            w1 = w1_throughput(work)
-            frac = f" ({w1 / ceil:.2f} of ceiling)" if ceil else ""
-            rows.append(("W1", "5,000 trivial jobs, jobs/s", f"{w1:,.0f}{frac}"))
-        if want("W5"):
-            p50, p99 = w5_pickup(work)
-            rows.append(
-                ("W5", "pickup latency push->start, p50 / p99 ms", f"{p50:.2f} / {p99:.2f}")
-            )
-
-    print(f"\nprioqd benchmark on {platform.node()} ({os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, {platform.machine()})")  # fmt: skip
-    width = max(len(r[1]) for r in rows)
-    print(f"{'':<8} {'workload':<{width}}  result")
-    for name, what, value in rows:
-        print(f"{name:<8} {what:<{width}}  {value}")
-    return 0
+    print()
+    print(f"prioqd benchmark on {machine()}")
+    print(f"{started:%Y-%m-%d %H:%M %Z}, runtime {runtime:.0f} s; code {code}")
+    print("\n".join(header))
+    print()
+    print("\n".join(table(rows)))
+    print(LEGEND)
+    if notes:
+        print()
+        print("\n".join(f"- {n}" for n in notes))
+    if args.write_results:
+        command = " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]])
+        write_results(HERE / "RESULTS.md", command, started, runtime, rows, notes, header, code)
+        log(f"wrote {HERE / 'RESULTS.md'}")
+    if aborted:
+        return 130
+    return 1 if any(r.what == "FAILED" for r in rows) else 0
 
 
 if __name__ == "__main__":

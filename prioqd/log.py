@@ -80,9 +80,13 @@ class JournalRenderer:
         raise structlog.DropEvent
 
 
+#: Log lines are written in a burst at most this long after they were logged.
+FLUSH_AFTER_S = 0.01
+
+
 class LineWriter:
-    """A structlog logger that writes rendered lines with one ``write`` per event-loop
-    turn instead of one per line.
+    """A structlog logger that writes rendered lines in bursts (one ``write`` every
+    FLUSH_AFTER_S) instead of one per line.
 
     At thousands of jobs a second the daemon logs two lines a job; a system call for
     each was a tenth of its CPU. Lines logged outside a running loop are written at
@@ -104,7 +108,7 @@ class LineWriter:
             except RuntimeError:
                 self.flush()
                 return
-            loop.call_soon(self.flush)
+            loop.call_later(FLUSH_AFTER_S, self.flush)
             self._scheduled = True
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg

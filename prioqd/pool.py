@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import os
 import pickle
 import signal
@@ -42,6 +43,7 @@ class _Running:
     future: asyncio.Future[RunResult]
     started_mono: float = 0.0
     started_wall: float = 0.0
+    on_start: Callable[[], object] | None = None
 
 
 class _FrameReader(asyncio.Protocol):
@@ -145,7 +147,9 @@ class Pool:
         self._on_event = on_event or (lambda *a, **k: None)
         self._workers: set[_Worker] = set()
         self._idle: deque[_Worker] = deque()
-        self._pending: deque[list[_Running]] = deque()
+        # Batches waiting for a worker: (rank, seq, batch), lowest rank first, FIFO
+        # within a rank. A higher-priority batch overtakes a prefetched lower one.
+        self._pending: list[tuple[int, int, list[_Running]]] = []
         self._seq = 0
         self._next_index = 0
         self._closing = False
@@ -288,19 +292,31 @@ class Pool:
 
     # --- running jobs ----------------------------------------------------------
 
-    def submit(self, jobs: Sequence[Job]) -> list[asyncio.Future[RunResult]]:
-        """Run ``jobs`` one after another in one worker; one future per job."""
+    def submit(
+        self,
+        jobs: Sequence[Job],
+        on_start: Callable[[], object] | None = None,
+        rank: int = 0,
+    ) -> list[asyncio.Future[RunResult]]:
+        """Run ``jobs`` one after another in one worker; one future per job.
+
+        ``on_start`` is called when a worker starts the first of them (which, if every
+        worker is busy, is later than now). If they must wait for a worker, a lower
+        ``rank`` (a higher priority) goes first.
+        """
         loop = asyncio.get_running_loop()
         batch = []
         for job in jobs:
             self._seq += 1
             batch.append(_Running(job, self._seq, loop.create_future()))
+        if batch:
+            batch[0].on_start = on_start
         if self._idle:
             self._run(self._idle.popleft(), batch)
         else:
             # Every worker is busy or being replaced after a crash: the slot was
             # freed already, so this waits only for the replacement to start.
-            self._pending.append(batch)
+            heapq.heappush(self._pending, (rank, batch[0].seq, batch))
         return [r.future for r in batch]
 
     def _run(self, worker: _Worker, batch: list[_Running]) -> None:
@@ -321,6 +337,9 @@ class Pool:
         head.started_wall = time.time()
         timeout = head.job.timeout_s or self.default_timeout_s
         worker.deadline = loop.call_at(head.started_mono + timeout, worker.kill, "timeout")
+        if head.on_start is not None:
+            on_start, head.on_start = head.on_start, None
+            on_start()
 
     def _on_done(self, worker: _Worker, result: Any) -> None:
         seq, status, result_json, error, tb, started, finished = result
@@ -343,7 +362,7 @@ class Pool:
             self._retire(worker)
             return
         if self._pending:
-            self._run(worker, self._pending.popleft())
+            self._run(worker, heapq.heappop(self._pending)[2])
         else:
             self._idle.append(worker)
             self._idle_event.set()
@@ -394,7 +413,7 @@ class Pool:
         for w in busy:
             w.kill(reason)
         while self._pending:
-            for r in self._pending.popleft():
+            for r in heapq.heappop(self._pending)[2]:
                 self._resolve(r, RunResult("not_run"))
         return len(busy)
 

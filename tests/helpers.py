@@ -199,6 +199,15 @@ class DaemonProcess:
 
         return wait_for(found, timeout_s, what=f"log event {event!r} {match}")  # type: ignore[no-any-return]
 
+    def wait_count(self, event: str, count: int, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Wait until ``event`` was logged ``count`` times (lines are written in bursts,
+        a few ms after the state they describe is in Redis)."""
+        return wait_for(  # type: ignore[no-any-return]
+            lambda: len(self.events(event)) >= count and self.events(event),
+            timeout_s,
+            what=f"{count} x {event!r}",
+        )
+
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)

@@ -44,6 +44,7 @@ def test_failing_job_is_retried_with_backoff_then_succeeds(
     h = wait_status(r, ["flaky"])["flaky"]
     assert h["status"] == "succeeded" and h["result"] == "3" and h["attempts"] == "3"
     assert "error" not in h  # the last error is cleared by the success
+    d.wait_log("job finished", job_id="flaky", outcome="succeeded")
     failed = [e for e in d.events("job finished") if e["outcome"] == "failed"]
     assert [e["attempt"] for e in failed] == [1, 2]
     assert "ValueError: flaky failure 1" in failed[0]["error"]
@@ -134,7 +135,7 @@ def test_dying_worker_charges_only_its_job_and_the_pool_recovers(
     assert hashes["poison"]["status"] == "dead" and hashes["poison"]["attempts"] == "3"
     assert hashes["poison"]["error"] == error
     assert hashes["sib"]["status"] == "succeeded" and hashes["sib"]["attempts"] == "1"
-    assert len(d.events("worker process died")) == 3
+    assert len(d.wait_count("worker process died", 3)) == 3
     push(r, "normal", {"id": "after", "task": "square", "args": [5]})
     assert wait_status(r, ["after"])["after"]["result"] == "25"
 
@@ -300,7 +301,7 @@ def test_a_heartbeating_daemon_is_never_robbed(
     assert not b.events("job started") and not b.events(
         "recovered jobs of daemons whose lease expired"
     )
-    assert a.events("job finished")
+    assert a.wait_log("job finished", job_id="long")["outcome"] == "succeeded"
 
 
 # --- Redis outages -----------------------------------------------------------------
