@@ -542,7 +542,7 @@ class Daemon:
                 self._cycle_wake.set()
                 continue
             backoff.reset()
-            if any(note[0] == "restore" for note in notes):
+            if restore:
                 self._claims_dirty = False
             self._apply(notes, results)
             if want:
@@ -681,8 +681,11 @@ class Daemon:
         batches: list[list[jobs.Job]] = []
         limits: list[int] = []
         spill: list[jobs.Job] = []
+        sizes: dict[str, int] = {}
         for job in runnable:
-            size = self._batch_size(job.task)
+            size = sizes.get(job.task)
+            if size is None:
+                size = sizes[job.task] = self._batch_size(job.task)
             if len(batches) < tokens:
                 batches.append([job])
                 limits.append(size)

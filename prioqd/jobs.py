@@ -10,6 +10,7 @@ import base64
 import json
 import math
 import random
+import re
 import time
 import uuid
 from collections.abc import Collection, Sequence
@@ -29,6 +30,7 @@ ALLOWED_FIELDS = (
     "eta",
     "meta",
 )
+_ALLOWED = frozenset(ALLOWED_FIELDS)
 MAX_ID_LENGTH = 200
 
 #: One operation of the Lua ``record`` command: its name and its arguments.
@@ -74,12 +76,16 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_NO_SPACE = re.compile(r"\S+")
+
+
 def _valid_id(v: Any) -> TypeGuard[str]:
+    # isprintable() rejects control characters; the regex, any kind of space.
     return (
         isinstance(v, str)
         and 0 < len(v) <= MAX_ID_LENGTH
         and v.isprintable()
-        and not any(c.isspace() for c in v)
+        and _NO_SPACE.fullmatch(v) is not None
     )
 
 
@@ -120,8 +126,8 @@ def parse(
     def reject(reason: str) -> Rejected:
         return Rejected(priority, raw, reason, id=rid, task=rtask)
 
-    unknown = sorted(k for k in obj if k not in ALLOWED_FIELDS)
-    if unknown:
+    if not _ALLOWED.issuperset(obj):
+        unknown = sorted(k for k in obj if k not in _ALLOWED)
         return reject(
             f"unknown field(s) {', '.join(map(repr, unknown))}; "
             f"a job may have {', '.join(ALLOWED_FIELDS)} (put your own data in 'meta')"

@@ -92,6 +92,7 @@ class _Worker:
         self.ready: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self.batch: deque[_Running] = deque()
         self.deadline: asyncio.TimerHandle | None = None
+        self.deadline_at = 0.0  # loop time by which the running job must end
         # Why we killed it, so its exit is not reported as a crash.
         self.kill_reason: str | None = None
         self.jobs_done = 0
@@ -325,10 +326,12 @@ class Pool:
         self._arm(worker)
 
     def _arm(self, worker: _Worker) -> None:
-        """Start the clock on the job at the head of the worker's batch."""
-        if worker.deadline is not None:
-            worker.deadline.cancel()
-            worker.deadline = None
+        """Start the clock on the job at the head of the worker's batch.
+
+        The timer is lazy: in a run of short jobs each deadline is later than the
+        last, so the one timer stays as it is and, when it fires early, re-arms for
+        the job then running. (A timer per job cost more than the jobs.)
+        """
         if not worker.batch:
             return
         head = worker.batch[0]
@@ -336,10 +339,25 @@ class Pool:
         head.started_mono = loop.time()
         head.started_wall = time.time()
         timeout = head.job.timeout_s or self.default_timeout_s
-        worker.deadline = loop.call_at(head.started_mono + timeout, worker.kill, "timeout")
+        worker.deadline_at = head.started_mono + timeout
+        if worker.deadline is not None and worker.deadline.when() > worker.deadline_at:
+            worker.deadline.cancel()
+            worker.deadline = None
+        if worker.deadline is None:
+            worker.deadline = loop.call_at(worker.deadline_at, self._check_deadline, worker)
         if head.on_start is not None:
             on_start, head.on_start = head.on_start, None
             on_start()
+
+    def _check_deadline(self, worker: _Worker) -> None:
+        worker.deadline = None
+        if not worker.batch:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= worker.deadline_at - 0.001:  # timers may fire a tick early
+            worker.kill("timeout")
+        else:
+            worker.deadline = loop.call_at(worker.deadline_at, self._check_deadline, worker)
 
     def _on_done(self, worker: _Worker, result: Any) -> None:
         seq, status, result_json, error, tb, started, finished = result
