@@ -354,3 +354,16 @@ def test_recovered_jobs_read_queued_until_they_run_again(
         assert job_hash(r, "held")["status"] == "queued"
     finally:
         a.proc.send_signal(signal.SIGCONT)
+
+
+def test_workers_are_replaced_after_max_jobs_per_worker(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    daemon(config(workers={"slots": 1, "max_jobs_per_worker": 2}))
+    ids = [f"p{i}" for i in range(6)]
+    for job_id in ids:  # one at a time, so none share a batch
+        push(r, "normal", {"id": job_id, "task": "pid"})
+        wait_status(r, [job_id])
+    pids = [int(job_hash(r, j)["result"]) for j in ids]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5]
+    assert all(not psutil.pid_exists(p) for p in (pids[0], pids[2]))
