@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import math
 import socket
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -289,11 +289,3 @@ class BlockingFetch:
             raise
         pairs = zip(self._priorities, replies, strict=True)
         return [(p, reply) for p, reply in pairs if reply is not None]
-
-
-@contextlib.asynccontextmanager
-async def connected(broker: Broker) -> AsyncIterator[Broker]:
-    try:
-        yield broker
-    finally:
-        await broker.close()

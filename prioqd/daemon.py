@@ -590,7 +590,7 @@ class Daemon:
                     attempt=result,
                 )  # fmt: skip
                 self._log_ending(job, run, jobs.Ending("succeeded", []), True)
-            elif kind == "putback" and obj is not None and isinstance(obj, tuple):
+            elif kind == "unrun":
                 job, run = obj
                 self._log_ending(job, run, jobs.Ending("requeued", []), bool(result))
             elif kind == "reject":
@@ -634,7 +634,7 @@ class Daemon:
         # More than fits (the claim was sized before we knew which tasks came): back to
         # the head of their queues, latest first so the order there is kept.
         for job in reversed(spill):
-            self._add_op(jobs.putback_op(job.priority, job.raw), ("putback", job))
+            self._add_op(jobs.putback_op(job.priority, job.raw), ("putback", None))
         self.slots.release(tokens - len(batches))
         loop = asyncio.get_running_loop()
         for batch in batches:
@@ -747,7 +747,7 @@ class Daemon:
                 elif run.status == "not_run":
                     # Never recorded as started: it goes back as it came, uncharged.
                     op = jobs.putback_op(job.priority, job.raw)
-                    self._queue_op(op, ("putback", (job, run)))
+                    self._queue_op(op, ("unrun", (job, run)))
                 else:
                     op = jobs.start_op(job, daemon_id=self.id, ttl_s=ttl, now=job.started_at)
                     self._queue_op(op, ("start", job))

@@ -355,38 +355,45 @@ def schedule_op(job: Job, *, ttl_s: int, now: float) -> Op:
     ]  # fmt: skip
 
 
+def _run_record(job: Job, run: RunResult, daemon_id: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """What every ending of a run records: (outcome JSON fields, job hash fields)."""
+    duration = max(0.0, run.finished_at - run.started_at)
+    outcome: dict[str, Any] = {
+        "id": job.id,
+        "task": job.task,
+        "priority": job.priority,
+        "status": "",
+        "result": None,
+        "error": None,
+        "started_at": round(run.started_at, 6),
+        "finished_at": round(run.finished_at, 6),
+        "duration_s": round(duration, 6),
+    }
+    fields = {
+        "started_at": _ts(run.started_at),
+        "finished_at": _ts(run.finished_at),
+        "duration_s": f"{duration:.6f}",
+        "daemon": daemon_id,
+    }
+    return outcome, fields
+
+
+def _with_result(outcome_json: str, result_json: str) -> str:
+    # The worker's JSON text is embedded as is: parsing it only to dump it again
+    # would cost more than the rest of the outcome. The first "result":null is the
+    # key (inside a JSON string value the quotes would be escaped).
+    return outcome_json.replace('"result":null', '"result":' + result_json, 1)
+
+
 def finish_op(job: Job, run: RunResult, *, daemon_id: str, ttl_s: int) -> Op:
     """A success recorded in one step, for a job that ended before its start was
     written: the claim goes straight to ``succeeded`` (Lua adds the attempt count)."""
-    duration = max(0.0, run.finished_at - run.started_at)
-    head = _dumps(
-        {
-            "id": job.id,
-            "task": job.task,
-            "priority": job.priority,
-            "status": "succeeded",
-            "result": None,
-            "error": None,
-            "started_at": round(run.started_at, 6),
-            "finished_at": round(run.finished_at, 6),
-            "duration_s": round(duration, 6),
-        }
-    )
-    # The worker's JSON text goes in as is; "attempts" is appended by the script.
-    head = head.replace('"result":null', '"result":' + run.result_json, 1)[:-1] + ',"attempts":'
-    return [
-        "finish", job.priority, job.raw, job.id, str(ttl_s), head,
-        *_pairs({
-            "status": "succeeded",
-            "task": job.task,
-            "priority": job.priority,
-            "result": run.result_json,
-            "started_at": _ts(run.started_at),
-            "finished_at": _ts(run.finished_at),
-            "duration_s": f"{duration:.6f}",
-            "daemon": daemon_id,
-        }),
-    ]  # fmt: skip
+    outcome, fields = _run_record(job, run, daemon_id)
+    outcome["status"] = fields["status"] = "succeeded"
+    fields.update(task=job.task, priority=job.priority, result=run.result_json)
+    # "attempts" is appended by the script, which knows it.
+    head = _with_result(_dumps(outcome), run.result_json)[:-1] + ',"attempts":'
+    return ["finish", job.priority, job.raw, job.id, str(ttl_s), head, *_pairs(fields)]
 
 
 def requeue_op(job: Job) -> Op:
@@ -417,36 +424,17 @@ def end_op(
         return Ending("requeued", requeue_op(job))
     run.error = safe_text(run.error)
     run.traceback = safe_text(run.traceback)
-    duration = max(0.0, run.finished_at - run.started_at)
-    outcome: dict[str, Any] = {
-        "id": job.id,
-        "task": job.task,
-        "priority": job.priority,
-        "status": "",
-        "result": None,
-        "error": None,
-        "attempts": job.attempt,
-        "started_at": round(run.started_at, 6),
-        "finished_at": round(run.finished_at, 6),
-        "duration_s": round(duration, 6),
-    }
-    fields: dict[str, str] = {
-        "attempts": str(job.attempt),
-        "started_at": _ts(run.started_at),
-        "finished_at": _ts(run.finished_at),
-        "duration_s": f"{duration:.6f}",
-        "daemon": daemon_id,
-    }
+    outcome, fields = _run_record(job, run, daemon_id)
+    outcome["attempts"] = job.attempt
+    fields["attempts"] = str(job.attempt)
     dead_entry = ""
     member = ""
     delay_ms = 0
     retry_in = 0.0
     if run.status == "ok":
         status: Literal["succeeded", "failed", "dead"] = "succeeded"
-        # The worker's JSON text is embedded as is: parsing it only to dump it again
-        # would cost more than the rest of the outcome.
-        outcome_json = _dumps({**outcome, "status": status, "result": None})
-        outcome_json = outcome_json.replace('"result":null', '"result":' + run.result_json, 1)
+        outcome["status"] = status
+        outcome_json = _with_result(_dumps(outcome), run.result_json)
         fields.update(status=status, result=run.result_json)
         dels = ["error", "traceback", "retry_at"]
     else:

@@ -240,6 +240,11 @@ class DaemonProcess:
                 getattr(self, f).close()
 
 
+#: The types of the ``daemon`` and ``config`` fixtures (conftest.py).
+Daemon = Callable[..., DaemonProcess]
+Config = Callable[..., Path]
+
+
 def push(
     client: redis.Redis, priority: str, *jobs: dict[str, Any] | str, prefix: str = "prioqd"
 ) -> None:

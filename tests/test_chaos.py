@@ -12,17 +12,15 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from helpers import DaemonProcess, RedisServer, job_hash, push, wait_for, write_config
+from helpers import Daemon, RedisServer, job_hash, push, wait_for, write_config
 
 pytestmark = pytest.mark.slow
-
-Daemon = Callable[..., DaemonProcess]
 
 
 @pytest.fixture

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import redis
-from helpers import PRIOQD, DaemonProcess, dead_letters, env_with_taskmods, push, wait_status
-
-Daemon = Callable[..., DaemonProcess]
-Config = Callable[..., Path]
+from helpers import (
+    PRIOQD,
+    Config,
+    Daemon,
+    dead_letters,
+    env_with_taskmods,
+    push,
+    wait_status,
+)
 
 
 def prioqd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -5,22 +5,18 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import redis
 from helpers import (
-    DaemonProcess,
+    Config,
+    Daemon,
     dead_letters,
     job_hash,
     push,
     wait_for,
     wait_status,
 )
-
-Daemon = Callable[..., DaemonProcess]
-Config = Callable[..., Path]
 
 
 def test_outcome_in_job_hash_done_list_and_events(

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import redis
-from helpers import DaemonProcess, wait_for
+from helpers import Config, Daemon, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-Daemon = Callable[..., DaemonProcess]
-Config = Callable[..., Path]
 
 json_scalars = (
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)

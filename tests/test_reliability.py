@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
 import redis
 from helpers import (
-    DaemonProcess,
+    Config,
+    Daemon,
     RedisServer,
     dead_letters,
     job_hash,
@@ -21,9 +21,6 @@ from helpers import (
     wait_status,
     write_config,
 )
-
-Daemon = Callable[..., DaemonProcess]
-Config = Callable[..., Path]
 
 FAST_RETRY = {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2}
 

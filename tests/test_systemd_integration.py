@@ -12,14 +12,15 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from helpers import (
     ROOT,
-    DaemonProcess,
+    Config,
+    Daemon,
     RedisServer,
     free_port,
     push,
@@ -29,9 +30,6 @@ from helpers import (
 )
 
 from prioqd.log import journal_fields
-
-Daemon = Callable[..., DaemonProcess]
-Config = Callable[..., Path]
 
 
 class NotifySocket:
