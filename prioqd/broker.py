@@ -1,4 +1,4 @@
-"""Redis access: the Lua commands, the blocking fetch, and error wrapping.
+"""Redis access: the Lua commands, the blocking moves, and error wrapping.
 
 redis-py errors are turned into ``BrokerError`` here, where they enter prioqd.
 redis-py's own retries are switched off: whether a command may be repeated after a
@@ -8,11 +8,11 @@ dropped connection is a question only the caller can answer (see the guards in
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import math
 import socket
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -26,11 +26,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from prioqd.config import mask_url
-from prioqd.errors import BrokerError
-from prioqd.jobs import Op
+from prioqd.errors import BrokerError, ScriptError
 from prioqd.keys import Keys
+from prioqd.ops import Op
 
-__all__ = ["BlockingFetch", "Broker", "Heartbeat", "mask_url", "wrap_errors"]
+__all__ = ["BlockingMove", "Broker", "CycleReply", "Heartbeat", "mask_url", "wrap_errors"]
 
 _SCRIPT = resources.files("prioqd").joinpath("lua/prioqd.lua").read_text(encoding="utf-8")
 
@@ -41,21 +41,53 @@ for _name, _value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT"
     if hasattr(socket, _name):
         _KEEPALIVE[getattr(socket, _name)] = _value
 
+#: Error replies that say "not now" rather than "never": the same call may succeed
+#: later (Redis is loading, out of memory, running a slow script, a read-only replica
+#: after a failover...). Anything else from the script is a ``ScriptError``.
+_TRANSIENT = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _classify(what: str, exc: BaseException) -> BrokerError:
+    text = f"{what}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, redis.exceptions.ResponseError) and not str(exc).startswith(_TRANSIENT):
+        return ScriptError(text)
+    return BrokerError(text)
+
 
 @contextlib.contextmanager
 def wrap_errors(what: str) -> Iterator[None]:
     try:
         yield
     except (redis.exceptions.RedisError, OSError) as exc:
-        raise BrokerError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        raise _classify(what, exc) from exc
 
 
 @dataclass(frozen=True)
 class Heartbeat:
+    #: Our lease was missing: a first registration, or another daemon recovered us.
     registered: bool
+    #: Our lease had run out but nobody had recovered us yet.
+    lapsed: bool
     recovered_daemons: list[str]
     recovered_jobs: int
+    #: Payloads dead-lettered as poison by the recovery.
+    poisoned: int
     next_due_ms: int | None
+    redis_now_ms: int
+
+
+@dataclass(frozen=True)
+class CycleReply:
+    results: list[int]
+    claimed: list[tuple[str, bytes]]
+    #: Whether our lease was held; if not, nothing was claimed.
+    lease_held: bool
+    #: Reasons of payloads the claim sent to the dead letters (over max_payload_bytes).
+    dropped: list[str]
+
+
+def _text(v: Any) -> str:
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
 
 class Broker:
@@ -75,11 +107,13 @@ class Broker:
         self.socket_timeout_s = socket_timeout_s
         common: dict[str, Any] = {
             "socket_connect_timeout": connect_timeout_s,
-            "socket_keepalive": True,
-            "socket_keepalive_options": _KEEPALIVE,
             "retry": Retry(NoBackoff(), 0),
             "client_name": "prioqd",
         }
+        if urllib.parse.urlsplit(url).scheme != "unix":
+            # Keepalive is a TCP option: a unix socket's connection class refuses it.
+            common["socket_keepalive"] = True
+            common["socket_keepalive_options"] = _KEEPALIVE
         if password is not None:
             common["password"] = password
         self._common = common
@@ -109,52 +143,101 @@ class Broker:
             await self.redis.ping()
 
     async def cycle(
-        self, daemon_id: str, ops: Sequence[Op], want: int, priorities: Sequence[str]
-    ) -> tuple[list[int], list[tuple[str, bytes]]]:
-        """The daemon's one round trip: apply ``ops`` in order, then claim up to
-        ``want`` payloads. Returns (one integer per op, [(priority, payload)])."""
-        args: list[str | bytes | int] = [
-            self.keys.prefix,
-            "cycle",
-            daemon_id,
-            want,
-            len(priorities),
-            *priorities,
-        ]
+        self,
+        daemon_id: str,
+        ops: Sequence[Op],
+        *,
+        next_claim: int,
+        max_payload_bytes: int,
+        tokens: int,
+        sizes: Sequence[tuple[str, int]],
+    ) -> CycleReply:
+        """The daemon's one round trip: apply ``ops`` in order, then claim payloads for
+        up to ``tokens`` slot tokens, ``size`` payloads a token from each priority in
+        ``sizes`` (highest first)."""
+        args: list[str | bytes] = [
+            self.keys.prefix, "cycle", daemon_id, str(next_claim), str(max_payload_bytes),
+            str(tokens), str(len(sizes)),
+        ]  # fmt: skip
+        for priority, size in sizes:
+            args += (priority, str(size))
         for op in ops:
-            args.extend(op)
-        results, flat = await self._hot.evalsha(args)
+            args.extend(op.args())
+        results, flat, held, dropped = await self._hot.evalsha(args)
         claimed = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
-        return results, claimed
+        return CycleReply(results, claimed, bool(held), [_text(d) for d in dropped])
 
     async def heartbeat(
-        self, daemon_id: str, lease_ms: int, info: dict[str, str], max_recover: int = 10
+        self,
+        daemon_id: str,
+        lease_ms: int,
+        info: dict[str, str],
+        *,
+        max_recoveries: int,
+        max_recover: int = 10,
     ) -> Heartbeat:
         flat: list[str] = []
         for k, v in info.items():
             flat += [k, v]
-        registered, daemons, jobs, due = await self._call(
-            "heartbeat", "heartbeat", daemon_id, lease_ms, max_recover, *flat
+        reply = await self._call(
+            "heartbeat", "heartbeat", daemon_id, lease_ms, max_recover, max_recoveries, *flat
         )
-        names = daemons.decode() if isinstance(daemons, bytes) else str(daemons)
+        registered, lapsed, daemons, jobs, poisoned, due, now = reply
         return Heartbeat(
             registered=bool(registered),
-            recovered_daemons=[d for d in names.split(",") if d],
+            lapsed=bool(lapsed),
+            recovered_daemons=[d for d in _text(daemons).split(",") if d],
             recovered_jobs=int(jobs),
+            poisoned=int(poisoned),
             next_due_ms=None if int(due) < 0 else int(due),
+            redis_now_ms=int(now),
         )
 
-    async def recover(self, daemon_id: str, priorities: Sequence[str]) -> int:
-        return int(await self._call("recover", "recover", daemon_id, *priorities))
+    async def recover(
+        self, daemon_id: str, priorities: Sequence[str], *, died: bool, max_recoveries: int
+    ) -> tuple[int, int]:
+        """Put back every job ``daemon_id`` holds; (jobs put back, jobs dead as poison)."""
+        queued, dead = await self._call(
+            "recover", "recover", daemon_id, int(died), max_recoveries, *priorities
+        )
+        return int(queued), int(dead)
 
-    async def undead(self, entry: bytes, priority: str, payload: bytes, job_id: str) -> bool:
-        return bool(
-            await self._call("requeue dead letter", "undead", entry, priority, payload, job_id)
+    async def undead(
+        self, entry: bytes, priority: str, payload: bytes, job_id: str, payload_key: str
+    ) -> int:
+        return int(
+            await self._call(
+                "requeue dead letter", "undead", entry, priority, payload, job_id, payload_key
+            )
         )
 
-    async def promote(self, max_jobs: int = 1000) -> tuple[int, int | None]:
-        moved, due = await self._call("promote", "promote", max_jobs)
-        return int(moved), None if int(due) < 0 else int(due)
+    async def purge_dead(self) -> int:
+        return int(await self._call("purge dead letters", "purge"))
+
+    async def promote(self, max_jobs: int = 1000) -> tuple[int, int, int | None]:
+        """(moved to their queues, dead-lettered, ms until the next due job or None)."""
+        moved, dead, due = await self._call("promote", "promote", max_jobs)
+        return int(moved), int(dead), None if int(due) < 0 else int(due)
+
+    async def queues(self) -> dict[str, int]:
+        """Every ``<prefix>:queue:*`` list and its depth, served or not."""
+        r: Any = self.redis
+        with wrap_errors("list queues"):
+            names = [k async for k in r.scan_iter(match=self.keys.queue_pattern, count=1000)]
+            async with r.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.type(name)
+                    pipe.llen(name)
+                replies = await pipe.execute(raise_on_error=False)
+        out = {}
+        for i, name in enumerate(names):
+            kind, depth = replies[2 * i], replies[2 * i + 1]
+            if kind == b"list" and isinstance(depth, int):
+                out[self.keys.priority_of(_text(name))] = depth
+        return out
+
+    async def unserved_queues(self, priorities: Sequence[str]) -> dict[str, int]:
+        return {p: n for p, n in (await self.queues()).items() if p not in priorities}
 
     async def update_daemon_info(self, daemon_id: str, info: dict[str, str]) -> None:
         with wrap_errors("update daemon info"):
@@ -197,23 +280,31 @@ class _HotPath:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
 
-    async def evalsha(self, args: list[str | bytes | int]) -> Any:
-        with wrap_errors("cycle"):
+    async def evalsha(self, args: list[str | bytes]) -> Any:
+        try:
+            conn = self._conn
+            if conn is None:
+                conn = self._conn = self._broker.connection(self._broker.socket_timeout_s)
+                await conn.connect()  # type: ignore[no-untyped-call]
             try:
-                conn = self._conn
-                if conn is None:
-                    conn = self._conn = self._broker.connection(self._broker.socket_timeout_s)
-                    await conn.connect()  # type: ignore[no-untyped-call]
-                try:
-                    return await self._send(conn, ["EVALSHA", self._sha, 0, *args])
-                except redis.exceptions.NoScriptError:
-                    # Redis restarted and lost its script cache: load it, once.
-                    await self._send(conn, ["SCRIPT", "LOAD", self._script])
-                    return await self._send(conn, ["EVALSHA", self._sha, 0, *args])
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
-                # The reply may be lost mid-way: the connection is unusable now.
+                return await self._send(conn, ["EVALSHA", self._sha, 0, *args])
+            except redis.exceptions.NoScriptError:
+                # Redis restarted and lost its script cache: load it, once.
+                await self._send(conn, ["SCRIPT", "LOAD", self._script])
+                return await self._send(conn, ["EVALSHA", self._sha, 0, *args])
+        except redis.exceptions.ResponseError as exc:
+            # An error reply leaves the connection usable, except the protocol errors
+            # after which Redis closes it (an argument over proto-max-bulk-len).
+            if "protocol error" in str(exc).lower():
                 await self.close()
-                raise
+            raise _classify("cycle", exc) from exc
+        except BaseException as exc:
+            # Anything else (a timeout, a reset, a cancellation mid-read) leaves the
+            # connection in an unknown state: the reply may be lost mid-way.
+            await self.close()
+            if isinstance(exc, (redis.exceptions.RedisError, OSError, RuntimeError)):
+                raise _classify("cycle", exc) from exc
+            raise
 
     @staticmethod
     async def _send(conn: AbstractConnection, args: list[Any]) -> Any:
@@ -224,68 +315,75 @@ class _HotPath:
         return reply
 
 
-class BlockingFetch:
-    """Waits for a job without polling: one ``BLMOVE queue:p -> claim:D:p`` per priority.
+class BlockingMove:
+    """Blocking waits without polling: ``BLMOVE queue:p -> landing:D:p`` on a connection
+    of its own per priority, blocked with no timeout.
 
-    Redis cannot block on several keys and move atomically, so each priority gets a
-    connection of its own, blocked with no timeout. The first reply wins; the others
-    are released with ``CLIENT UNBLOCK``. A job that arrives in that race has already
-    been moved into this daemon's claim list, so it is returned too and nothing is
-    lost. Idle, this costs no CPU and no Redis commands at all.
+    Redis cannot block on several keys and move atomically, so each priority gets
+    its own connection; ``unblock`` releases some of them with ``CLIENT UNBLOCK``. A
+    payload that arrives in that race has already been moved into the landing list,
+    so ``move`` returns it and nothing is lost. Idle, this costs no CPU and no Redis
+    commands at all.
     """
 
     def __init__(self, broker: Broker, daemon_id: str, priorities: Sequence[str]) -> None:
         self._broker = broker
         self._daemon_id = daemon_id
+        self._conns: dict[str, AbstractConnection] = {}
+        self._client_ids: dict[str, int] = {}
+        self._blocked: set[str] = set()
         self._priorities = list(priorities)
-        self._conns: list[AbstractConnection | None] = [None] * len(self._priorities)
-        self._client_ids: list[int] = [0] * len(self._priorities)
 
-    async def _connection(self, i: int) -> AbstractConnection:
-        conn = self._conns[i]
+    async def _connection(self, p: str) -> AbstractConnection:
+        conn = self._conns.get(p)
         if conn is None:
             conn = self._broker.connection(None)
             await conn.connect()  # type: ignore[no-untyped-call]
             await conn.send_command("CLIENT", "ID")
-            self._client_ids[i] = int(await conn.read_response())
-            self._conns[i] = conn
+            self._client_ids[p] = int(await conn.read_response())
+            self._conns[p] = conn
         return conn
 
-    async def close(self) -> None:
-        conns, self._conns = self._conns, [None] * len(self._priorities)
-        for conn in conns:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.disconnect()
+    async def _drop(self, p: str) -> None:
+        conn = self._conns.pop(p, None)
+        self._client_ids.pop(p, None)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
 
-    async def wait(self) -> list[tuple[str, bytes]]:
+    async def close(self) -> None:
+        for p in list(self._conns):
+            await self._drop(p)
+
+    async def move(self, p: str) -> bytes | None:
+        """Block until a payload of priority ``p`` lands (returned) or ``unblock(p)``
+        (None, unless a payload landed in the race). Raises ``BrokerError``; the
+        connection is then dropped, and a payload may have landed unseen."""
         keys = self._broker.keys
-        tasks: list[asyncio.Task[Any]] = []
         try:
             with wrap_errors("blocking fetch"):
-                for i, p in enumerate(self._priorities):
-                    conn = await self._connection(i)
-                    await conn.send_command(
-                        "BLMOVE", keys.queue(p), keys.claim(self._daemon_id, p), "RIGHT", "LEFT", 0
-                    )
-                for maybe in self._conns:
-                    assert maybe is not None
-                    tasks.append(asyncio.ensure_future(maybe.read_response(timeout=math.inf)))
-                _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                if pending:
-                    ids = [self._client_ids[i] for i, t in enumerate(tasks) if t in pending]
-                    async with self._broker.redis.pipeline(transaction=False) as pipe:
-                        for cid in ids:
-                            pipe.client_unblock(cid)
-                        await pipe.execute()
-                replies = await asyncio.gather(*tasks)
+                conn = await self._connection(p)
+                await conn.send_command(
+                    "BLMOVE", keys.queue(p), keys.landing(self._daemon_id, p), "RIGHT", "LEFT", 0
+                )
+                self._blocked.add(p)
+                reply = await conn.read_response(timeout=math.inf)
+                if isinstance(reply, redis.exceptions.ResponseError):
+                    raise reply
+                return reply  # type: ignore[no-any-return]
         except BaseException:
-            # Cancelled (shutdown) or a connection failed: the connections are in an
-            # unknown state, so drop them. Anything BLMOVE moved stays in the claim
-            # lists, which are put back on a clean stop or by lease recovery.
-            for t in tasks:
-                t.cancel()
-            await self.close()
+            # Cancelled (shutdown) or the connection failed: its state is unknown.
+            await self._drop(p)
             raise
-        pairs = zip(self._priorities, replies, strict=True)
-        return [(p, reply) for p, reply in pairs if reply is not None]
+        finally:
+            self._blocked.discard(p)
+
+    async def unblock(self, priorities: Sequence[str]) -> None:
+        ids = [self._client_ids[p] for p in priorities if p in self._blocked]
+        if not ids:
+            return
+        with wrap_errors("unblock"):
+            async with self._broker.redis.pipeline(transaction=False) as pipe:
+                for cid in ids:
+                    pipe.client_unblock(cid)
+                await pipe.execute()

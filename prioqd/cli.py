@@ -54,6 +54,15 @@ def _broker(cfg: Config, socket_timeout_s: float | None = None) -> Broker:
     )
 
 
+def clean(value: object) -> str:
+    """``value`` as text safe for a terminal: control characters (escape sequences that
+    a payload or task name may carry) are shown escaped, never sent raw."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _arg_value(text: str) -> Any:
     """A command-line argument as JSON when it parses (``7``, ``[1,2]``), else a string."""
     try:
@@ -104,6 +113,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
+    from prioqd.jobs import MAX_ID_LENGTH, valid_id
+
+    if args.id is not None and not valid_id(args.id):
+        print(
+            f"prioqd: --id must be 1-{MAX_ID_LENGTH} printable characters without spaces",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     job: dict[str, Any] = {
         "id": args.id or os.urandom(16).hex(),
         "task": args.task,
@@ -135,8 +152,12 @@ async def _submit(
     broker = _broker(cfg, socket_timeout_s=max(wait_timeout_s + 5, 10))
     try:
         with wrap_errors("submit"):
-            # Exactly what `redis-cli LPUSH <prefix>:queue:<p> '<json>'` would push.
-            await broker.redis.lpush(keys.queue(priority), json.dumps(job))
+            async with broker.redis.pipeline(transaction=True) as pipe:
+                # An outcome left by an earlier job with this id must not answer --wait.
+                pipe.delete(keys.done(job["id"]))
+                # Exactly what `redis-cli LPUSH <prefix>:queue:<p> '<json>'` would push.
+                pipe.lpush(keys.queue(priority), json.dumps(job))
+                await pipe.execute()
             print(job["id"], flush=True)
             if not wait:
                 return EXIT_OK
@@ -167,29 +188,34 @@ async def _status(cfg: Config, as_json: bool) -> int:
     try:
         with wrap_errors("status"):
             r: Any = broker.redis
-            queues = {p: await r.llen(keys.queue(p)) for p in cfg.queues.priorities}
+            found = await broker.queues()
+            queues = {p: found.get(p, 0) for p in cfg.queues.priorities}
+            unserved = {p: n for p, n in found.items() if p not in queues}
             scheduled = await r.zcard(keys.scheduled)
             dead = await r.llen(keys.dead)
             daemons = []
             for daemon_id, info, lease_ms in await broker.daemons():
                 prios = info.get("priorities", "").split(",")
-                claimed = sum([await r.llen(keys.claim(daemon_id, p)) for p in prios if p])
-                active = await r.hlen(keys.active(daemon_id))
+                landed = sum([await r.llen(keys.landing(daemon_id, p)) for p in prios if p])
+                held = await r.hlen(keys.inflight(daemon_id))
                 daemons.append(
                     {
                         "id": daemon_id,
                         "host": info.get("host", "?"),
                         "pid": info.get("pid", "?"),
                         "slots": info.get("slots", "?"),
-                        "in_flight": active + claimed,
+                        "priorities": [p for p in prios if p],
+                        "in_flight": held + landed,
                         "lease_left_s": round(lease_ms / 1000, 1),
                         "alive": lease_ms > 0,
                     }
                 )
     finally:
         await broker.close()
+    served = {p for d in daemons if d["alive"] for p in d["priorities"]}
     report = {
         "queues": queues,
+        "unserved_queues": unserved,
         "scheduled": scheduled,
         "dead": dead,
         "in_flight": sum(d["in_flight"] for d in daemons),
@@ -200,7 +226,10 @@ async def _status(cfg: Config, as_json: bool) -> int:
         return EXIT_OK
     print(f"{'queue':<20} {'depth':>8}")
     for p, n in queues.items():
-        print(f"{p:<20} {n:>8}")
+        print(f"{clean(p):<20} {n:>8}")
+    for p, n in unserved.items():
+        note = "served by another daemon" if p in served else "UNSERVED: no daemon reads it"
+        print(f"{clean(p):<20} {n:>8}  ({note})")
     print(f"{'(scheduled)':<20} {scheduled:>8}")
     print(f"{'(dead letters)':<20} {dead:>8}")
     print(f"\nin flight: {report['in_flight']}")
@@ -211,8 +240,8 @@ async def _status(cfg: Config, as_json: bool) -> int:
         for d in daemons:
             lease = f"{d['lease_left_s']}s" if d["alive"] else "expired"
             print(
-                f"  {d['id']:<36} {d['host']:<16} {d['pid']:>7} {d['slots']:>5} "
-                f"{d['in_flight']:>9} {lease:>7}"
+                f"  {clean(d['id']):<36} {clean(d['host']):<16} {clean(d['pid']):>7} "
+                f"{clean(d['slots']):>5} {d['in_flight']:>9} {lease:>7}"
             )
     return EXIT_OK
 
@@ -233,61 +262,87 @@ def _entry_payload(entry: dict[str, Any]) -> bytes:
     return str(entry.get("payload", "")).encode("utf-8")
 
 
+def _parse_letter(raw: bytes) -> dict[str, Any]:
+    from prioqd.jobs import payload_field
+
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        entry = None
+    if not isinstance(entry, dict):
+        entry = {"reason": "unreadable dead letter", **payload_field(raw)}
+    return entry
+
+
 async def _dead(cfg: Config, args: argparse.Namespace) -> int:
     from prioqd.broker import wrap_errors
-    from prioqd.jobs import payload_field
 
     keys = Keys(cfg.queues.prefix)
     broker = _broker(cfg)
     try:
         with wrap_errors("dead letters"):
             r: Any = broker.redis
-            raw_entries = await r.lrange(keys.dead, 0, -1)
-            entries = []
-            for raw in raw_entries:
-                try:
-                    entry = json.loads(raw)
-                except ValueError:
-                    entry = {"reason": "unreadable dead letter", **payload_field(raw)}
-                entries.append((raw, entry))
             if args.action == "list":
-                return _dead_list(entries[: args.limit], args.json)
+                raw_entries = await r.lrange(keys.dead, 0, max(0, args.limit) - 1)
+                entries = [_parse_letter(raw) for raw in raw_entries]
+                for entry in entries:
+                    pkey = entry.get("payload_key")
+                    if isinstance(pkey, str) and "payload" not in entry:
+                        head = await r.getrange(pkey, 0, 199)
+                        entry["payload_head"] = head.decode("utf-8", "replace")
+                return _dead_list(entries[: max(0, args.limit)], args.json)
             if args.action == "purge":
-                n = await r.delete(keys.dead)
-                print(f"purged {len(entries) if n else 0} dead letter(s)")
+                n = await broker.purge_dead()
+                print(f"purged {n} dead letter(s)")
                 return EXIT_OK
             # requeue
+            raw_entries = await r.lrange(keys.dead, 0, -1)
+            entries2 = [(raw, _parse_letter(raw)) for raw in raw_entries]
             wanted = set(args.ids)
-            chosen = [(raw, e) for raw, e in entries if args.all or e.get("id") in wanted]
+            chosen = [(raw, e) for raw, e in entries2 if args.all or e.get("id") in wanted]
             missing = wanted - {e.get("id") for _, e in chosen}
             moved = 0
             for raw, entry in chosen:
                 priority = entry.get("priority")
                 if priority not in cfg.queues.priorities:
                     priority = cfg.queues.priorities[0 if priority is None else -1]
-                if await broker.undead(raw, priority, _entry_payload(entry), entry.get("id") or ""):
+                pkey = entry.get("payload_key")
+                job_id = entry.get("id")
+                done = await broker.undead(
+                    raw,
+                    priority,
+                    _entry_payload(entry),
+                    job_id if isinstance(job_id, str) else "",
+                    pkey if isinstance(pkey, str) else "",
+                )
+                if done == 1:
                     moved += 1
+                elif done < 0:
+                    print(f"prioqd: the payload of {clean(job_id)!s} is gone", file=sys.stderr)
             print(f"requeued {moved} dead letter(s)")
             for job_id in sorted(missing):
-                print(f"prioqd: no dead letter with id {job_id!r}", file=sys.stderr)
+                print(f"prioqd: no dead letter with id {clean(job_id)!r}", file=sys.stderr)
             return EXIT_FAILED if missing else EXIT_OK
     finally:
         await broker.close()
 
 
-def _dead_list(entries: list[tuple[bytes, dict[str, Any]]], as_json: bool) -> int:
+def _dead_list(entries: list[dict[str, Any]], as_json: bool) -> int:
     if as_json:
-        print(json.dumps([e for _, e in entries], indent=2))
+        print(json.dumps(entries, indent=2))
         return EXIT_OK
     if not entries:
         print("no dead letters")
-    for _, e in entries:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(e.get("dead_at") or 0)))
+    for e in entries:
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(e.get("dead_at") or 0)))
+        except (TypeError, ValueError, OverflowError, OSError):
+            when = "????-??-?? ??:??:??"
         print(
-            f"{when}Z  id={e.get('id') or '-'}  task={e.get('task') or '-'}  "
-            f"queue={e.get('priority') or '-'}  attempts={e.get('attempts', 0)}"
+            f"{when}Z  id={clean(e.get('id') or '-')}  task={clean(e.get('task') or '-')}  "
+            f"queue={clean(e.get('priority') or '-')}  attempts={clean(e.get('attempts', 0))}"
         )
-        print(f"    reason: {e.get('reason')}")
+        print(f"    reason: {clean(e.get('reason'))}")
     return EXIT_OK
 
 

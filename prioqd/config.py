@@ -8,6 +8,7 @@ back to its default is worse than a daemon that refuses to start.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -122,11 +123,19 @@ class WorkersConfig:
 @dataclass(frozen=True)
 class JobsConfig:
     timeout_s: float = field(default=300.0, metadata=_check(_positive))
+    # A job's own timeout_s is capped to this: a producer cannot hold a worker for ever.
+    max_timeout_s: float = field(default=86400.0, metadata=_check(_positive))
     max_retries: int = field(default=3, metadata=_check(_non_negative))
     retry_backoff_s: float = field(default=1.0, metadata=_check(_positive))
     retry_backoff_max_s: float = field(default=300.0, metadata=_check(_positive))
     result_ttl_s: int = field(default=86400, metadata=_check(_positive))
     max_payload_bytes: int = field(default=1024 * 1024, metadata=_check(_positive))
+    # A result larger than this fails its job (it would be copied into the job hash,
+    # the done list and the events channel).
+    max_result_bytes: int = field(default=1024 * 1024, metadata=_check(_positive))
+    # A payload whose daemon died this many times while holding it is poison: the next
+    # recovery sends it to the dead letters instead of back to the head of its queue.
+    max_recoveries: int = field(default=3, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -197,11 +206,19 @@ def _coerce(path: str, key: str, annotation: str, value: Any) -> Any:
     if annotation == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
+        if abs(value) > 2**53:
+            raise bad("an integer of a sensible size")
         return value
     if annotation == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise bad("a number of a sensible size") from None
+        if not math.isfinite(number):
+            raise bad("a finite number")
+        return number
     if annotation == "int | str":
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise bad("an integer or a string")

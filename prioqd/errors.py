@@ -36,3 +36,8 @@ class BrokerError(PrioqdError):
 
 class WorkerStartError(PrioqdError):
     """A worker process could not start (bad task modules, missing interpreter)."""
+
+
+class ScriptError(BrokerError):
+    """Redis refused a script call for good (not "busy" or "out of memory"): an
+    argument it cannot take, or a bug. Repeating the same call would fail again."""

@@ -1,23 +1,28 @@
 """The job contract: parsing producers' JSON, and the records written when a job
-starts and ends.
+starts and ends (as ops of the Lua ``cycle`` command, see ``prioqd.ops``).
 
 Everything here is pure (no I/O), so the rules a producer sees are tested directly.
+``parse`` never raises on data: every payload is a ``Job`` or a ``Rejected`` with a
+reason a producer can act on.
 """
 
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import math
 import random
 import re
-import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
 
 import orjson
+
+from prioqd.ops import End, Finish, Reject, Schedule, Start
+from prioqd.timing import backoff_s
 
 ALLOWED_FIELDS = (
     "task",
@@ -32,9 +37,27 @@ ALLOWED_FIELDS = (
 )
 _ALLOWED = frozenset(ALLOWED_FIELDS)
 MAX_ID_LENGTH = 200
+#: Arguments nested deeper than this are refused: pickling them for the worker (and
+#: unpickling there) recurses once per level, and Python's stack is finite.
+MAX_DEPTH = 100
+#: delay_s / eta further away than this are refused (they would overflow, and are
+#: surely a mistake: ten years).
+MAX_DELAY_S = 10 * 365 * 86400.0
+MAX_RETRIES = 1000
 
-#: One operation of the Lua ``record`` command: its name and its arguments.
-Op = Sequence[str | bytes]
+
+class JobState(enum.Enum):
+    """Where a claimed job's record in Redis stands."""
+
+    #: In our inflight hash; its start is not written yet (it may never be: a job that
+    #: ends first is recorded in one step).
+    CLAIMED = "claimed"
+    #: Its start op is on its way to Redis.
+    STARTING = "starting"
+    #: Its start is written; ``Job.attempt`` holds the attempt number.
+    STARTED = "started"
+    #: Another daemon recovered the claim (our lease lapsed): nothing more is written.
+    LOST = "lost"
 
 
 @dataclass(slots=True)
@@ -46,14 +69,16 @@ class Job:
     args: list[Any]
     kwargs: dict[str, Any]
     priority: str
-    raw: bytes  # the payload as claimed: what the claim list holds
-    json: str  # the payload with its id: what is put back or retried
+    raw: bytes  # the payload as claimed
+    json: str  # the stored form: with its id, without delay_s/eta
+    rewritten: bool  # json differs from raw (an id was assigned, or a delay dropped)
     timeout_s: float | None = None
     max_retries: int | None = None
-    delay_ms: int = 0  # > 0: not due yet, goes to the schedule
-    token: str = ""
-    attempt: int = 0  # from the start record: 0 until written, -1 if the claim was lost
-    started_at: float = 0.0
+    due_ms: int = 0  # > 0: not due yet; goes to the schedule until then (Redis clock)
+    claim: int = 0  # our claim number: the key of its inflight entry
+    state: JobState = JobState.CLAIMED
+    attempt: int = 0  # valid once state is STARTED
+    started_at: float = 0.0  # wall clock, when dispatched
     dispatched_at: float = 0.0  # monotonic
 
 
@@ -72,14 +97,21 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float, or None if it is not a JSON number that fits one."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)  # a 400-digit integer raises OverflowError here
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
 
 
 _NO_SPACE = re.compile(r"\S+")
 
 
-def _valid_id(v: Any) -> TypeGuard[str]:
+def valid_id(v: Any) -> TypeGuard[str]:
     # isprintable() rejects control characters; the regex, any kind of space.
     return (
         isinstance(v, str)
@@ -89,19 +121,51 @@ def _valid_id(v: Any) -> TypeGuard[str]:
     )
 
 
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether lists and dicts nest deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, list):
+            items: Any = v
+        elif isinstance(v, dict):
+            items = v.values()
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((x, depth + 1) for x in items if isinstance(x, (list, dict)))
+    return False
+
+
 def parse(
     raw: bytes,
     priority: str,
     *,
     known_tasks: Collection[str],
     max_payload_bytes: int,
-    now: float | None = None,
+    max_timeout_s: float = math.inf,
+    now: float,
 ) -> Job | Rejected:
     """Validate one payload from ``<prefix>:queue:<priority>``.
 
-    Never raises on data: every problem becomes a ``Rejected`` with a reason a
-    producer can act on.
+    ``now`` is Unix time by Redis's clock (the daemon's estimate of it): an ``eta`` is
+    compared with it and due times are expressed in it. Never raises on data.
     """
+    try:
+        return _parse(raw, priority, known_tasks, max_payload_bytes, max_timeout_s, now)
+    except Exception as exc:  # a bug here must cost one job, never the daemon
+        return Rejected(priority, raw, f"could not parse the job: {type(exc).__name__}: {exc}")
+
+
+def _parse(
+    raw: bytes,
+    priority: str,
+    known_tasks: Collection[str],
+    max_payload_bytes: int,
+    max_timeout_s: float,
+    now: float,
+) -> Job | Rejected:
     if len(raw) > max_payload_bytes:
         size = len(raw)
         return Rejected(
@@ -119,7 +183,7 @@ def parse(
         return Rejected(priority, raw, f"job must be a JSON object, got {_json_type(obj)}")
 
     job_id = obj.get("id")
-    rid = job_id if _valid_id(job_id) else ""
+    rid = job_id if valid_id(job_id) else ""
     task = obj.get("task")
     rtask = safe_text(task) if isinstance(task, str) else ""
 
@@ -127,7 +191,7 @@ def parse(
         return Rejected(priority, raw, reason, id=rid, task=rtask)
 
     if not _ALLOWED.issuperset(obj):
-        unknown = sorted(k for k in obj if k not in _ALLOWED)
+        unknown = sorted(safe_text(k) for k in obj if k not in _ALLOWED)
         return reject(
             f"unknown field(s) {', '.join(map(repr, unknown))}; "
             f"a job may have {', '.join(ALLOWED_FIELDS)} (put your own data in 'meta')"
@@ -142,39 +206,49 @@ def parse(
     if not isinstance(task, str) or not task:
         return reject("'task' must be a non-empty string")
     if task not in known_tasks:
-        return reject(f"unknown task {task!r}")
+        return reject(f"unknown task {rtask!r}")
     args = obj.get("args", [])
     if not isinstance(args, list):
         return reject(f"'args' must be an array, got {_json_type(args)}")
     kwargs = obj.get("kwargs", {})
     if not isinstance(kwargs, dict):
         return reject(f"'kwargs' must be an object, got {_json_type(kwargs)}")
-    timeout_s = obj.get("timeout_s")
-    if timeout_s is not None and not (_is_number(timeout_s) and timeout_s > 0):
-        return reject("'timeout_s' must be a number greater than 0")
+    if (args or kwargs) and _too_deep([args, kwargs], MAX_DEPTH):
+        return reject(f"'args'/'kwargs' nest deeper than {MAX_DEPTH} levels")
+    timeout_s = None
+    if "timeout_s" in obj:
+        timeout_s = _number(obj["timeout_s"])
+        if timeout_s is None or timeout_s <= 0:
+            return reject("'timeout_s' must be a number greater than 0")
+        timeout_s = min(timeout_s, max_timeout_s)
     max_retries = obj.get("max_retries")
     if max_retries is not None and not (
-        isinstance(max_retries, int) and not isinstance(max_retries, bool) and max_retries >= 0
+        isinstance(max_retries, int)
+        and not isinstance(max_retries, bool)
+        and 0 <= max_retries <= MAX_RETRIES
     ):
-        return reject("'max_retries' must be a whole number, 0 or greater")
+        return reject(f"'max_retries' must be a whole number from 0 to {MAX_RETRIES}")
     if "meta" in obj and not isinstance(obj["meta"], dict):
         return reject("'meta' must be an object")
-    delay_s = obj.get("delay_s")
-    eta = obj.get("eta")
-    if delay_s is not None and eta is not None:
+    if "delay_s" in obj and "eta" in obj:
         return reject("give 'delay_s' or 'eta', not both")
-    if delay_s is not None and not (_is_number(delay_s) and delay_s >= 0):
-        return reject("'delay_s' must be a number, 0 or greater")
-    if eta is not None and not _is_number(eta):
-        return reject("'eta' must be a number (Unix time in seconds)")
+    due_s = 0.0
+    if "delay_s" in obj:
+        delay = _number(obj["delay_s"])
+        if delay is None or not 0 <= delay <= MAX_DELAY_S:
+            return reject(f"'delay_s' must be a number from 0 to {MAX_DELAY_S:.0f}")
+        due_s = now + delay if delay > 0 else 0.0
+    elif "eta" in obj:
+        eta = _number(obj["eta"])
+        if eta is None:
+            return reject("'eta' must be a number (Unix time in seconds)")
+        if eta > now + MAX_DELAY_S:
+            return reject(f"'eta' is more than {MAX_DELAY_S:.0f} s away")
+        due_s = eta if eta > now else 0.0
+    due_ms = int(due_s * 1000)
 
-    delay_ms = 0
-    if delay_s is not None:
-        delay_ms = int(delay_s * 1000)
-    elif eta is not None:
-        delay_ms = int((eta - (time.time() if now is None else now)) * 1000)
-
-    if delay_ms > 0 or not rid:
+    rewritten = "delay_s" in obj or "eta" in obj or not rid
+    if rewritten:
         # The stored form drops delay_s/eta (the schedule's score keeps the due time,
         # so a promoted job runs at once) and pins the id (so a rerun after a crash
         # updates the same job hash).
@@ -182,7 +256,7 @@ def parse(
         if not rid:
             rid = new_job_id()
             obj = {"id": rid, **obj}
-        stored = _dumps(obj)
+        stored = dumps(obj)
     else:
         stored = text
     return Job(
@@ -193,9 +267,10 @@ def parse(
         priority=priority,
         raw=raw,
         json=stored,
-        timeout_s=float(timeout_s) if timeout_s is not None else None,
+        rewritten=rewritten,
+        timeout_s=timeout_s,
         max_retries=max_retries,
-        delay_ms=max(0, delay_ms),
+        due_ms=due_ms,
     )
 
 
@@ -213,12 +288,13 @@ def _json_type(v: Any) -> str:
     return "an object"
 
 
-def _dumps(obj: Any) -> str:
+def dumps(obj: Any) -> str:
+    """Compact JSON text that is always valid UTF-8."""
     try:
         return orjson.dumps(obj).decode()
     except (TypeError, orjson.JSONEncodeError):
-        # A lone surrogate (from a "\ud800" escape in a payload) has no UTF-8 form;
-        # ASCII escapes keep it, and the record stays valid JSON.
+        # A lone surrogate (from a "\ud800" escape in a payload) has no UTF-8 form,
+        # and orjson refuses integers over 64 bits; ASCII escapes keep both.
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
 
 
@@ -248,7 +324,9 @@ def payload_field(raw: bytes) -> dict[str, str]:
 
 # --- outcomes of a run -------------------------------------------------------------
 
-RunStatus = Literal["ok", "error", "timeout", "crashed", "rejected", "bad_result", "not_run"]
+RunStatus = Literal[
+    "ok", "error", "timeout", "crashed", "rejected", "bad_result", "not_run", "cancelled"
+]
 
 
 @dataclass(slots=True)
@@ -264,45 +342,39 @@ class RunResult:
 
 
 # Failures that running again cannot fix go straight to the dead letters.
-_PERMANENT: frozenset[str] = frozenset({"rejected", "bad_result"})
+_PERMANENT: frozenset[str] = frozenset({"rejected", "bad_result", "cancelled"})
 
 
-def backoff_s(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """Exponential backoff with "equal jitter": between half and all of the step."""
-    step = min(cap_s, base_s * (2.0 ** max(0, attempt - 1)))
-    return step / 2 + rng.uniform(0, step / 2)
-
-
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Ending:
-    """How a run ended, as decided by policy, and the ``record end`` op to write it."""
+    """How a started run ended, as decided by policy."""
 
-    status: Literal["succeeded", "failed", "dead", "requeued"]
-    op: Op
+    status: Literal["succeeded", "failed", "dead"]
     retry_in_s: float = 0.0
 
 
-def _pairs(fields: dict[str, str]) -> list[str]:
-    out = [str(len(fields))]
-    for k, v in fields.items():
-        out += (k, v)
-    return out
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The [jobs] settings that decide what is written when a job ends."""
+
+    ttl_s: int
+    max_retries: int
+    backoff_base_s: float
+    backoff_max_s: float
 
 
-def start_op(job: Job, *, daemon_id: str, ttl_s: int, now: float) -> Op:
-    return [
-        "start", job.priority, job.raw, job.token, job.json, job.id, str(ttl_s),
-        *_pairs({
-            "status": "running",
-            "task": job.task,
-            "priority": job.priority,
-            "started_at": _ts(now),
-            "daemon": daemon_id,
-        }),
-    ]  # fmt: skip
+def start_op(job: Job, *, daemon_id: str, ttl_s: int) -> Start:
+    fields = {
+        "status": "running",
+        "task": job.task,
+        "priority": job.priority,
+        "started_at": _ts(job.started_at),
+        "daemon": daemon_id,
+    }
+    return Start(job, ttl_s, fields)
 
 
-def _reject_record(rej: Rejected, daemon_id: str, now: float) -> tuple[dict[str, Any], str]:
+def reject_op(rej: Rejected, claim: int, *, daemon_id: str, ttl_s: int, now: float) -> Reject:
     outcome = {
         "id": rej.id or None,
         "task": rej.task or None,
@@ -323,11 +395,6 @@ def _reject_record(rej: Rejected, daemon_id: str, now: float) -> tuple[dict[str,
         "daemon": daemon_id,
         "dead_at": round(now, 6),
     }
-    return outcome, _dumps(dead)
-
-
-def reject_op(rej: Rejected, *, daemon_id: str, ttl_s: int, now: float) -> Op:
-    outcome, dead = _reject_record(rej, daemon_id, now)
     fields = {
         "status": "dead",
         "task": rej.task,
@@ -336,23 +403,23 @@ def reject_op(rej: Rejected, *, daemon_id: str, ttl_s: int, now: float) -> Op:
         "finished_at": _ts(now),
         "attempts": "0",
     }
-    return [
-        "reject", rej.priority, rej.raw, rej.id, str(ttl_s), _dumps(outcome), dead,
-        *_pairs(fields),
-    ]  # fmt: skip
+    return Reject(rej, claim, ttl_s, dumps(outcome), dumps(dead), fields)
 
 
-def schedule_op(job: Job, *, ttl_s: int, now: float) -> Op:
+def schedule_member(job: Job, daemon_id: str) -> str:
+    """The schedule's member for a job: unique per claim, so equal payloads never
+    collapse into one entry."""
+    return f"{job.priority}\n{daemon_id}/{job.claim}\n{job.json}"
+
+
+def schedule_op(job: Job, *, daemon_id: str, ttl_s: int) -> Schedule:
     fields = {
         "status": "scheduled",
         "task": job.task,
         "priority": job.priority,
-        "retry_at": _ts(now + job.delay_ms / 1000),
+        "retry_at": _ts(job.due_ms / 1000),
     }
-    return [
-        "schedule", job.priority, job.raw, job.id, str(ttl_s),
-        f"{job.priority}\n{job.json}", str(job.delay_ms), *_pairs(fields),
-    ]  # fmt: skip
+    return Schedule(job, ttl_s, schedule_member(job, daemon_id), job.due_ms, fields)
 
 
 def _run_record(job: Job, run: RunResult, daemon_id: str) -> tuple[dict[str, Any], dict[str, str]]:
@@ -365,6 +432,7 @@ def _run_record(job: Job, run: RunResult, daemon_id: str) -> tuple[dict[str, Any
         "status": "",
         "result": None,
         "error": None,
+        "attempts": job.attempt,
         "started_at": round(run.started_at, 6),
         "finished_at": round(run.finished_at, 6),
         "duration_s": round(duration, 6),
@@ -374,6 +442,7 @@ def _run_record(job: Job, run: RunResult, daemon_id: str) -> tuple[dict[str, Any
         "finished_at": _ts(run.finished_at),
         "duration_s": f"{duration:.6f}",
         "daemon": daemon_id,
+        "attempts": str(job.attempt),
     }
     return outcome, fields
 
@@ -385,101 +454,81 @@ def _with_result(outcome_json: str, result_json: str) -> str:
     return outcome_json.replace('"result":null', '"result":' + result_json, 1)
 
 
-def finish_op(job: Job, run: RunResult, *, daemon_id: str, ttl_s: int) -> Op:
+#: A job whose start was never written is finished in one step on the guess that
+#: this is its first attempt; the script refuses the guess otherwise (a retry, a
+#: rerun after a crash) and the job takes the slow path: start, then end.
+FINISH_ATTEMPT = 1
+
+
+def finish_op(job: Job, run: RunResult, *, daemon_id: str, ttl_s: int) -> Finish:
     """A success recorded in one step, for a job that ended before its start was
-    written: the claim goes straight to ``succeeded`` (Lua adds the attempt count)."""
+    written: the claim goes straight to ``succeeded``."""
+    job.attempt = FINISH_ATTEMPT
     outcome, fields = _run_record(job, run, daemon_id)
     outcome["status"] = fields["status"] = "succeeded"
     fields.update(task=job.task, priority=job.priority, result=run.result_json)
-    # "attempts" is appended by the script, which knows it.
-    head = _with_result(_dumps(outcome), run.result_json)[:-1] + ',"attempts":'
-    return ["finish", job.priority, job.raw, job.id, str(ttl_s), head, *_pairs(fields)]
-
-
-def requeue_op(job: Job) -> Op:
-    return ["requeue", job.token, job.id]
-
-
-def putback_op(priority: str, raw: bytes) -> Op:
-    return ["putback", priority, raw]
-
-
-def restore_op(priority: str) -> Op:
-    return ["restore", priority]
+    head = _with_result(dumps(outcome), run.result_json)
+    return Finish(job, run, ttl_s, head, fields)
 
 
 def end_op(
-    job: Job,
-    run: RunResult,
-    *,
-    daemon_id: str,
-    ttl_s: int,
-    max_retries: int,
-    backoff_base_s: float,
-    backoff_max_s: float,
-    rng: random.Random,
-) -> Ending:
-    """Decide succeeded / failed-and-retry / dead for a finished run."""
-    if run.status == "not_run":
-        return Ending("requeued", requeue_op(job))
+    job: Job, run: RunResult, *, daemon_id: str, policy: Policy, now_ms: int, rng: random.Random
+) -> End:
+    """Decide succeeded / failed-and-retry / dead for a started run that ended.
+
+    ``now_ms`` is Redis's clock (the daemon's estimate): a retry is due then plus
+    its backoff.
+    """
     run.error = safe_text(run.error)
     run.traceback = safe_text(run.traceback)
     outcome, fields = _run_record(job, run, daemon_id)
-    outcome["attempts"] = job.attempt
-    fields["attempts"] = str(job.attempt)
-    dead_entry = ""
-    member = ""
-    delay_ms = 0
-    retry_in = 0.0
     if run.status == "ok":
-        status: Literal["succeeded", "failed", "dead"] = "succeeded"
-        outcome["status"] = status
-        outcome_json = _with_result(_dumps(outcome), run.result_json)
-        fields.update(status=status, result=run.result_json)
-        dels = ["error", "traceback", "retry_at"]
+        outcome["status"] = fields["status"] = "succeeded"
+        fields.update(result=run.result_json)
+        return End(
+            job, run, Ending("succeeded"), policy.ttl_s,
+            _with_result(dumps(outcome), run.result_json), fields,
+            dels=("error", "traceback", "retry_at"),
+        )  # fmt: skip
+    allowed = job.max_retries if job.max_retries is not None else policy.max_retries
+    outcome["error"] = fields["error"] = run.error
+    dels = ["result"]
+    if run.traceback:
+        fields["traceback"] = run.traceback
     else:
-        allowed = job.max_retries if job.max_retries is not None else max_retries
-        retry = run.status not in _PERMANENT and job.attempt <= allowed
-        outcome["error"] = run.error
-        fields["error"] = run.error
-        dels = ["result"]
-        if run.traceback:
-            fields["traceback"] = run.traceback
-        else:
-            dels.append("traceback")
-        if retry:
-            status = "failed"
-            retry_in = backoff_s(job.attempt, backoff_base_s, backoff_max_s, rng)
-            delay_ms = int(retry_in * 1000)
-            member = f"{job.priority}\n{job.json}"
-            outcome["retry_in_s"] = round(retry_in, 3)
-            fields["retry_at"] = _ts(run.finished_at + retry_in)
-        else:
-            status = "dead"
-            dels.append("retry_at")
-            if run.status in _PERMANENT:
-                reason = run.error
-            else:
-                reason = f"{run.error} (attempt {job.attempt} of {allowed + 1}, no retries left)"
-            dead_entry = _dumps(
-                {
-                    "reason": reason,
-                    "id": job.id,
-                    "task": job.task,
-                    "priority": job.priority,
-                    "payload": job.json,
-                    "attempts": job.attempt,
-                    "traceback": run.traceback or None,
-                    "daemon": daemon_id,
-                    "dead_at": round(run.finished_at, 6),
-                }
-            )
-        outcome["status"] = status
-        fields["status"] = status
-        outcome_json = _dumps(outcome)
-    terminal = status != "failed"
-    op = [
-        "end", job.token, job.id, str(ttl_s), "1" if terminal else "0", dead_entry, member,
-        str(delay_ms), outcome_json, str(len(dels)), *dels, *_pairs(fields),
-    ]  # fmt: skip
-    return Ending(status, op, retry_in)
+        dels.append("traceback")
+    if run.status not in _PERMANENT and job.attempt <= allowed:
+        retry_in = backoff_s(job.attempt, policy.backoff_base_s, policy.backoff_max_s, rng)
+        due_ms = now_ms + int(retry_in * 1000)
+        outcome["status"] = fields["status"] = "failed"
+        outcome["retry_in_s"] = round(retry_in, 3)
+        fields["retry_at"] = _ts(due_ms / 1000)
+        return End(
+            job, run, Ending("failed", retry_in), policy.ttl_s, dumps(outcome), fields,
+            dels=dels, member=schedule_member(job, daemon_id), due_ms=due_ms,
+        )  # fmt: skip
+    dels.append("retry_at")
+    if run.status in _PERMANENT:
+        reason = run.error
+    else:
+        reason = f"{run.error} (attempt {job.attempt} of {allowed + 1}, no retries left)"
+    letter = {
+        "reason": reason,
+        "id": job.id,
+        "task": job.task,
+        "priority": job.priority,
+        "payload": job.json,
+        "attempts": job.attempt,
+        "traceback": run.traceback or None,
+        "daemon": daemon_id,
+        "dead_at": round(run.finished_at, 6),
+    }
+    status: Literal["dead"] = "dead"
+    if run.status == "cancelled":
+        outcome["status"] = fields["status"] = "cancelled"
+    else:
+        outcome["status"] = fields["status"] = status
+    return End(
+        job, run, Ending(status), policy.ttl_s, dumps(outcome), fields,
+        dels=dels, dead_letter="" if run.status == "cancelled" else dumps(letter),
+    )  # fmt: skip

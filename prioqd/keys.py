@@ -17,13 +17,21 @@ class Keys:
         """LIST a producer LPUSHes JSON jobs onto; daemons take from the right end."""
         return f"{self.prefix}:queue:{priority}"
 
-    def claim(self, daemon_id: str, priority: str) -> str:
-        """LIST of raw payloads a daemon has taken but not yet recorded as started."""
-        return f"{self.prefix}:claim:{daemon_id}:{priority}"
+    @property
+    def queue_pattern(self) -> str:
+        """SCAN pattern of every queue, served or not."""
+        return f"{self.prefix}:queue:*"
 
-    def active(self, daemon_id: str) -> str:
-        """HASH token -> "<priority>\\n<job json>" of the jobs a daemon is running."""
-        return f"{self.prefix}:active:{daemon_id}"
+    def priority_of(self, queue_key: str) -> str:
+        return queue_key[len(self.prefix) + len(":queue:") :]
+
+    def landing(self, daemon_id: str, priority: str) -> str:
+        """LIST where a daemon's blocking BLMOVE puts a payload until its next cycle."""
+        return f"{self.prefix}:landing:{daemon_id}:{priority}"
+
+    def inflight(self, daemon_id: str) -> str:
+        """HASH claim number -> "<priority>\\n<state>\\n<recoveries>\\n<payload>"."""
+        return f"{self.prefix}:inflight:{daemon_id}"
 
     def daemon(self, daemon_id: str) -> str:
         """HASH describing a live daemon (host, pid, slots, priorities...)."""
@@ -49,7 +57,7 @@ class Keys:
 
     @property
     def scheduled(self) -> str:
-        """ZSET "<priority>\\n<job json>" -> due time in ms: retries and delayed jobs."""
+        """ZSET "<priority>\\n<unique>\\n<job json>" -> due time in ms: retries, delays."""
         return f"{self.prefix}:scheduled"
 
     @property

@@ -160,7 +160,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
         ]
-    global _writer
+    global _writer, _generation
+    _generation += 1
     if _writer is not None:
         _writer.flush()
     if fmt == "json":
@@ -179,6 +180,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
 
 
 _writer: LineWriter | None = None
+_generation = 0
 
 
 @atexit.register
@@ -187,5 +189,21 @@ def _flush_at_exit() -> None:
         _writer.flush()
 
 
+class Logger:
+    """A bound logger that follows ``configure``: a reload may change the format, and
+    the parts of the daemon keep the logger they were given."""
+
+    def __init__(self, **context: Any) -> None:
+        self._context = context
+        self._generation = -1
+        self._bound: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._generation != _generation:
+            self._bound = structlog.get_logger().bind(**self._context)
+            self._generation = _generation
+        return getattr(self._bound, name)
+
+
 def get_logger(**context: Any) -> Any:
-    return structlog.get_logger().bind(**context)
+    return Logger(**context)

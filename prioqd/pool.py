@@ -115,9 +115,8 @@ class _Worker:
             for result in frame[1]:
                 self.pool._on_done(self, result)
 
-    def send(self, obj: Any) -> None:
+    def send(self, data: bytes) -> None:
         assert self.transport is not None
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
         self.transport.write(_HEADER.pack(len(data)) + data)
 
     def kill(self, reason: str) -> None:
@@ -138,19 +137,21 @@ class Pool:
         *,
         default_timeout_s: float,
         max_jobs_per_worker: int = 0,
+        max_result_bytes: int = 1024 * 1024,
         on_event: Callable[..., None] | None = None,
     ) -> None:
         self.size = size
         self.modules = list(modules)
         self.default_timeout_s = default_timeout_s
         self.max_jobs_per_worker = max_jobs_per_worker
+        self.max_result_bytes = max_result_bytes
         self.task_names: frozenset[str] = frozenset()
         self._on_event = on_event or (lambda *a, **k: None)
         self._workers: set[_Worker] = set()
         self._idle: deque[_Worker] = deque()
-        # Batches waiting for a worker: (rank, seq, batch), lowest rank first, FIFO
-        # within a rank. A higher-priority batch overtakes a prefetched lower one.
-        self._pending: list[tuple[int, int, list[_Running]]] = []
+        # Batches waiting for a worker: (rank, seq, batch, frame), lowest rank first,
+        # FIFO within a rank. A higher-priority batch overtakes a prefetched lower one.
+        self._pending: list[tuple[int, int, list[_Running], bytes]] = []
         self._seq = 0
         self._next_index = 0
         self._closing = False
@@ -221,10 +222,22 @@ class Pool:
             raise WorkerStartError(
                 f"worker process did not start within {_START_TIMEOUT_S:.0f}s"
             ) from None
-        self.task_names = frozenset(names)
+        self._set_tasks(frozenset(names), worker)
         self._make_idle(worker)
         self._on_event("worker_started", pid=worker.pid, index=worker.index)
         return worker
+
+    def _set_tasks(self, names: frozenset[str], worker: _Worker) -> None:
+        if self.task_names and names != self.task_names:
+            # The task modules changed on disk (a deploy under a running daemon): say
+            # so, loudly, rather than let jobs of a vanished task die quietly.
+            self._on_event(
+                "tasks_changed",
+                pid=worker.pid,
+                added=sorted(names - self.task_names),
+                removed=sorted(self.task_names - names),
+            )
+        self.task_names = names
 
     @staticmethod
     def _child_env() -> dict[str, str]:
@@ -306,23 +319,26 @@ class Pool:
         ``rank`` (a higher priority) goes first.
         """
         loop = asyncio.get_running_loop()
-        batch = []
-        for job in jobs:
-            self._seq += 1
-            batch.append(_Running(job, self._seq, loop.create_future()))
+        first = self._seq + 1
+        work = [(first + i, job.task, job.args, job.kwargs) for i, job in enumerate(jobs)]
+        # Pickled first: arguments that cannot be (nested too deep, say) raise here,
+        # before the pool has recorded anything.
+        frame = pickle.dumps(("run", self.max_result_bytes, work), protocol=pickle.HIGHEST_PROTOCOL)
+        self._seq += len(work)
+        batch = [_Running(job, first + i, loop.create_future()) for i, job in enumerate(jobs)]
         if batch:
             batch[0].on_start = on_start
         if self._idle:
-            self._run(self._idle.popleft(), batch)
+            self._run(self._idle.popleft(), batch, frame)
         else:
             # Every worker is busy or being replaced after a crash: the slot was
             # freed already, so this waits only for the replacement to start.
-            heapq.heappush(self._pending, (rank, batch[0].seq, batch))
+            heapq.heappush(self._pending, (rank, batch[0].seq, batch, frame))
         return [r.future for r in batch]
 
-    def _run(self, worker: _Worker, batch: list[_Running]) -> None:
+    def _run(self, worker: _Worker, batch: list[_Running], frame: bytes) -> None:
         worker.batch.extend(batch)
-        worker.send(("run", [(r.seq, r.job.task, r.job.args, r.job.kwargs) for r in batch]))
+        worker.send(frame)
         self._arm(worker)
 
     def _arm(self, worker: _Worker) -> None:
@@ -380,7 +396,8 @@ class Pool:
             self._retire(worker)
             return
         if self._pending:
-            self._run(worker, heapq.heappop(self._pending)[2])
+            _, _, batch, frame = heapq.heappop(self._pending)
+            self._run(worker, batch, frame)
         else:
             self._idle.append(worker)
             self._idle_event.set()
@@ -411,13 +428,25 @@ class Pool:
         return sorted(w.pid for w in self._workers if w.pid)
 
     async def resize(self, size: int) -> None:
-        """Grow at once; shrink as workers become idle."""
-        self.size = size
-        while self._idle and len(self._workers) - len(self._retiring()) > size:
-            self._retire(self._idle.pop())
+        """Grow at once; shrink as workers become idle. If new workers cannot start
+        (task modules that fail to import mid-deploy), the pool goes back to its old
+        size and ``WorkerStartError`` is raised."""
+        old, self.size = self.size, size
         missing = size - (len(self._workers) - len(self._retiring()))
         if missing > 0:
-            await asyncio.gather(*(self._spawn() for _ in range(missing)))
+            spawned = await asyncio.gather(
+                *(self._spawn() for _ in range(missing)), return_exceptions=True
+            )
+            errors = [w for w in spawned if isinstance(w, BaseException)]
+            if errors:
+                self.size = old
+                for w in spawned:
+                    if isinstance(w, _Worker) and w in self._idle:
+                        self._idle.remove(w)
+                        self._retire(w)
+                raise errors[0]
+        while self._idle and len(self._workers) - len(self._retiring()) > size:
+            self._retire(self._idle.pop())
 
     async def wait_idle(self) -> None:
         """Return once no worker runs a job."""

@@ -10,15 +10,40 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 
-#: Variables systemd sets for the daemon alone; worker processes must not inherit
-#: them (with NotifyAccess=main their messages would be ignored anyway).
-PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
-
 CREDENTIAL_NAME = "redis-password"
 PASSWORD_ENV = "PRIOQD_REDIS_PASSWORD"
+
+#: Variables meant for the daemon alone; worker processes (and whatever task code
+#: starts) must not inherit them: systemd's notify and watchdog settings, and the
+#: Redis password with the directory of credentials it may come from.
+PRIVATE_ENV = (
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "CREDENTIALS_DIRECTORY",
+    PASSWORD_ENV,
+)
+
+#: A notify value longer than this is cut (systemd shows STATUS on one line).
+MAX_VALUE = 300
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def one_line(value: object, limit: int = MAX_VALUE) -> str:
+    """``value`` as one line without control characters, at most ``limit`` long.
+
+    A notify message is newline-separated ``KEY=VALUE`` lines: a value holding a
+    newline (an error text from a task, say) would add lines of its own, such as
+    ``WATCHDOG=trigger``.
+    """
+    text = _CONTROL.sub(" ", str(value)).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Notifier:
@@ -38,7 +63,7 @@ class Notifier:
         update must not take the daemon down."""
         if not self.address:
             return False
-        data = "\n".join(f"{k}={v}" for k, v in fields.items()).encode()
+        data = "\n".join(f"{k}={one_line(v)}" for k, v in fields.items()).encode()
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)

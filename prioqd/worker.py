@@ -4,14 +4,16 @@ Started by ``prioqd.pool`` as ``python -m prioqd.worker CMD_FD RESULT_FD MODULE.
 A fresh interpreter (not a fork of the daemon, which holds an event loop and Redis
 sockets) imports the task modules and then serves frames on two pipes:
 
-    daemon -> worker   ("run", [(seq, task, args, kwargs), ...])
+    daemon -> worker   ("run", max_result_bytes, [(seq, task, args, kwargs), ...])
     worker -> daemon   ("ready", pid, [task names]) | ("error", message)
                        ("done", [(seq, status, result_json, error, traceback,
-                                  started_at, finished_at), ...])
+                                  started_at, finished_at)])
 
 A frame is a 4-byte big-endian length and a pickle. EOF on the command pipe means
-"exit". Only the standard library and the task modules are imported here, so a
-respawn costs little.
+"exit". Each result is written before the next job starts: if a job kills the
+worker, every job before it is already reported, and the one it was running is the
+first unreported one, so exactly that job is charged. Only the standard library and
+the task modules are imported here, so a respawn costs little.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from collections.abc import Callable
 from typing import Any
 
 _HEADER = struct.Struct("!I")
-FLUSH_AFTER_S = 0.0005
 
 
 def write_frame(fd: int, obj: Any) -> None:
@@ -92,7 +93,14 @@ class Runner:
                 self._signatures[name] = None
         return self._signatures[name]
 
-    def run(self, seq: int, name: str, args: list[Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    def run(
+        self,
+        seq: int,
+        name: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        max_result_bytes: int = 1 << 62,
+    ) -> tuple[Any, ...]:
         started = time.time()
 
         def out(status: str, result: str = "", error: str = "", tb: str = "") -> tuple[Any, ...]:
@@ -124,6 +132,12 @@ class Runner:
                 "bad_result",
                 error=f"task {name!r} returned a value that is not JSON-serialisable: {exc}",
             )
+        if len(result) > max_result_bytes:
+            return out(
+                "bad_result",
+                error=f"task {name!r} returned a result of {len(result)} characters of JSON, "
+                f"over max_result_bytes={max_result_bytes}",
+            )
         return out("ok", result=result)
 
 
@@ -151,18 +165,10 @@ def main(argv: list[str]) -> int:
         if msg is None:
             return 0
         if msg[0] == "run":
-            batch = msg[1]
-            done: list[tuple[Any, ...]] = []
-            sent = time.monotonic()
-            for i, (seq, name, args, kwargs) in enumerate(batch):
-                done.append(runner.run(seq, name, args, kwargs))
-                # Results of a run of short jobs go back together; anything that took
-                # a while, and the batch's last, at once.
-                now = time.monotonic()
-                if i == len(batch) - 1 or now - sent > FLUSH_AFTER_S:
-                    write_frame(result_fd, ("done", done))
-                    done = []
-                    sent = now
+            _, max_result_bytes, batch = msg
+            for seq, name, args, kwargs in batch:
+                result = runner.run(seq, name, args, kwargs, max_result_bytes)
+                write_frame(result_fd, ("done", [result]))
 
 
 if __name__ == "__main__":

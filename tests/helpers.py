@@ -284,3 +284,45 @@ def daemon_running(config: Path, logdir: Path, **kw: Any) -> Iterator[DaemonProc
         yield d.start()
     finally:
         d.cleanup()
+
+
+# --- what daemons hold in Redis (the one place that knows the in-flight layout) -------
+
+
+def _entry_job_id(value: bytes) -> str | None:
+    """The job id of an inflight entry "<priority>\\n<state>\\n<recoveries>\\n<payload>"."""
+    payload = value.split(b"\n", 3)[3]
+    try:
+        job = json.loads(payload)
+    except ValueError:
+        return None
+    return job.get("id") if isinstance(job, dict) else None
+
+
+def held(r: redis.Redis, daemon_id: str | None = None, prefix: str = "prioqd") -> dict[str, str]:
+    """Job ids held by a daemon (or by all) -> "claimed" or "started": its inflight
+    entries and landing lists."""
+    who = daemon_id or "*"
+    out: dict[str, str] = {}
+    for key in r.keys(f"{prefix}:inflight:{who}"):
+        for value in r.hvals(key):  # type: ignore[union-attr]
+            state = value.split(b"\n", 2)[1]
+            job_id = _entry_job_id(value)
+            if job_id is not None:
+                out[job_id] = "claimed" if state == b"c" else "started"
+    for key in r.keys(f"{prefix}:landing:{who}:*"):
+        for value in r.lrange(key, 0, -1):  # type: ignore[union-attr]
+            with contextlib.suppress(ValueError, AttributeError):
+                out[json.loads(value)["id"]] = "claimed"
+    return out
+
+
+def in_flight_count(r: redis.Redis, prefix: str = "prioqd") -> int:
+    """Payloads held by any daemon, with an id or not."""
+    n = sum(int(r.hlen(k)) for k in r.keys(f"{prefix}:inflight:*"))  # type: ignore[arg-type]
+    return n + sum(int(r.llen(k)) for k in r.keys(f"{prefix}:landing:*"))  # type: ignore[arg-type]
+
+
+def started_ids(r: redis.Redis, prefix: str = "prioqd") -> list[str]:
+    """Job ids whose start is recorded, across daemons."""
+    return sorted(j for j, state in held(r, prefix=prefix).items() if state == "started")

@@ -18,7 +18,16 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import Daemon, RedisServer, job_hash, push, wait_for, write_config
+from helpers import (
+    Daemon,
+    RedisServer,
+    held,
+    in_flight_count,
+    job_hash,
+    push,
+    wait_for,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -60,19 +69,13 @@ def succeeded(r: redis.Redis, ids: list[str]) -> int:
 
 
 def held_by(r: redis.Redis, daemon_id: str) -> set[str]:
-    """Job ids a (dead) daemon held in Redis: its claim lists and active hash."""
-    ids = set()
-    for v in r.hvals(f"prioqd:active:{daemon_id}"):
-        ids.add(json.loads(v.split(b"\n", 1)[1])["id"])
-    for key in r.keys(f"prioqd:claim:{daemon_id}:*"):
-        ids.update(json.loads(v)["id"] for v in r.lrange(key, 0, -1))
-    return ids
+    """Job ids a (dead) daemon held in Redis."""
+    return set(held(r, daemon_id))
 
 
 def assert_nothing_in_flight(r: redis.Redis) -> None:
     assert r.llen("prioqd:queue:normal") == 0
-    assert not [k for k in r.keys("prioqd:claim:*") if r.llen(k)]
-    assert not [k for k in r.keys("prioqd:active:*") if r.hlen(k)]
+    assert in_flight_count(r) == 0
 
 
 def test_sigkill_and_restart_the_daemon_again_and_again(
@@ -272,6 +275,5 @@ def test_sigterm_under_load_loses_nothing(
 
 
 def assert_nothing_in_flight_but_queue(r: redis.Redis) -> None:
-    assert not [k for k in r.keys("prioqd:claim:*") if r.llen(k)]
-    assert not [k for k in r.keys("prioqd:active:*") if r.hlen(k)]
+    assert in_flight_count(r) == 0
     assert not r.zcard("prioqd:daemons")

@@ -195,7 +195,8 @@ def test_clean_stop_leaves_no_in_flight_record(
     d.signal(signal.SIGTERM)
     assert d.wait() == 0
     leftovers = [k.decode() for k in r.keys("prioqd:*")]
-    assert not [k for k in leftovers if k.split(":")[1] in ("claim", "active", "daemon", "daemons")]
+    held = ("landing", "inflight", "daemon", "daemons")
+    assert not [k for k in leftovers if k.split(":")[1] in held]
     assert d.events("daemon stopped")
 
 

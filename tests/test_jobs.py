@@ -7,14 +7,14 @@ import random
 
 import pytest
 
-from prioqd import jobs
+from prioqd import jobs, timing
 
 TASKS = {"square", "echo"}
 
 
-def parse(payload: bytes | str, **kw: object) -> jobs.Job | jobs.Rejected:
+def parse(payload: bytes | str, now: float = 1000.0, **kw: object) -> jobs.Job | jobs.Rejected:
     raw = payload.encode() if isinstance(payload, str) else payload
-    return jobs.parse(raw, "high", known_tasks=TASKS, max_payload_bytes=1000, **kw)  # type: ignore[arg-type]
+    return jobs.parse(raw, "high", known_tasks=TASKS, max_payload_bytes=1000, now=now, **kw)  # type: ignore[arg-type]
 
 
 def test_minimal_job_gets_an_id_pinned_into_its_stored_form() -> None:
@@ -42,14 +42,14 @@ def test_optional_fields() -> None:
 
 
 def test_delay_becomes_due_time_and_leaves_the_stored_form() -> None:
-    job = parse('{"id":"d","task":"square","args":[2],"delay_s":1.5}')
+    job = parse('{"id":"d","task":"square","args":[2],"delay_s":1.5}', now=1000.0)
     assert isinstance(job, jobs.Job)
-    assert job.delay_ms == 1500
-    assert "delay_s" not in json.loads(job.json)
+    assert job.due_ms == 1_001_500
+    assert "delay_s" not in json.loads(job.json) and job.rewritten
     eta = parse('{"id":"e","task":"square","args":[2],"eta":1000.25}', now=1000.0)
-    assert isinstance(eta, jobs.Job) and eta.delay_ms == 250
+    assert isinstance(eta, jobs.Job) and eta.due_ms == 1_000_250
     past = parse('{"id":"e","task":"square","args":[2],"eta":10}', now=1000.0)
-    assert isinstance(past, jobs.Job) and past.delay_ms == 0
+    assert isinstance(past, jobs.Job) and past.due_ms == 0
 
 
 @pytest.mark.parametrize(
@@ -68,10 +68,17 @@ def test_delay_becomes_due_time_and_leaves_the_stored_form() -> None:
         ('{"task":"square","timeout_s":0}', "'timeout_s' must be a number greater than 0"),
         ('{"task":"square","timeout_s":true}', "'timeout_s' must be a number"),
         ('{"task":"square","max_retries":-1}', "'max_retries' must be a whole number"),
+        ('{"task":"square","max_retries":1e999}', "'max_retries' must be a whole number"),
+        ('{"task":"square","delay_s":1e306}', "'delay_s' must be a number from 0"),
+        ('{"task":"square","timeout_s":' + "9" * 400 + "}", "'timeout_s' must be a number"),
+        ('{"task":"square","delay_s":' + "9" * 400 + "}", "'delay_s' must be a number"),
+        ('{"task":"square","eta":' + "9" * 400 + "}", "'eta' must be a number"),
+        ('{"task":"square","eta":1e306}', "'eta' is more than"),
+        ('{"task":"square","args":' + "[" * 400 + "]" * 400 + "}", "nest deeper than 100"),
         ('{"task":"square","id":""}', "'id' must be a non-empty string"),
         ('{"task":"square","id":"a b"}', "'id' must be"),
         ('{"task":"square","id":7}', "'id' must be"),
-        ('{"task":"square","delay_s":-1}', "'delay_s' must be a number, 0 or greater"),
+        ('{"task":"square","delay_s":-1}', "'delay_s' must be a number from 0"),
         ('{"task":"square","delay_s":1,"eta":5}', "not both"),
         ('{"task":"square","priority":"high"}', "unknown field(s) 'priority'"),
         ('{"task":"square","meta":3}', "'meta' must be an object"),
@@ -98,7 +105,7 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
     rng = random.Random(1)
     for attempt, step in [(1, 1.0), (2, 2.0), (3, 4.0), (10, 30.0)]:
         for _ in range(50):
-            d = jobs.backoff_s(attempt, 1.0, 30.0, rng)
+            d = timing.backoff_s(attempt, 1.0, 30.0, rng)
             assert step / 2 <= d <= step
 
 
@@ -110,11 +117,13 @@ def _job(**kw: object) -> jobs.Job:
     return j
 
 
+POLICY = jobs.Policy(ttl_s=60, max_retries=2, backoff_base_s=1.0, backoff_max_s=10.0)
+
+
 def _end(job: jobs.Job, run: jobs.RunResult, max_retries: int = 2) -> jobs.Ending:
-    return jobs.end_op(
-        job, run, daemon_id="d", ttl_s=60, max_retries=max_retries,
-        backoff_base_s=1.0, backoff_max_s=10.0, rng=random.Random(0),
-    )  # fmt: skip
+    policy = jobs.Policy(ttl_s=60, max_retries=max_retries, backoff_base_s=1.0, backoff_max_s=10.0)
+    op = jobs.end_op(job, run, daemon_id="d", policy=policy, now_ms=0, rng=random.Random(0))
+    return op.ending
 
 
 def test_policy_retries_until_attempts_run_out() -> None:
@@ -132,7 +141,12 @@ def test_policy_permanent_failures_skip_retries() -> None:
         assert ending.status == "dead"
 
 
-def test_policy_not_run_is_requeued_without_charge() -> None:
-    ending = _end(_job(attempt=1, token="7"), jobs.RunResult("not_run"))
-    assert ending.status == "requeued"
-    assert ending.op == ["requeue", "7", "j"]
+def test_an_eta_past_by_any_amount_runs_now_and_one_far_ahead_is_refused() -> None:
+    past = parse('{"task":"square","eta":-1e306}')
+    assert isinstance(past, jobs.Job) and past.due_ms == 0
+    assert isinstance(parse('{"task":"square","eta":1e12}'), jobs.Rejected)
+
+
+def test_a_producer_timeout_is_capped_by_max_timeout_s() -> None:
+    job = parse('{"task":"square","timeout_s":1e9}', max_timeout_s=60.0)
+    assert isinstance(job, jobs.Job) and job.timeout_s == 60.0

@@ -449,7 +449,7 @@ def test_stop_drains_without_losing_jobs(prioqd: Prioqd) -> None:
     assert queued, "every job had finished before the stop: the test did not stop mid-way"
     held = {
         key: prioqd.redis("TYPE", key)
-        for pattern in (f"{PREFIX}:active:*", f"{PREFIX}:claim:*")
+        for pattern in (f"{PREFIX}:inflight:*", f"{PREFIX}:landing:*")
         for key in prioqd.redis("KEYS", pattern)
     }
     assert not held, f"in-flight records left after a clean stop: {held}"

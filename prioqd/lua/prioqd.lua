@@ -1,3 +1,4 @@
+#!lua
 -- prioqd.lua: every multi-step change prioqd makes to Redis, each one atomic.
 --
 -- Called as: EVALSHA <sha> 0 <prefix> <command> <args...>
@@ -6,54 +7,118 @@
 -- Times are Redis's own clock (TIME), so daemons on hosts with skewed clocks agree
 -- on leases and due times.
 --
--- Key layout (P = prefix, D = daemon id, p = priority name, T = token):
---   P:queue:p     LIST   producers LPUSH job JSON; daemons take from the RIGHT end,
---                        so the right end is the head and "put back" means RPUSH.
---   P:claim:D:p   LIST   payloads D has taken from P:queue:p (by the claim command or
---                        by a blocking BLMOVE) but not yet recorded as started.
---   P:active:D    HASH   T -> "p\n<job json>" for each job D is running; T is unique
---                        within D, the JSON carries the job id.
---   P:daemons     ZSET   D -> lease expiry in ms. Past it, any daemon may recover D.
---   P:daemon:D    HASH   host, pid, priorities ("high,normal,low"), slots, started_at.
---   P:job:<id>    HASH   status, task, priority, attempts, result, error, ...
---   P:done:<id>   LIST   the outcome JSON of a job that has ended (for BLPOP).
---   P:dead        LIST   dead-letter JSON, newest on the left.
---   P:scheduled   ZSET   "p\n<job json>" -> due time in ms (retries, delayed jobs).
---   P:events      pub/sub channel: the outcome JSON of every attempt.
+-- The "#!lua" line above makes Redis (7.0+) refuse the whole script up front when
+-- it is out of memory (maxmemory with noeviction), instead of failing at the first
+-- write and leaving the writes before it applied: a call applies whole or not at all.
+-- Within a call, every op checks the type of each key it will write before its
+-- first write (see `unwritable`), for the same reason: Lua writes are not rolled
+-- back when a later command fails.
 --
--- Invariant: a job is always in exactly one of P:queue:p, P:claim:D:p, P:active:D,
--- P:scheduled or P:dead (or it has ended), and every move between them is one
--- script call. That is what makes a SIGKILL or a dropped connection lose nothing.
+-- Key layout (P = prefix, D = daemon id, p = priority name, C = claim number):
+--   P:queue:p        LIST   producers LPUSH job JSON; daemons take from the RIGHT end,
+--                           so the right end is the head and "put back" means RPUSH.
+--   P:landing:D:p    LIST   where D's blocking BLMOVE on P:queue:p puts a payload; D's
+--                           next cycle adopts it into P:inflight:D (`adopt`).
+--   P:inflight:D     HASH   C -> "p\nS\nR\n<payload>" for every job D holds. C is D's
+--                           claim counter (decimal), unique within D and increasing in
+--                           claim order, so sorting by C restores FIFO order. S is "c"
+--                           while the start is not recorded, else the attempt number.
+--                           R counts how often a daemon died while holding this
+--                           payload. <payload> is the producer's bytes until the start
+--                           is recorded, then the job JSON with its id pinned.
+--   P:daemons        ZSET   D -> lease expiry in ms. Past it, any daemon whose own lease
+--                           is unbroken may recover D.
+--   P:daemon:D       HASH   host, pid, boot_id, pidns, priorities ("high,normal,low"),
+--                           slots, started_at, version.
+--   P:job:<id>       HASH   status, task, priority, attempts, claim ("D/C" of the run
+--                           that wrote it), daemon, result, error, traceback, started_at,
+--                           finished_at, duration_s, retry_at. Expires result_ttl_s after
+--                           its last write.
+--   P:done:<id>      LIST   the outcome JSON of a job that has ended (for BLPOP).
+--   P:dead           LIST   dead-letter JSON, newest on the left.
+--   P:payload:<sha1> STRING a payload too large to copy into its dead letter, which
+--                           names this key in "payload_key" instead.
+--   P:scheduled      ZSET   "p\nU\n<job json>" -> due time in ms (retries, delayed jobs);
+--                           U ("D/C") keeps two equal payloads from collapsing into one.
+--   P:recovered      HASH   sha1(payload) -> R, for a recovered payload back in its queue
+--                           (the claim that takes it moves R into its inflight entry).
+--   P:events         pub/sub channel: the outcome JSON of every attempt.
+--
+-- Invariant: a job is always in exactly one of P:queue:p, P:landing:D:p,
+-- P:inflight:D, P:scheduled or P:dead (or it has ended), and every move between them
+-- is one script call. That is what makes a SIGKILL or a dropped connection lose
+-- nothing. Every op is guarded by its claim number, unique to the claim, so applying
+-- it again (a reply lost to a dropped connection, then a retry) changes nothing.
 
 local prefix = ARGV[1]
 local command = ARGV[2]
+
+local function queue_key(p) return prefix .. ':queue:' .. p end
+local function landing_key(d, p) return prefix .. ':landing:' .. d .. ':' .. p end
+local function inflight_key(d) return prefix .. ':inflight:' .. d end
+local function daemon_key(d) return prefix .. ':daemon:' .. d end
+local function job_key(id) return prefix .. ':job:' .. id end
+local function done_key(id) return prefix .. ':done:' .. id end
+local function payload_key(sha) return prefix .. ':payload:' .. sha end
+local daemons_key = prefix .. ':daemons'
+local dead_key = prefix .. ':dead'
+local scheduled_key = prefix .. ':scheduled'
+local recovered_key = prefix .. ':recovered'
+local events_key = prefix .. ':events'
 
 local function now_ms()
     local t = redis.call('TIME')
     return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
-local function queue_key(p) return prefix .. ':queue:' .. p end
-local function claim_key(d, p) return prefix .. ':claim:' .. d .. ':' .. p end
-local function active_key(d) return prefix .. ':active:' .. d end
-local function daemon_key(d) return prefix .. ':daemon:' .. d end
-local function job_key(id) return prefix .. ':job:' .. id end
-local function done_key(id) return prefix .. ':done:' .. id end
-local daemons_key = prefix .. ':daemons'
-local dead_key = prefix .. ':dead'
-local scheduled_key = prefix .. ':scheduled'
-local events_key = prefix .. ':events'
-
--- "p\n<json>" -> p, json
-local function split_entry(v)
-    local i = string.find(v, '\n', 1, true)
-    return string.sub(v, 1, i - 1), string.sub(v, i + 1)
-end
-
 local function split_csv(s)
     local out = {}
     for item in string.gmatch(s, '[^,]+') do out[#out + 1] = item end
     return out
+end
+
+-- An inflight entry "p\nS\nR\n<payload>" -> p, S, R, payload.
+local function parse_entry(v)
+    local a = string.find(v, '\n', 1, true)
+    local b = string.find(v, '\n', a + 1, true)
+    local c = string.find(v, '\n', b + 1, true)
+    return string.sub(v, 1, a - 1), string.sub(v, a + 1, b - 1),
+        tonumber(string.sub(v, b + 1, c - 1)), string.sub(v, c + 1)
+end
+
+local function make_entry(p, state, recoveries, payload)
+    return p .. '\n' .. state .. '\n' .. recoveries .. '\n' .. payload
+end
+
+-- "p\nU\n<json>" -> p, json
+local function parse_member(m)
+    local a = string.find(m, '\n', 1, true)
+    local b = string.find(m, '\n', a + 1, true)
+    return string.sub(m, 1, a - 1), string.sub(m, b + 1)
+end
+
+-- The reason `key` cannot be written as type `want`, or nil if it can.
+local function unwritable(key, want)
+    local t = redis.call('TYPE', key)['ok']
+    if t == 'none' or t == want then return nil end
+    return 'WRONGTYPE: ' .. key .. ' holds a ' .. t .. ', not a ' .. want
+end
+
+-- The first reason any of the {key, type} pairs cannot be written, or nil.
+local function check(targets)
+    for _, kt in ipairs(targets) do
+        local why = unwritable(kt[1], kt[2])
+        if why then return why end
+    end
+    return nil
+end
+
+local function write_job(id, ttl, fields, dels)
+    if id == '' then return end
+    local key = job_key(id)
+    if dels and #dels > 0 then redis.call('HDEL', key, unpack(dels)) end
+    if #fields > 0 then redis.call('HSET', key, unpack(fields)) end
+    redis.call('EXPIRE', key, ttl)
 end
 
 local function push_done(id, ttl, outcome)
@@ -64,41 +129,100 @@ local function push_done(id, ttl, outcome)
     redis.call('EXPIRE', key, ttl)
 end
 
--- Put daemon d's claim lists back at the head of their queues; returns how many.
-local function restore_claims(d, priorities)
+-- A dead letter made here, for a payload that never reached a daemon's parser (too
+-- large) or that killed its daemons. The payload stays in Redis under its own key,
+-- so that the letter is small and `prioqd dead requeue` can put it back.
+local function dead_by_reference(p, payload, reason, fields)
+    local sha = redis.sha1hex(payload)
+    redis.call('SET', payload_key(sha), payload)
+    local letter = {reason = reason, priority = p, payload_key = payload_key(sha),
+        bytes = string.len(payload), dead_at = now_ms() / 1000}
+    for k, v in pairs(fields or {}) do letter[k] = v end
+    redis.call('LPUSH', dead_key, cjson.encode(letter))
+end
+
+-- Moves everything in D's landing list for p back to the head of P:queue:p, newest
+-- first, so the oldest ends at the very head. Returns how many.
+local function restore_landing(d, p)
     local n = 0
-    for _, p in ipairs(priorities) do
-        -- The claim list holds the newest on the left: moving from the left onto the
-        -- right end of the queue leaves the oldest claimed at the very head.
-        while redis.call('LMOVE', claim_key(d, p), queue_key(p), 'LEFT', 'RIGHT') do
-            n = n + 1
-        end
+    while redis.call('LMOVE', landing_key(d, p), queue_key(p), 'LEFT', 'RIGHT') do
+        n = n + 1
     end
     return n
 end
 
--- Put every job daemon d holds back at the head of its queue; returns how many.
-local function recover(d, fallback_priorities)
-    local prios = redis.call('HGET', daemon_key(d), 'priorities')
-    local n = restore_claims(d, prios and split_csv(prios) or fallback_priorities)
-    local active = redis.call('HVALS', active_key(d))
-    for _, v in ipairs(active) do
-        local p, json = split_entry(v)
-        redis.call('RPUSH', queue_key(p), json)
-        n = n + 1
-        -- Its hash said "running" for a daemon that is gone. (Decoding only reads the
-        -- id: the payload itself is pushed back byte for byte.)
-        local ok, job = pcall(cjson.decode, json)
-        if ok and type(job) == 'table' and type(job.id) == 'string' then
-            local key = job_key(job.id)
-            if redis.call('HGET', key, 'status') == 'running' then
-                redis.call('HSET', key, 'status', 'queued')
-            end
+-- Puts one inflight entry back at the head of its queue, or (a poison payload that
+-- has now been held by max_recoveries + 1 daemons that died) into the dead letters.
+-- `died`: whether its daemon died (counted) or let it go (a stop, a lost claim).
+local function put_back(v, died, max_recoveries)
+    local p, state, recoveries, payload = parse_entry(v)
+    local id = nil
+    if state ~= 'c' then
+        -- Started: its JSON carries the id whose hash says "running".
+        local ok, job = pcall(cjson.decode, payload)
+        if ok and type(job) == 'table' and type(job.id) == 'string' then id = job.id end
+    end
+    if died then recoveries = recoveries + 1 end
+    if died and recoveries > max_recoveries then
+        local reason = 'poison: its daemon died ' .. recoveries .. ' times while holding it'
+        dead_by_reference(p, payload, reason, {id = id or cjson.null})
+        if id and check({{job_key(id), 'hash'}, {done_key(id), 'list'}}) == nil then
+            local ttl = redis.call('TTL', job_key(id))
+            if ttl <= 0 then ttl = 86400 end
+            redis.call('HSET', job_key(id), 'status', 'dead', 'error', reason)
+            push_done(id, ttl, cjson.encode(
+                {id = id, priority = p, status = 'dead', result = cjson.null, error = reason}))
+        end
+        return 'dead'
+    end
+    redis.call('RPUSH', queue_key(p), payload)
+    if recoveries > 0 then
+        redis.call('HSET', recovered_key, redis.sha1hex(payload), recoveries)
+    end
+    if id and unwritable(job_key(id), 'hash') == nil then
+        if redis.call('HGET', job_key(id), 'status') == 'running' then
+            redis.call('HSET', job_key(id), 'status', 'queued')
         end
     end
-    redis.call('DEL', active_key(d), daemon_key(d))
+    return 'queued'
+end
+
+-- Inflight claim numbers of D, highest (newest) first.
+local function claims_newest_first(inflight)
+    local all = redis.call('HKEYS', inflight)
+    local cs = {}
+    for _, c in ipairs(all) do cs[#cs + 1] = tonumber(c) end
+    table.sort(cs, function(a, b) return a > b end)
+    return cs
+end
+
+-- Puts every job daemon d holds back at the head of its queue, in claim order, and
+-- forgets d. Returns {jobs put back, jobs dead-lettered as poison}.
+local function recover(d, fallback_priorities, died, max_recoveries)
+    local prios = redis.call('HGET', daemon_key(d), 'priorities')
+    prios = prios and split_csv(prios) or fallback_priorities
+    local queued, dead = 0, 0
+    for _, p in ipairs(prios) do
+        if unwritable(queue_key(p), 'list') == nil then
+            queued = queued + restore_landing(d, p)
+        end
+    end
+    local inflight = inflight_key(d)
+    -- Newest first onto the head, so the oldest claimed ends at the very head.
+    for _, c in ipairs(claims_newest_first(inflight)) do
+        local v = redis.call('HGET', inflight, tostring(c))
+        local p, _, _, payload = parse_entry(v)
+        local why = unwritable(queue_key(p), 'list')
+        if why == nil then
+            if put_back(v, died, max_recoveries) == 'dead' then dead = dead + 1 else queued = queued + 1 end
+        else
+            dead_by_reference(p, payload, 'redis error: ' .. why)
+            dead = dead + 1
+        end
+    end
+    redis.call('DEL', inflight, daemon_key(d))
     redis.call('ZREM', daemons_key, d)
-    return n
+    return {queued, dead}
 end
 
 local function next_due_in(now)
@@ -107,15 +231,7 @@ local function next_due_in(now)
     return math.max(0, tonumber(first[2]) - now)
 end
 
--- Reads "n k1 v1 ... kn vn" starting at ARGV[i]; returns {k1, v1, ...} and the next i.
-local function read_pairs(i)
-    local n = tonumber(ARGV[i])
-    local out = {}
-    for j = i + 1, i + 2 * n do out[#out + 1] = ARGV[j] end
-    return out, i + 2 * n + 1
-end
-
--- Reads "n a1 ... an" starting at ARGV[i].
+-- Reads "n a1 ... an" starting at ARGV[i]; returns {a1, ..., an} and the next i.
 local function read_list(i)
     local n = tonumber(ARGV[i])
     local out = {}
@@ -123,220 +239,388 @@ local function read_list(i)
     return out, i + n + 1
 end
 
-local function write_job(id, ttl, pairs, dels)
-    if id == '' then return end
-    local key = job_key(id)
-    if dels and #dels > 0 then redis.call('HDEL', key, unpack(dels)) end
-    if #pairs > 0 then redis.call('HSET', key, unpack(pairs)) end
-    redis.call('EXPIRE', key, ttl)
+-- ---------------------------------------------------------------------------------
+-- cycle: the daemon's one round trip.
+--
+--   cycle D next_claim max_payload_bytes tokens n p1 size1 .. pn sizen op args... ...
+--
+-- Applies a batch of ops in order, then (if D's lease is held) claims payloads into
+-- P:inflight:D, highest priority first: from priority p up to `size` payloads per
+-- slot token left. Claim numbers are next_claim, next_claim + 1, ... in the order
+-- returned. A payload over max_payload_bytes never leaves Redis: it goes to the dead
+-- letters by reference and only its reason is returned.
+--
+-- Returns {{one integer per op}, {p, payload, p, payload, ...}, lease_held (1/0),
+--          {reasons of payloads dead-lettered by the claim}}.
+--
+-- Op results: >= 0 the op applied (or had applied before); -1 the claim is gone
+-- (recovered by another daemon: nothing was written); -2 the op could not apply
+-- (a key of the wrong type) and its job went to the dead letters with the reason;
+-- -3 not even that (the dead-letter key has the wrong type): the job stays held.
+-- Each op reads its arguments from ARGV[i] and returns (result, next i). Python
+-- builds the same layouts in prioqd/ops.py, one class per op.
+-- ---------------------------------------------------------------------------------
+
+local D, inflight
+
+-- The inflight entry of claim c, or nil.
+local function entry(c) return redis.call('HGET', inflight, c) end
+
+-- The op on claim c cannot write `why`: move its job to the dead letters instead.
+local function fail_op(c, v, why)
+    if unwritable(dead_key, 'list') then return -3 end
+    local p, _, _, payload = parse_entry(v)
+    redis.call('HDEL', inflight, c)
+    dead_by_reference(p, payload, 'redis error: ' .. why)
+    return -2
 end
 
--- cycle D want n p1..pn op args... op args...
--- The daemon's one round trip: apply a batch of state changes in order, then claim
--- up to `want` payloads, highest priority first, into D's claim lists.
--- Returns {{one integer per op}, {p, payload, p, payload, ...}}.
--- Each op is guarded so that applying it twice (a reply lost to a dropped
--- connection, then a retry) changes nothing the second time.
---
---   start  p raw T json id ttl npairs k v...   claim -> active, job hash "running";
---                                             returns attempts, or -1 if the claim is
---                                             gone (recovered by another daemon)
---   end    T id ttl done dead member delay_ms outcome ndel k... npairs k v...
---                                             active -> ended (done list if done=1),
---                                             dead letters (dead ~= ''), or the
---                                             schedule (member ~= ''); 1, or 0 if T
---                                             is not active
---   finish p raw id ttl outcome npairs k v... claim -> succeeded in one step, for a
---                                             job that ended before its start was
---                                             recorded; `outcome` lacks its attempts,
---                                             appended here. Returns attempts, or -1 if
---                                             the claim is gone
---   requeue T id                              active -> head of queue, attempt not
---                                             charged; 1 or 0
---   reject p raw id ttl outcome dead npairs k v...
---                                             claim -> dead letters; 1 or 0
---   schedule p raw id ttl member delay_ms npairs k v...
---                                             claim -> scheduled; 1 or 0
---   putback p raw                             claim -> head of queue; 1 or 0
---   restore p                                 all of claim:D:p -> head of queue;
---                                             returns how many
-if command == 'cycle' then
-    local d = ARGV[3]
-    local want = tonumber(ARGV[4])
-    local priorities, i = read_list(5)
-    local active = active_key(d)
-    local results = {}
-    local now = nil
-    while i <= #ARGV do
-        local op = ARGV[i]
-        local r
-        if op == 'start' then
-            local p, raw, token, json, id, ttl = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-            local pairs
-            pairs, i = read_pairs(i + 7)
-            if redis.call('HEXISTS', active, token) == 1 then
-                r = tonumber(redis.call('HGET', job_key(id), 'attempts') or '1')
-            elseif redis.call('LREM', claim_key(d, p), 1, raw) == 0 then
-                r = -1
-            else
-                redis.call('HSET', active, token, p .. '\n' .. json)
-                r = redis.call('HINCRBY', job_key(id), 'attempts', 1)
-                -- A rerun: what the last attempt left is not this one's.
-                local stale = nil
-                if r > 1 then stale = {'finished_at', 'duration_s', 'retry_at', 'result'} end
-                write_job(id, ttl, pairs, stale)
-            end
-        elseif op == 'end' then
-            local token, id, ttl, done, dead, member, delay_ms, outcome =
-                ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
-                ARGV[i + 7], ARGV[i + 8]
-            local dels, pairs
-            dels, i = read_list(i + 9)
-            pairs, i = read_pairs(i)
-            if redis.call('HDEL', active, token) == 1 then
-                write_job(id, ttl, pairs, dels)
-                if done == '1' then push_done(id, ttl, outcome) end
-                if dead ~= '' then redis.call('LPUSH', dead_key, dead) end
-                if member ~= '' then
-                    now = now or now_ms()
-                    redis.call('ZADD', scheduled_key, now + tonumber(delay_ms), member)
-                end
-                redis.call('PUBLISH', events_key, outcome)
-                r = 1
-            else
-                r = 0
-            end
-        elseif op == 'finish' then
-            local p, raw, id, ttl, outcome = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-            local pairs
-            pairs, i = read_pairs(i + 6)
-            if redis.call('LREM', claim_key(d, p), 1, raw) == 0 then
-                -- Applied already (a lost reply, now repeated), or the claim was taken.
-                local job = redis.call('HMGET', job_key(id), 'status', 'daemon', 'attempts')
-                if job[1] == 'succeeded' and job[2] == d then r = tonumber(job[3]) else r = -1 end
-            else
-                r = redis.call('HINCRBY', job_key(id), 'attempts', 1)
-                pairs[#pairs + 1] = 'attempts'
-                pairs[#pairs + 1] = r
-                write_job(id, ttl, pairs, r > 1 and {'error', 'traceback', 'retry_at'} or nil)
-                outcome = outcome .. r .. '}'
-                push_done(id, ttl, outcome)
-                redis.call('PUBLISH', events_key, outcome)
-            end
-        elseif op == 'requeue' then
-            local token, id = ARGV[i + 1], ARGV[i + 2]
-            i = i + 3
-            local v = redis.call('HGET', active, token)
-            r = 0
-            if v then
-                redis.call('HDEL', active, token)
-                local p, json = split_entry(v)
-                redis.call('RPUSH', queue_key(p), json)
-                local key = job_key(id)
-                if redis.call('EXISTS', key) == 1 then
-                    redis.call('HINCRBY', key, 'attempts', -1)
-                    redis.call('HSET', key, 'status', 'queued')
-                end
-                r = 1
-            end
-        elseif op == 'reject' then
-            local p, raw, id, ttl, outcome, dead = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-            local pairs
-            pairs, i = read_pairs(i + 7)
-            r = 0
-            if redis.call('LREM', claim_key(d, p), 1, raw) == 1 then
-                redis.call('LPUSH', dead_key, dead)
-                if id ~= '' then
-                    write_job(id, ttl, pairs, nil)
-                    push_done(id, ttl, outcome)
-                end
-                redis.call('PUBLISH', events_key, outcome)
-                r = 1
-            end
-        elseif op == 'schedule' then
-            local p, raw, id, ttl, member, delay_ms = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6]
-            local pairs
-            pairs, i = read_pairs(i + 7)
-            r = 0
-            if redis.call('LREM', claim_key(d, p), 1, raw) == 1 then
-                now = now or now_ms()
-                redis.call('ZADD', scheduled_key, now + tonumber(delay_ms), member)
-                write_job(id, ttl, pairs, nil)
-                r = 1
-            end
-        elseif op == 'putback' then
-            local p, raw = ARGV[i + 1], ARGV[i + 2]
-            i = i + 3
-            r = 0
-            if redis.call('LREM', claim_key(d, p), 1, raw) == 1 then
-                redis.call('RPUSH', queue_key(p), raw)
-                r = 1
-            end
-        elseif op == 'restore' then
-            r = restore_claims(d, {ARGV[i + 1]})
-            i = i + 2
-        else
-            return redis.error_reply('prioqd: unknown cycle op ' .. tostring(op))
+local ops = {}
+
+-- adopt p C raw: the payload `raw` that D's BLMOVE put in P:landing:D:p becomes
+-- claim C. 1; -1 if it is no longer there (recovered meanwhile).
+ops.adopt = function(i)
+    local p, c, raw = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    if redis.call('HEXISTS', inflight, c) == 1 then return 1, i + 4 end
+    if redis.call('LREM', landing_key(D, p), 1, raw) == 0 then return -1, i + 4 end
+    redis.call('HSET', inflight, c, make_entry(p, 'c', 0, raw))
+    return 1, i + 4
+end
+
+-- drop p nbytes reason: a landed payload of nbytes over max_payload_bytes goes from
+-- P:landing:D:p to the dead letters by reference (the daemon does not send it back).
+ops.drop = function(i)
+    local p, nbytes, reason = ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+    local landing = landing_key(D, p)
+    for _, v in ipairs(redis.call('LRANGE', landing, 0, -1)) do
+        if string.len(v) == nbytes then
+            redis.call('LREM', landing, 1, v)
+            dead_by_reference(p, v, reason)
+            return 1, i + 4
         end
+    end
+    return 0, i + 4
+end
+
+-- start C json id ttl n k v ...: claim C is recorded as running: its entry gets the
+-- attempt number (and `json`, the payload with its id pinned, if not empty), the job
+-- hash the fields. Returns the attempt number.
+ops.start = function(i)
+    local c, json, id, ttl = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    local fields, nxt = read_list(i + 5)
+    local v = entry(c)
+    if not v then return -1, nxt end
+    local p, state, recoveries, payload = parse_entry(v)
+    if state ~= 'c' then return tonumber(state), nxt end
+    local why = unwritable(job_key(id), 'hash')
+    if why then return fail_op(c, v, why), nxt end
+    local attempt = redis.call('HINCRBY', job_key(id), 'attempts', 1)
+    if json == '' then json = payload end
+    redis.call('HSET', inflight, c, make_entry(p, attempt, recoveries, json))
+    fields[#fields + 1] = 'claim'
+    fields[#fields + 1] = D .. '/' .. c
+    -- A rerun: what the last attempt left is not this one's.
+    local stale = nil
+    if attempt > 1 then stale = {'finished_at', 'duration_s', 'retry_at', 'result'} end
+    write_job(id, ttl, fields, stale)
+    return attempt, nxt
+end
+
+-- finish C id ttl outcome n k v ...: a success recorded in one step, for a job that
+-- ended before its start was recorded: claim -> succeeded. The daemon wrote the
+-- outcome and fields for a first attempt; if the job has run before (a retry, a
+-- rerun after a crash) nothing is written and -4 tells the daemon to record its start
+-- and then its end instead. Returns the attempt number (1).
+ops.finish = function(i)
+    local c, id, ttl, outcome = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    local fields, nxt = read_list(i + 5)
+    local v = entry(c)
+    if not v then
+        -- Applied already (a lost reply, now repeated), or the claim was taken.
+        local job = redis.call('HMGET', job_key(id), 'claim', 'attempts')
+        if job[1] == D .. '/' .. c then return tonumber(job[2]), nxt end
+        return -1, nxt
+    end
+    local why = check({{job_key(id), 'hash'}, {done_key(id), 'list'}})
+    if why then return fail_op(c, v, why), nxt end
+    local _, state = parse_entry(v)
+    if state ~= 'c' or tonumber(redis.call('HGET', job_key(id), 'attempts') or '0') > 0 then
+        return -4, nxt
+    end
+    redis.call('HDEL', inflight, c)
+    fields[#fields + 1] = 'claim'
+    fields[#fields + 1] = D .. '/' .. c
+    write_job(id, ttl, fields, nil)
+    push_done(id, ttl, outcome)
+    redis.call('PUBLISH', events_key, outcome)
+    return 1, nxt
+end
+
+-- end C id ttl done dead member due_ms outcome ndel k... n k v ...: a started run
+-- ended: the job hash gets the fields (and loses the ndel ones); the done list the
+-- outcome if done = "1"; the dead letters `dead` if not empty; the schedule `member`
+-- at due_ms (Redis clock) if not empty. 1; -1 if the claim is gone.
+ops['end'] = function(i)
+    local c, id, ttl, done, dead, member, due_ms, outcome =
+        ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
+        ARGV[i + 7], ARGV[i + 8]
+    local dels, fields, nxt
+    dels, nxt = read_list(i + 9)
+    fields, nxt = read_list(nxt)
+    local v = entry(c)
+    if not v then return -1, nxt end
+    local targets = {{job_key(id), 'hash'}}
+    if done == '1' then targets[#targets + 1] = {done_key(id), 'list'} end
+    if dead ~= '' then targets[#targets + 1] = {dead_key, 'list'} end
+    if member ~= '' then targets[#targets + 1] = {scheduled_key, 'zset'} end
+    local why = check(targets)
+    if why then return fail_op(c, v, why), nxt end
+    redis.call('HDEL', inflight, c)
+    write_job(id, ttl, fields, dels)
+    if done == '1' then push_done(id, ttl, outcome) end
+    if dead ~= '' then redis.call('LPUSH', dead_key, dead) end
+    if member ~= '' then redis.call('ZADD', scheduled_key, tonumber(due_ms), member) end
+    redis.call('PUBLISH', events_key, outcome)
+    return 1, nxt
+end
+
+-- reject C id ttl outcome dead n k v ...: a claimed payload that can never run goes
+-- to the dead letters (`dead`, made by the daemon with the reason); its job hash and
+-- done list say so if it has an id. 1; -1 if the claim is gone.
+ops.reject = function(i)
+    local c, id, ttl, outcome, dead = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    local fields, nxt = read_list(i + 6)
+    local v = entry(c)
+    if not v then return -1, nxt end
+    local targets = {{dead_key, 'list'}}
+    if id ~= '' then
+        targets[#targets + 1] = {job_key(id), 'hash'}
+        targets[#targets + 1] = {done_key(id), 'list'}
+    end
+    local why = check(targets)
+    if why then return fail_op(c, v, why), nxt end
+    redis.call('HDEL', inflight, c)
+    redis.call('LPUSH', dead_key, dead)
+    if id ~= '' then
+        write_job(id, ttl, fields, nil)
+        push_done(id, ttl, outcome)
+    end
+    redis.call('PUBLISH', events_key, outcome)
+    return 1, nxt
+end
+
+-- schedule C id ttl member due_ms n k v ...: a claimed job not due yet goes to the
+-- schedule at due_ms (Redis clock). 1; -1 if the claim is gone.
+ops.schedule = function(i)
+    local c, id, ttl, member, due_ms = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    local fields, nxt = read_list(i + 6)
+    local v = entry(c)
+    if not v then return -1, nxt end
+    local why = check({{scheduled_key, 'zset'}, {job_key(id), 'hash'}})
+    if why then return fail_op(c, v, why), nxt end
+    redis.call('HDEL', inflight, c)
+    redis.call('ZADD', scheduled_key, tonumber(due_ms), member)
+    write_job(id, ttl, fields, nil)
+    return 1, nxt
+end
+
+-- release n C1 .. Cn: claims (given in claim order) go back to the head of their
+-- queues, uncharged, keeping their order; a started one's job hash is set back to
+-- "queued" and its attempt uncounted. Returns how many were still held.
+ops.release = function(i)
+    local cs, nxt = read_list(i + 1)
+    local n = 0
+    for k = #cs, 1, -1 do
+        local c = cs[k]
+        local v = entry(c)
+        if v then
+            local p, state, recoveries, payload = parse_entry(v)
+            local why = unwritable(queue_key(p), 'list')
+            if why then
+                fail_op(c, v, why)
+            else
+                redis.call('HDEL', inflight, c)
+                redis.call('RPUSH', queue_key(p), payload)
+                if recoveries > 0 then
+                    redis.call('HSET', recovered_key, redis.sha1hex(payload), recoveries)
+                end
+                if state ~= 'c' then
+                    local ok, job = pcall(cjson.decode, payload)
+                    if ok and type(job) == 'table' and type(job.id) == 'string'
+                        and unwritable(job_key(job.id), 'hash') == nil then
+                        redis.call('HINCRBY', job_key(job.id), 'attempts', -1)
+                        redis.call('HSET', job_key(job.id), 'status', 'queued')
+                    end
+                end
+                n = n + 1
+            end
+        end
+    end
+    return n, nxt
+end
+
+-- bury C reason: claim C goes to the dead letters by reference, with `reason` (the
+-- daemon's last resort for an op that Redis refuses). 1; -1 if the claim is gone.
+ops.bury = function(i)
+    local c, reason = ARGV[i + 1], ARGV[i + 2]
+    local v = entry(c)
+    if not v then return -1, i + 3 end
+    if unwritable(dead_key, 'list') then return -3, i + 3 end
+    local p, _, _, payload = parse_entry(v)
+    redis.call('HDEL', inflight, c)
+    dead_by_reference(p, payload, reason)
+    return 1, i + 3
+end
+
+-- restore lo hi: claims lo..hi still held and not started (those of a claim whose
+-- reply was lost, so the daemon never saw them) go back to the head of their queues
+-- in order. Returns how many.
+ops.restore = function(i)
+    local lo, hi = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    local n = 0
+    for c = hi, lo, -1 do
+        local v = entry(tostring(c))
+        if v then
+            local p, state, _, payload = parse_entry(v)
+            if state == 'c' and unwritable(queue_key(p), 'list') == nil then
+                redis.call('HDEL', inflight, tostring(c))
+                redis.call('RPUSH', queue_key(p), payload)
+                n = n + 1
+            end
+        end
+    end
+    return n, i + 3
+end
+
+-- unland p: everything in P:landing:D:p goes back to the head of P:queue:p (after a
+-- blocking wait whose reply was lost). Returns how many.
+ops.unland = function(i)
+    local p = ARGV[i + 1]
+    if unwritable(queue_key(p), 'list') then return 0, i + 2 end
+    return restore_landing(D, p), i + 2
+end
+
+if command == 'cycle' then
+    D = ARGV[3]
+    inflight = inflight_key(D)
+    local next_claim = tonumber(ARGV[4])
+    local max_bytes = tonumber(ARGV[5])
+    local tokens = tonumber(ARGV[6])
+    local nprio = tonumber(ARGV[7])
+    local i = 8 + 2 * nprio
+    local results = {}
+    while i <= #ARGV do
+        local op = ops[ARGV[i]]
+        if not op then return redis.error_reply('prioqd: unknown cycle op ' .. tostring(ARGV[i])) end
+        local r
+        r, i = op(i)
         results[#results + 1] = r
     end
-    local claimed = {}
-    for _, p in ipairs(priorities) do
-        if want <= 0 then break end
-        while want > 0 do
-            local v = redis.call('LMOVE', queue_key(p), claim_key(d, p), 'RIGHT', 'LEFT')
-            if not v then break end
-            claimed[#claimed + 1] = p
-            claimed[#claimed + 1] = v
-            want = want - 1
+    local score = redis.call('ZSCORE', daemons_key, D)
+    local held = score and tonumber(score) > now_ms()
+    local claimed, dropped = {}, {}
+    if held and tokens > 0 then
+        local recovered = redis.call('EXISTS', recovered_key) == 1
+        for k = 0, nprio - 1 do
+            if tokens <= 0 then break end
+            local p, size = ARGV[8 + 2 * k], tonumber(ARGV[9 + 2 * k])
+            local queue = queue_key(p)
+            if unwritable(queue, 'list') == nil then
+                local cap, n = tokens * size, 0
+                while n < cap do
+                    local v = redis.call('RPOP', queue)
+                    if not v then break end
+                    if string.len(v) > max_bytes then
+                        local reason = 'payload is ' .. string.len(v) ..
+                            ' bytes, over max_payload_bytes=' .. max_bytes
+                        dead_by_reference(p, v, reason)
+                        dropped[#dropped + 1] = p .. ': ' .. reason
+                    else
+                        local recoveries = 0
+                        if recovered then
+                            local sha = redis.sha1hex(v)
+                            recoveries = tonumber(redis.call('HGET', recovered_key, sha) or '0')
+                            if recoveries > 0 then redis.call('HDEL', recovered_key, sha) end
+                        end
+                        redis.call('HSET', inflight, tostring(next_claim),
+                            make_entry(p, 'c', recoveries, v))
+                        next_claim = next_claim + 1
+                        claimed[#claimed + 1] = p
+                        claimed[#claimed + 1] = v
+                        n = n + 1
+                    end
+                end
+                tokens = tokens - math.ceil(n / size)
+            end
         end
     end
-    return {results, claimed}
+    return {results, claimed, held and 1 or 0, dropped}
 end
 
--- heartbeat D lease_ms max_recover field value field value ...
--- Extends D's lease (registering it, with the given info fields, if it has none),
--- then recovers up to max_recover daemons whose lease has run out.
--- Returns {registered (1 if D was not registered), recovered daemon ids joined
--- by ',', jobs put back, ms until the next scheduled job or -1}.
+-- heartbeat D lease_ms max_recover max_recoveries field value field value ...
+-- Extends D's lease (registering it, with the given info fields, if it has none).
+-- Only if D's own lease was unbroken (it had not expired) does it then recover up to
+-- max_recover daemons whose lease has run out: after a stall of Redis every lease
+-- has run out, and the first daemon to speak must not take the others' jobs.
+-- Returns {registered (1: D had no lease; it was recovered, or is new), lapsed (1: D's
+-- lease had expired but nobody had recovered it), recovered daemon ids joined by ',',
+-- jobs put back, jobs dead-lettered as poison, ms until the next scheduled job or -1,
+-- Redis's clock in ms}.
 if command == 'heartbeat' then
     local d = ARGV[3]
     local lease_ms = tonumber(ARGV[4])
     local max_recover = tonumber(ARGV[5])
+    local max_recoveries = tonumber(ARGV[6])
     local now = now_ms()
-    local registered = redis.call('ZADD', daemons_key, now + lease_ms, d)
-    if registered == 1 and #ARGV >= 6 then
-        redis.call('HSET', daemon_key(d), unpack(ARGV, 6))
+    local own = redis.call('ZSCORE', daemons_key, d)
+    local held = own and tonumber(own) >= now
+    redis.call('ZADD', daemons_key, now + lease_ms, d)
+    if (not own) and #ARGV >= 7 then
+        redis.call('DEL', daemon_key(d))
+        redis.call('HSET', daemon_key(d), unpack(ARGV, 7))
     end
-    local expired = redis.call('ZRANGEBYSCORE', daemons_key, '-inf', now, 'LIMIT', 0, max_recover)
-    local jobs = 0
-    if #expired > 0 then
-        -- Idle daemons heartbeat forever: only pay for this when someone died.
-        local fallback = {}
-        local mine = redis.call('HGET', daemon_key(d), 'priorities')
-        if mine then fallback = split_csv(mine) end
-        for _, other in ipairs(expired) do
-            jobs = jobs + recover(other, fallback)
+    local expired = {}
+    local queued, dead = 0, 0
+    if held then
+        expired = redis.call('ZRANGEBYSCORE', daemons_key, '-inf', '(' .. now, 'LIMIT', 0, max_recover)
+        if #expired > 0 then
+            -- Idle daemons heartbeat forever: only pay for this when someone died.
+            local fallback = {}
+            local mine = redis.call('HGET', daemon_key(d), 'priorities')
+            if mine then fallback = split_csv(mine) end
+            for _, other in ipairs(expired) do
+                local r = recover(other, fallback, true, max_recoveries)
+                queued, dead = queued + r[1], dead + r[2]
+            end
         end
     end
-    return {registered, table.concat(expired, ','), jobs, next_due_in(now)}
+    return {own and 0 or 1, (own and not held) and 1 or 0, table.concat(expired, ','),
+        queued, dead, next_due_in(now), now}
 end
 
--- recover D p1 p2 ...
+-- recover D died max_recoveries p1 p2 ...
 -- Puts everything D holds back at the head of its queues and forgets D. Used by a
--- daemon on a clean stop (for itself) and on start-up for a dead predecessor on
--- the same host. The priorities are a fallback for a D with no info hash.
+-- daemon on a clean stop (for itself: died = 0) and at start-up for a dead
+-- predecessor on the same host (died = 1). The priorities are a fallback for a D
+-- with no info hash. Returns {jobs put back, jobs dead-lettered as poison}.
 if command == 'recover' then
-    return recover(ARGV[3], {unpack(ARGV, 4)})
+    return recover(ARGV[3], {unpack(ARGV, 6)}, ARGV[4] == '1', tonumber(ARGV[5]))
 end
 
--- undead entry p payload id
+-- undead entry p payload id payload_key
 -- Moves one dead letter (matched by its exact text) back to the tail of queue p as
--- a fresh job: its attempts start again from 0. Returns 1, or 0 if it is gone.
+-- a fresh job: its attempts start again from 0. The payload is `payload`, or the
+-- value of `payload_key` (deleted here) if that is not empty. Returns 1, or 0 if the
+-- letter is gone, or -1 if its payload key is.
 if command == 'undead' then
-    if redis.call('LREM', dead_key, 1, ARGV[3]) == 0 then return 0 end
-    redis.call('LPUSH', queue_key(ARGV[4]), ARGV[5])
-    local id = ARGV[6]
+    local entry_text, p, payload, id, pkey = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+    if pkey ~= '' then
+        payload = redis.call('GET', pkey)
+        if not payload then return -1 end
+    end
+    if redis.call('LREM', dead_key, 1, entry_text) == 0 then return 0 end
+    if pkey ~= '' then redis.call('DEL', pkey) end
+    redis.call('LPUSH', queue_key(p), payload)
     if id ~= '' and redis.call('EXISTS', job_key(id)) == 1 then
         redis.call('HSET', job_key(id), 'status', 'queued', 'attempts', 0)
         redis.call('DEL', done_key(id))
@@ -344,18 +628,51 @@ if command == 'undead' then
     return 1
 end
 
+-- purge: deletes every dead letter and the payload keys they name, at once.
+-- Returns how many letters there were.
+if command == 'purge' then
+    local letters = redis.call('LRANGE', dead_key, 0, -1)
+    for _, letter in ipairs(letters) do
+        local ok, obj = pcall(cjson.decode, letter)
+        if ok and type(obj) == 'table' and type(obj.payload_key) == 'string' then
+            redis.call('DEL', obj.payload_key)
+        end
+    end
+    redis.call('DEL', dead_key)
+    return #letters
+end
+
 -- promote max
 -- Moves up to max due jobs from the schedule to the tail of their queues, in due
--- order. Returns {moved, ms until the next scheduled job or -1}.
+-- order. A due job for a priority no registered daemon serves goes to the dead
+-- letters instead (it would otherwise wait forever in a queue nobody reads).
+-- Returns {moved, dead-lettered, ms until the next scheduled job or -1}.
 if command == 'promote' then
     local now = now_ms()
     local due = redis.call('ZRANGEBYSCORE', scheduled_key, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-    for _, member in ipairs(due) do
-        local p, json = split_entry(member)
-        redis.call('LPUSH', queue_key(p), json)
+    if #due == 0 then return {0, 0, next_due_in(now)} end
+    local served = {}
+    for _, d in ipairs(redis.call('ZRANGE', daemons_key, 0, -1)) do
+        local prios = redis.call('HGET', daemon_key(d), 'priorities')
+        if prios then
+            for _, p in ipairs(split_csv(prios)) do served[p] = true end
+        end
     end
-    if #due > 0 then redis.call('ZREM', scheduled_key, unpack(due)) end
-    return {#due, next_due_in(now)}
+    local moved, dead = 0, 0
+    for _, member in ipairs(due) do
+        local p, json = parse_member(member)
+        if served[p] and unwritable(queue_key(p), 'list') == nil then
+            redis.call('LPUSH', queue_key(p), json)
+            moved = moved + 1
+        else
+            local reason = 'no daemon serves priority ' .. p
+            if served[p] then reason = 'redis error: ' .. unwritable(queue_key(p), 'list') end
+            dead_by_reference(p, json, reason)
+            dead = dead + 1
+        end
+    end
+    redis.call('ZREM', scheduled_key, unpack(due))
+    return {moved, dead, next_due_in(now)}
 end
 
 return redis.error_reply('prioqd: unknown command ' .. tostring(command))

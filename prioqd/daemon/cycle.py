@@ -1,0 +1,244 @@
+"""The cycle: one round trip writes what happened and claims what is next.
+
+Each turn collects the ops the dispatcher has ready (outcomes, start records,
+rejects, put-backs), takes the free slot tokens, and sends both in one Lua call
+(``cycle`` in ``lua/prioqd.lua``). The reply's results go back to the dispatcher op
+by op, and its claims are handed to ``Dispatcher.take``.
+
+Outcomes with no claim to ride along wait up to COALESCE_S for one: one round trip
+instead of two. A reply lost to a dropped connection is safe to repeat (every op is
+guarded by its claim number); claims whose numbers we never saw are put back with
+``Restore``, and a landing list whose blocking wait broke with ``Unland``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prioqd.broker import Broker
+from prioqd.config import Config
+from prioqd.daemon.dispatch import Dispatcher
+from prioqd.daemon.lease import Lease
+from prioqd.daemon.slots import Slots
+from prioqd.errors import BrokerError, PrioqdError, ScriptError
+from prioqd.ops import (
+    FAILED,
+    Bury,
+    End,
+    Finish,
+    Op,
+    Reject,
+    Release,
+    Restore,
+    Schedule,
+    Start,
+    Unland,
+)
+from prioqd.timing import Backoff, wait_event
+
+#: Outcomes wait at most this long for a claim to ride along with.
+COALESCE_S = 0.005
+#: ...and go at once when this many are waiting.
+MAX_OPS = 256
+
+
+class InternalError(PrioqdError):
+    """Something the daemon cannot carry on from: it exits non-zero and is restarted."""
+
+
+class Cycle:
+    def __init__(
+        self,
+        broker: Broker,
+        config: Config,
+        *,
+        slots: Slots,
+        dispatch: Dispatcher,
+        lease: Lease,
+        log: Any,
+        on_redis_down: Callable[[str, BrokerError, Backoff], float],
+        on_idle: Callable[[], None],
+        on_unlanded: Callable[[str], None],
+        force: asyncio.Event,
+    ) -> None:
+        self.broker = broker
+        self.config = config
+        self.slots = slots
+        self.dispatch = dispatch
+        self.lease = lease
+        self.log = log
+        self._on_redis_down = on_redis_down
+        self._on_idle = on_idle
+        self._on_unlanded = on_unlanded
+        self._force = force
+        #: Claim numbers are ours to give; each claim reserves its whole range first.
+        self._next_claim = 1
+        #: Put-backs owed after lost replies, sent with the next cycle.
+        self._repairs: list[Op] = []
+        self._pending_since: float | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()
+        #: Set whenever nothing is left to write.
+        self.drained = asyncio.Event()
+        #: Claims are made while this is true (cleared by a stop).
+        self.fetching = True
+        #: True while the blocking wait watches the queues: it claims, not the cycle.
+        self.waiting = False
+        self._closing = False
+
+    def wake(self) -> None:
+        self.drained.clear()
+        self._wake.set()
+
+    def new_claim(self) -> int:
+        claim = self._next_claim
+        self._next_claim += 1
+        return claim
+
+    def repair(self, op: Restore | Unland) -> None:
+        self._repairs.append(op)
+        self.wake()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    def _flush_due(self, n_ops: int) -> bool:
+        """Whether waiting ops must go now rather than with the next claim."""
+        now = time.monotonic()
+        if self._pending_since is None:
+            self._pending_since = now
+        return not self.fetching or n_ops >= MAX_OPS or now - self._pending_since >= COALESCE_S
+
+    def _arm_flush(self) -> None:
+        if self._flush_timer is not None or self._pending_since is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._flush_timer = None
+            self._wake.set()
+
+        delay = max(0.0, self._pending_since + COALESCE_S - time.monotonic())
+        self._flush_timer = loop.call_later(delay, fire)
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            ops = self.dispatch.collect()
+            tokens = 0
+            if self.fetching and not self.waiting and self.lease.held:
+                tokens = self.slots.try_acquire(self.slots.free)
+            if not tokens and ops and not self._repairs and not self._flush_due(len(ops)):
+                # Nothing to claim: outcomes wait (a few ms at most) to ride along with
+                # the next claim, one round trip instead of two.
+                self.dispatch.unwrite(ops)
+                self._arm_flush()
+                continue
+            repairs, self._repairs = self._repairs, []
+            if not ops and not repairs and not tokens:
+                if not self.dispatch.pending:
+                    self.drained.set()
+                continue
+            self._pending_since = None
+            sizes = self.dispatch.claim_sizes()
+            lo = self._next_claim
+            self._next_claim += tokens * max(size for _, size in sizes)
+            sent = time.monotonic()
+            try:
+                reply = await self.broker.cycle(
+                    self.lease.id,
+                    [*ops, *repairs],
+                    next_claim=lo,
+                    max_payload_bytes=self.config.jobs.max_payload_bytes,
+                    tokens=tokens,
+                    sizes=sizes,
+                )
+            except BrokerError as exc:
+                # Nothing is known to have applied: every op is repeated as it was (they
+                # are idempotent), and a claim that may have moved payloads is restored.
+                self.slots.release(tokens)
+                if tokens:
+                    repairs.append(Restore(lo, self._next_claim - 1))
+                self._repairs[:0] = repairs
+                if isinstance(exc, ScriptError):
+                    await self._isolate(ops, exc)
+                    self.wake()
+                    continue
+                self.dispatch.unwrite(ops)
+                if await wait_event(self._force, self._on_redis_down("cycle", exc, backoff)):
+                    return  # a forced stop during an outage: what is held comes back by lease
+                self.wake()
+                continue
+            backoff.reset()
+            self.dispatch.rtt_s.add(time.monotonic() - sent)
+            self._apply([*ops, *repairs], reply.results)
+            for reason in reply.dropped:
+                self.log.warning("job rejected", reason=reason)
+            if not reply.lease_held:
+                self.lease.lost()
+            if tokens:
+                if reply.claimed:
+                    claimed = [(lo + i, p, raw) for i, (p, raw) in enumerate(reply.claimed)]
+                    self.dispatch.take(claimed, tokens)
+                else:
+                    self.slots.release(tokens)
+                    if reply.lease_held and self.fetching:
+                        self._on_idle()  # every queue is empty: wait in Redis
+            if self.dispatch.pending or self._repairs:
+                self._wake.set()
+            else:
+                self.drained.set()
+
+    def _apply(self, ops: list[Op], results: list[int]) -> None:
+        for op, result in zip(ops, results, strict=True):
+            if isinstance(op, Unland):
+                self._on_unlanded(op.priority)
+            self.dispatch.applied(op, result)
+
+    async def _isolate(self, ops: list[Op], exc: ScriptError) -> None:
+        """Redis refused a whole cycle for good: find the op it refuses by sending each
+        alone, and send that op's jobs to the dead letters with Redis's reason."""
+        self.log.error("redis refused a cycle; retrying its ops one by one", error=str(exc))
+        for k, op in enumerate(ops):
+            try:
+                reply = await self.broker.cycle(
+                    self.lease.id, [op], next_claim=0, max_payload_bytes=0, tokens=0, sizes=[]
+                )
+            except ScriptError as refused:
+                await self._bury(op, str(refused))
+                continue
+            except BrokerError:
+                self.dispatch.unwrite(ops[k:])  # an outage: the main loop backs off
+                return
+            self._apply([op], reply.results)
+
+    async def _bury(self, op: Op, reason: str) -> None:
+        claims: list[int] = []
+        match op:
+            case Start(job=job) | Finish(job=job) | End(job=job) | Schedule(job=job):
+                claims = [job.claim]
+            case Reject(claim=claim):
+                claims = [claim]
+            case Release(claims=released):
+                claims = list(released)
+            case _:
+                raise InternalError(f"redis refused a {type(op).__name__} op: {reason}")
+        for claim in claims:
+            bury = Bury(claim, f"redis refused to record it: {reason}"[:1000])
+            try:
+                await self.broker.cycle(
+                    self.lease.id, [bury], next_claim=0, max_payload_bytes=0, tokens=0, sizes=[]
+                )
+            except ScriptError as again:
+                raise InternalError(
+                    f"redis refused to dead-letter claim {claim}: {again}"
+                ) from again
+            self.log.error("job dead-lettered: redis refused its op", claim=claim, reason=reason)
+        if not isinstance(op, Release):
+            self.dispatch.applied(op, FAILED)

@@ -1,0 +1,63 @@
+"""Small helpers about time, one copy each: backoff with jitter, a moving average,
+and "sleep until an event or a timeout"."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+
+def backoff_s(
+    failures: int, base_s: float, cap_s: float, rng: random.Random | None = None
+) -> float:
+    """Capped exponential backoff with "equal jitter": between half and all of the step.
+
+    ``failures`` counts from 1 (the first retry waits about ``base_s``). Used for job
+    retries and for reconnecting to Redis alike.
+    """
+    exponent = min(max(0, failures - 1), 64)  # 2.0 ** 1024 would overflow
+    step = min(cap_s, base_s * (2.0**exponent))
+    return step / 2 + (rng or random).uniform(0, step / 2)
+
+
+class Backoff:
+    """Failures in a row of one thing (a Redis call, a worker start) and the next delay."""
+
+    def __init__(self, base_s: float = 0.05, cap_s: float = 5.0) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        return backoff_s(self.failures, self.base_s, self.cap_s)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class Ewma:
+    """An exponentially weighted moving average. The first sample sets it outright, so
+    an estimate is usable after one observation rather than ramping up over dozens."""
+
+    __slots__ = ("alpha", "value")
+
+    def __init__(self, alpha: float = 0.2, initial: float | None = None) -> None:
+        self.alpha = alpha
+        self.value = initial
+
+    def add(self, sample: float) -> float:
+        value = sample if self.value is None else self.value + self.alpha * (sample - self.value)
+        self.value = value
+        return value
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
+    """Wait for ``event`` at most ``timeout_s`` (None: for ever); True if it is set."""
+    if timeout_s is None:
+        await event.wait()
+        return True
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), max(0.0, timeout_s))
+    return event.is_set()
