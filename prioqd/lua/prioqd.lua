@@ -359,7 +359,8 @@ end
 -- end C id ttl done dead member due_ms outcome ndel k... n k v ...: a started run
 -- ended: the job hash gets the fields (and loses the ndel ones); the done list the
 -- outcome if done = "1"; the dead letters `dead` if not empty; the schedule `member`
--- at due_ms (Redis clock) if not empty. 1; -1 if the claim is gone.
+-- at due_ms (Redis clock) if not empty. 1 (also when repeated: the job hash still
+-- names this claim and no longer says queued or running); -1 if the claim is gone.
 ops['end'] = function(i)
     local c, id, ttl, done, dead, member, due_ms, outcome =
         ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
@@ -368,7 +369,13 @@ ops['end'] = function(i)
     dels, nxt = read_list(i + 9)
     fields, nxt = read_list(nxt)
     local v = entry(c)
-    if not v then return -1, nxt end
+    if not v then
+        local job = redis.call('HMGET', job_key(id), 'claim', 'status')
+        if job[1] == D .. '/' .. c and job[2] ~= 'queued' and job[2] ~= 'running' then
+            return 1, nxt
+        end
+        return -1, nxt
+    end
     local targets = {{job_key(id), 'hash'}}
     if done == '1' then targets[#targets + 1] = {done_key(id), 'list'} end
     if dead ~= '' then targets[#targets + 1] = {dead_key, 'list'} end
@@ -410,12 +417,15 @@ ops.reject = function(i)
 end
 
 -- schedule C id ttl member due_ms n k v ...: a claimed job not due yet goes to the
--- schedule at due_ms (Redis clock). 1; -1 if the claim is gone.
+-- schedule at due_ms (Redis clock). 1 (also when repeated); -1 if the claim is gone.
 ops.schedule = function(i)
     local c, id, ttl, member, due_ms = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
     local fields, nxt = read_list(i + 6)
     local v = entry(c)
-    if not v then return -1, nxt end
+    if not v then
+        if redis.call('ZSCORE', scheduled_key, member) then return 1, nxt end
+        return -1, nxt
+    end
     local why = check({{scheduled_key, 'zset'}, {job_key(id), 'hash'}})
     if why then return fail_op(c, v, why), nxt end
     redis.call('HDEL', inflight, c)

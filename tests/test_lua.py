@@ -1,0 +1,464 @@
+"""The Lua script on its own, against a real redis-server: every cycle op built by
+``prioqd.ops`` and applied twice (a lost reply, then the retry), and a stateful
+hypothesis test that interleaves pushes, claims, ops, lost replies, recoveries and
+restores and checks the script's invariant after every step: every job is in exactly
+one place, or has ended."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from typing import Any
+
+import pytest
+import redis
+from helpers import RedisServer
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from prioqd import jobs, ops
+
+SCRIPT = resources.files("prioqd").joinpath("lua/prioqd.lua").read_text()
+P = "t"  # key prefix
+D = "d1"
+PRIORITIES = ["high", "low"]
+SIZES = [("high", 2), ("low", 2)]
+POLICY = jobs.Policy(ttl_s=60, max_retries=1, backoff_base_s=0.001, backoff_max_s=0.001)
+
+
+class Script:
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+        self.sha = r.script_load(SCRIPT)
+
+    def call(self, *args: Any) -> Any:
+        return self.r.evalsha(self.sha, 0, P, *args)
+
+    def cycle(
+        self,
+        op_list: Sequence[ops.Op] = (),
+        *,
+        next_claim: int = 1,
+        tokens: int = 0,
+        max_bytes: int = 10_000,
+        daemon: str = D,
+    ) -> tuple[list[int], list[tuple[str, bytes]], bool]:
+        args: list[Any] = ["cycle", daemon, next_claim, max_bytes, tokens, len(SIZES)]
+        for p, size in SIZES:
+            args += [p, size]
+        for op in op_list:
+            args += op.args()
+        results, flat, held, _dropped = self.call(*args)
+        claimed = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+        return results, claimed, bool(held)
+
+    def beat(self, daemon: str = D, lease_ms: int = 60_000) -> list[Any]:
+        return self.call(  # type: ignore[no-any-return]
+            "heartbeat", daemon, lease_ms, 10, 3, "priorities", ",".join(PRIORITIES)
+        )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    s = RedisServer(tmp_path_factory.mktemp("lua-redis"))
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def lua(server: RedisServer) -> Iterator[Script]:
+    client = server.client()
+    client.flushall()
+    script = Script(client)
+    script.beat()
+    yield script
+    client.close()
+
+
+def parsed(raw: bytes, claim: int, priority: str = "high") -> jobs.Job:
+    job = jobs.parse(raw, priority, known_tasks={"t"}, max_payload_bytes=10_000, now=1e9)
+    assert isinstance(job, jobs.Job)
+    job.claim = claim
+    job.started_at = 1e9
+    return job
+
+
+def claim_one(lua: Script, payload: dict[str, Any], claim: int = 1) -> jobs.Job:
+    raw = json.dumps(payload).encode()
+    lua.r.lpush(f"{P}:queue:high", raw)
+    _, claimed, held = lua.cycle(next_claim=claim, tokens=1)
+    assert held and claimed == [("high", raw)]
+    return parsed(raw, claim)
+
+
+def inflight(lua: Script) -> dict[bytes, bytes]:
+    return lua.r.hgetall(f"{P}:inflight:{D}")  # type: ignore[return-value]
+
+
+def twice(lua: Script, op: ops.Op) -> tuple[int, int]:
+    """Apply ``op``, snapshot what it changed, apply it again: nothing more changes."""
+    first = lua.cycle([op])[0][0]
+    before = snapshot(lua.r)
+    second = lua.cycle([op])[0][0]
+    assert snapshot(lua.r) == before, f"repeating {type(op).__name__} changed Redis"
+    return first, second
+
+
+def snapshot(r: redis.Redis) -> dict[bytes, Any]:
+    out: dict[bytes, Any] = {}
+    for key in r.keys(f"{P}:*"):
+        kind = r.type(key)
+        if kind == b"list":
+            out[key] = r.lrange(key, 0, -1)
+        elif kind == b"hash":
+            out[key] = r.hgetall(key)
+        elif kind == b"zset":
+            out[key] = r.zrange(key, 0, -1)
+        elif kind == b"string":
+            out[key] = r.get(key)
+    return out
+
+
+# --- every op, applied twice ----------------------------------------------------------
+
+
+def test_claim_takes_the_highest_priority_first_per_token_and_numbers_each(lua: Script) -> None:
+    for i in range(3):
+        lua.r.lpush(f"{P}:queue:low", f"l{i}")
+    lua.r.lpush(f"{P}:queue:high", "h0")
+    _, claimed, _ = lua.cycle(next_claim=10, tokens=2)
+    # high: 1 payload, 1 token; low: the token left takes up to its size (2).
+    assert claimed == [("high", b"h0"), ("low", b"l0"), ("low", b"l1")]
+    assert sorted(inflight(lua)) == [b"10", b"11", b"12"]
+    assert inflight(lua)[b"10"] == b"high\nc\n0\nh0"
+
+
+def test_no_claims_without_a_lease(lua: Script) -> None:
+    lua.r.lpush(f"{P}:queue:high", "x")
+    lua.r.zadd(f"{P}:daemons", {D: 1})  # expired long ago
+    _, claimed, held = lua.cycle(tokens=1)
+    assert not held and claimed == [] and lua.r.llen(f"{P}:queue:high") == 1
+
+
+def test_adopt(lua: Script) -> None:
+    lua.r.lpush(f"{P}:landing:{D}:high", b"x", b"x")  # two equal payloads landed
+    assert twice(lua, ops.Adopt(b"x", "high", 5)) == (1, 1)
+    assert lua.r.llen(f"{P}:landing:{D}:high") == 1 and list(inflight(lua)) == [b"5"]
+    assert twice(lua, ops.Adopt(b"x", "high", 6)) == (1, 1)
+    assert lua.r.llen(f"{P}:landing:{D}:high") == 0 and sorted(inflight(lua)) == [b"5", b"6"]
+    assert lua.cycle([ops.Adopt(b"x", "high", 7)])[0] == [ops.LOST]
+
+
+def test_drop(lua: Script) -> None:
+    lua.r.lpush(f"{P}:landing:{D}:high", b"y" * 50)
+    assert twice(lua, ops.Drop("high", 50, "too big")) == (1, 0)
+    (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
+    assert letter["reason"] == "too big" and letter["bytes"] == 50
+    assert lua.r.get(letter["payload_key"]) == b"y" * 50
+
+
+def test_start(lua: Script) -> None:
+    job = claim_one(lua, {"task": "t"})  # no id: one is pinned into its stored form
+    op = jobs.start_op(job, daemon_id=D, ttl_s=60)
+    assert twice(lua, op) == (1, 1)
+    h = lua.r.hgetall(f"{P}:job:{job.id}")
+    assert h[b"status"] == b"running" and h[b"attempts"] == b"1" and h[b"claim"] == b"d1/1"
+    assert inflight(lua)[b"1"] == b"high\n1\n0\n" + job.json.encode()
+
+
+def test_finish(lua: Script) -> None:
+    job = claim_one(lua, {"id": "f", "task": "t"})
+    run = jobs.RunResult("ok", "42", started_at=1.0, finished_at=2.0)
+    assert twice(lua, jobs.finish_op(job, run, daemon_id=D, ttl_s=60)) == (1, 1)
+    assert inflight(lua) == {}
+    assert lua.r.hget(f"{P}:job:f", "status") == b"succeeded"
+    done = [json.loads(x) for x in lua.r.lrange(f"{P}:done:f", 0, -1)]
+    assert done == [done[0]] and done[0]["result"] == 42 and done[0]["attempts"] == 1
+
+
+def test_finish_refuses_a_job_that_ran_before(lua: Script) -> None:
+    lua.r.hset(f"{P}:job:g", "attempts", 1)
+    job = claim_one(lua, {"id": "g", "task": "t"})
+    run = jobs.RunResult("ok", "1", started_at=1.0, finished_at=2.0)
+    assert twice(lua, jobs.finish_op(job, run, daemon_id=D, ttl_s=60)) == (ops.NOT_FIRST,) * 2
+    assert list(inflight(lua)) == [b"1"] and not lua.r.exists(f"{P}:done:g")
+
+
+@pytest.mark.parametrize("status", ["ok", "error", "dead"])
+def test_end(lua: Script, status: str) -> None:
+    job = claim_one(lua, {"id": "e", "task": "t", "max_retries": 0 if status == "dead" else 1})
+    lua.cycle([jobs.start_op(job, daemon_id=D, ttl_s=60)])
+    job.attempt = 1
+    run = jobs.RunResult(
+        "ok" if status == "ok" else "error", "7", "E: x", started_at=1.0, finished_at=2.0
+    )
+    op = jobs.end_op(job, run, daemon_id=D, policy=POLICY, now_ms=0, rng=random.Random(1))
+    assert twice(lua, op) == (1, 1)
+    assert inflight(lua) == {}
+    h = lua.r.hgetall(f"{P}:job:e")
+    expected = {"ok": b"succeeded", "error": b"failed", "dead": b"dead"}[status]
+    assert h[b"status"] == expected
+    assert lua.r.zcard(f"{P}:scheduled") == (1 if status == "error" else 0)
+    assert lua.r.llen(f"{P}:dead") == (1 if status == "dead" else 0)
+    assert lua.r.llen(f"{P}:done:e") == (0 if status == "error" else 1)
+
+
+def test_reject(lua: Script) -> None:
+    raw = b'{"id":"r","task":"nope"}'
+    lua.r.lpush(f"{P}:queue:high", raw)
+    lua.cycle(tokens=1)
+    rej = jobs.parse(raw, "high", known_tasks={"t"}, max_payload_bytes=100, now=0)
+    assert isinstance(rej, jobs.Rejected)
+    first, second = twice(lua, jobs.reject_op(rej, 1, daemon_id=D, ttl_s=60, now=0))
+    assert first == 1
+    assert lua.r.llen(f"{P}:dead") == 1 and lua.r.llen(f"{P}:done:r") == 1
+
+
+def test_schedule(lua: Script) -> None:
+    job = claim_one(lua, {"id": "s", "task": "t", "delay_s": 5})
+    job = parsed(job.raw, 1)  # due 5 s after now=1e9
+    assert twice(lua, jobs.schedule_op(job, daemon_id=D, ttl_s=60)) == (1, 1)
+    assert lua.r.zrange(f"{P}:scheduled", 0, -1, withscores=True) == [
+        (f'high\nd1/1\n{job.json}'.encode(), float(job.due_ms))
+    ]
+
+
+def test_release_keeps_fifo_order_and_uncounts_a_started_attempt(lua: Script) -> None:
+    for i in range(3):
+        lua.r.lpush(f"{P}:queue:high", json.dumps({"id": f"q{i}", "task": "t"}))
+    SIZES[0] = ("high", 3)
+    try:
+        _, claimed, _ = lua.cycle(tokens=1)
+    finally:
+        SIZES[0] = ("high", 2)
+    assert len(claimed) == 3
+    started = parsed(claimed[0][1], 1)
+    lua.cycle([jobs.start_op(started, daemon_id=D, ttl_s=60)])
+    assert twice(lua, ops.Release([1, 2, 3])) == (3, 0)
+    head_first = [json.loads(x)["id"] for x in reversed(lua.r.lrange(f"{P}:queue:high", 0, -1))]
+    assert head_first == ["q0", "q1", "q2"]
+    h = lua.r.hgetall(f"{P}:job:q0")
+    assert h[b"status"] == b"queued" and h[b"attempts"] == b"0"
+
+
+def test_bury(lua: Script) -> None:
+    claim_one(lua, {"id": "b", "task": "t"})
+    assert twice(lua, ops.Bury(1, "refused")) == (1, ops.LOST)
+    (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
+    assert letter["reason"] == "refused" and json.loads(lua.r.get(letter["payload_key"]))["id"] == "b"
+
+
+def test_restore_puts_back_unseen_claims_only(lua: Script) -> None:
+    for x in (b"a", b"b", b"c"):
+        lua.r.lpush(f"{P}:queue:high", x)
+    lua.cycle(next_claim=20, tokens=2)  # claims 20..22: the reply is "lost"
+    seen = parsed(b'{"id":"s","task":"t"}', 30)
+    lua.r.hset(f"{P}:inflight:{D}", "30", b"high\nc\n0\n" + seen.raw)
+    assert twice(lua, ops.Restore(20, 29)) == (3, 0)
+    assert lua.r.lrange(f"{P}:queue:high", 0, -1) == [b"c", b"b", b"a"]
+    assert list(inflight(lua)) == [b"30"]
+
+
+def test_unland(lua: Script) -> None:
+    lua.r.lpush(f"{P}:landing:{D}:low", b"1", b"2")
+    assert twice(lua, ops.Unland("low")) == (2, 0)
+    assert lua.r.lrange(f"{P}:queue:low", 0, -1) == [b"2", b"1"]
+
+
+def test_an_op_on_a_wrong_type_key_fails_alone_before_writing(lua: Script) -> None:
+    lua.r.lpush(f"{P}:job:v", "x")  # a list where the job hash should be
+    job = claim_one(lua, {"id": "v", "task": "t"}, claim=1)
+    good = claim_one(lua, {"id": "w", "task": "t"}, claim=2)
+    run = jobs.RunResult("ok", "1", started_at=1.0, finished_at=2.0)
+    results, _, _ = lua.cycle(
+        [
+            jobs.finish_op(job, run, daemon_id=D, ttl_s=60),
+            jobs.finish_op(good, run, daemon_id=D, ttl_s=60),
+        ]
+    )
+    assert results == [ops.FAILED, 1]
+    assert lua.r.lrange(f"{P}:job:v", 0, -1) == [b"x"] and not lua.r.exists(f"{P}:done:v")
+    (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
+    assert letter["reason"].startswith("redis error: WRONGTYPE") and inflight(lua) == {}
+    assert lua.r.hget(f"{P}:job:w", "status") == b"succeeded"
+
+
+def test_recovery_of_a_dead_daemon_counts_it_and_poison_goes_to_the_dead_letters(
+    lua: Script,
+) -> None:
+    raw = b'{"id":"p","task":"t"}'
+    lua.r.lpush(f"{P}:queue:high", raw)
+    lua.beat("d2")  # registered: from its next beat on, its lease is unbroken
+    for round_ in range(4):
+        _, claimed, _ = lua.cycle(next_claim=1, tokens=1)
+        assert claimed == [("high", raw)], round_
+        lua.r.zadd(f"{P}:daemons", {D: 1})  # D's lease ran out
+        lua.beat("d2")  # d2 recovers it (max_recoveries = 3)
+        lua.beat(D)
+    assert lua.r.llen(f"{P}:queue:high") == 0
+    (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
+    assert letter["reason"] == "poison: its daemon died 4 times while holding it"
+    assert lua.r.get(letter["payload_key"]) == raw
+
+
+def test_a_stalled_redis_does_not_make_the_first_daemon_to_speak_recover_the_others(
+    lua: Script,
+) -> None:
+    lua.beat("d2")
+    claim_one(lua, {"id": "k", "task": "t"})
+    # Both leases ran out (a stall): d2 speaks first; its own lease was broken too.
+    lua.r.zadd(f"{P}:daemons", {D: 1, "d2": 1})
+    registered, lapsed, recovered, *_ = lua.beat("d2")
+    assert (registered, lapsed, recovered) == (0, 1, b"")
+    assert list(inflight(lua)) == [b"1"]
+
+
+# --- the invariant under any interleaving ---------------------------------------------
+
+PAYLOADS = [
+    b'{"id":"same","task":"t"}',
+    b'{"id":"same","task":"t"}',
+    b'{"task":"t"}',
+    b'{"id":"other","task":"t","delay_s":0.001}',
+]
+
+
+class ClaimMachine(RuleBasedStateMachine):
+    """Model: how many payloads were pushed and how many ended; the claims we know.
+
+    Redis must always account for every payload: queued, landed, held, scheduled,
+    dead or ended. Ops are sent once or several times (a lost reply, then retries);
+    claims may be lost (the reply never seen); the daemon may be recovered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pushed = 0
+        self.ended = 0
+        self.next_claim = 1
+        self.known: dict[int, jobs.Job] = {}  # claims we saw, not settled
+        self.lost_ranges: list[tuple[int, int]] = []
+
+    @initialize()
+    def start(self) -> None:
+        self.lua = Script(self.server.client())
+        self.lua.r.flushall()
+        self.lua.beat()
+
+    server: RedisServer  # set by the test below
+
+    def send(self, op: ops.Op, times: int) -> int:
+        results = [self.lua.cycle([op])[0][0] for _ in range(times)]
+        return results[0]
+
+    @rule(payload=st.sampled_from(PAYLOADS), priority=st.sampled_from(PRIORITIES))
+    def push(self, payload: bytes, priority: str) -> None:
+        self.lua.r.lpush(f"{P}:queue:{priority}", payload)
+        self.pushed += 1
+
+    @rule(tokens=st.integers(1, 2), lose_reply=st.booleans())
+    def claim(self, tokens: int, lose_reply: bool) -> None:
+        lo = self.next_claim
+        self.next_claim += tokens * 2
+        _, claimed, _ = self.lua.cycle(next_claim=lo, tokens=tokens)
+        if lose_reply:
+            self.lost_ranges.append((lo, self.next_claim - 1))
+            return
+        for i, (p, raw) in enumerate(claimed):
+            job = jobs.parse(raw, p, known_tasks={"t"}, max_payload_bytes=10_000, now=1e9)
+            assert isinstance(job, jobs.Job)
+            job.claim = lo + i
+            self.known[job.claim] = job
+
+    @precondition(lambda self: self.lost_ranges)
+    @rule(times=st.integers(1, 3))
+    def restore(self, times: int) -> None:
+        lo, hi = self.lost_ranges.pop()
+        self.send(ops.Restore(lo, hi), times)
+
+    @precondition(lambda self: self.known)
+    @rule(data=st.data(), times=st.integers(1, 3))
+    def settle(self, data: st.DataObject, times: int) -> None:
+        claim = data.draw(st.sampled_from(sorted(self.known)))
+        job = self.known[claim]
+        kind = data.draw(st.sampled_from(["finish", "start-end", "fail", "release", "schedule"]))
+        run_ok = jobs.RunResult("ok", "1", started_at=1.0, finished_at=2.0)
+        if kind == "finish":
+            result = self.send(jobs.finish_op(job, run_ok, daemon_id=D, ttl_s=60), times)
+            if result == ops.NOT_FIRST:
+                kind = "start-end"
+            else:
+                del self.known[claim]
+                self.ended += result == 1
+                return
+        if kind in ("start-end", "fail"):
+            attempt = self.send(jobs.start_op(job, daemon_id=D, ttl_s=60), times)
+            if attempt < 0:
+                del self.known[claim]
+                return
+            job.attempt = attempt
+            run = run_ok if kind == "start-end" else jobs.RunResult("error", error="E")
+            op = jobs.end_op(job, run, daemon_id=D, policy=POLICY, now_ms=0, rng=random.Random())
+            result = self.send(op, times)
+            del self.known[claim]
+            self.ended += result == 1 and op.ending.status == "succeeded"
+        elif kind == "release":
+            self.send(ops.Release([claim]), times)
+            del self.known[claim]
+        else:
+            job.due_ms = 1
+            self.send(jobs.schedule_op(job, daemon_id=D, ttl_s=60), times)
+            del self.known[claim]
+
+    @rule()
+    def promote(self) -> None:
+        self.lua.call("promote", 100)
+
+    @rule()
+    def recovered_by_another_daemon(self) -> None:
+        self.lua.beat("d2")
+        self.lua.r.zadd(f"{P}:daemons", {D: 1})
+        self.lua.beat("d2")
+        self.lua.beat(D)
+        self.known.clear()
+        self.lost_ranges.clear()
+
+    @invariant()
+    def every_payload_is_in_one_place_or_ended(self) -> None:
+        if not hasattr(self, "lua"):
+            return
+        r = self.lua.r
+        where = sum(int(r.llen(f"{P}:queue:{p}")) for p in PRIORITIES)  # type: ignore[arg-type]
+        where += int(r.hlen(f"{P}:inflight:{D}"))  # type: ignore[arg-type]
+        where += int(r.zcard(f"{P}:scheduled"))  # type: ignore[arg-type]
+        where += int(r.llen(f"{P}:dead"))  # type: ignore[arg-type]
+        assert where + self.ended == self.pushed, (where, self.ended, self.pushed)
+        held = {int(c) for c in r.hkeys(f"{P}:inflight:{D}")}  # type: ignore[union-attr]
+        assert set(self.known) <= held, "a claim we hold vanished"
+
+    def teardown(self) -> None:
+        if hasattr(self, "lua"):
+            self.lua.r.close()
+
+
+def test_every_payload_is_in_exactly_one_place_whatever_the_interleaving(
+    server: RedisServer,
+) -> None:
+    ClaimMachine.server = server
+    machine = ClaimMachine.TestCase
+    machine.settings = settings(
+        max_examples=60,
+        stateful_step_count=40,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    machine().runTest()
