@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import mmap
 import os
 import pickle
 import signal
@@ -33,6 +34,10 @@ from prioqd.jobs import Job, RunResult
 from prioqd.systemd import PRIVATE_ENV
 
 _HEADER = struct.Struct("!I")
+#: Shared with each worker: "do not start a job whose seq is in [lo, hi]" (see
+#: ``Pool.preempt``). Seqs only grow, so a torn read can only widen the range over
+#: seqs the worker has already run.
+_PREEMPT = struct.Struct("=qq")
 _START_TIMEOUT_S = 120.0
 
 
@@ -41,6 +46,7 @@ class _Running:
     job: Job
     seq: int
     future: asyncio.Future[RunResult]
+    rank: int = 0
     started_mono: float = 0.0
     started_wall: float = 0.0
     on_start: Callable[[], object] | None = None
@@ -97,10 +103,19 @@ class _Worker:
         self.kill_reason: str | None = None
         self.jobs_done = 0
         self.retiring = False
+        self.preempt_area: mmap.mmap | None = None
 
     @property
     def busy(self) -> bool:
         return bool(self.batch)
+
+    def preempt(self) -> bool:
+        """Ask the worker to hand back the jobs of its batch it has not started; True
+        if there were any (beyond the one it may be running)."""
+        if len(self.batch) < 2 or self.preempt_area is None:
+            return False
+        _PREEMPT.pack_into(self.preempt_area, 0, self.batch[1].seq, self.batch[-1].seq)
+        return True
 
     def on_frame(self, frame: Any) -> None:
         kind = frame[0]
@@ -114,6 +129,8 @@ class _Worker:
         elif kind == "done":
             for result in frame[1]:
                 self.pool._on_done(self, result)
+        elif kind == "preempted":
+            self.pool._on_preempted(self, frame[1])
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
@@ -179,6 +196,9 @@ class Pool:
         self._next_index += 1
         cmd_r, cmd_w = os.pipe()
         res_r, res_w = os.pipe()
+        area_fd = os.memfd_create("prioqd-preempt", os.MFD_CLOEXEC)
+        os.ftruncate(area_fd, _PREEMPT.size)
+        worker.preempt_area = mmap.mmap(area_fd, _PREEMPT.size)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -186,8 +206,9 @@ class Pool:
                 "prioqd.worker",
                 str(cmd_r),
                 str(res_w),
+                str(area_fd),
                 *self.modules,
-                pass_fds=(cmd_r, res_w),
+                pass_fds=(cmd_r, res_w, area_fd),
                 stdin=asyncio.subprocess.DEVNULL,
                 # Task output goes to stderr: the daemon's stdout carries only its logs.
                 stdout=sys.stderr.fileno(),
@@ -198,6 +219,7 @@ class Pool:
                 os.close(fd)
             raise
         finally:
+            os.close(area_fd)
             # The child holds its ends now; closing ours makes EOF mean "the other
             # side is gone".
             with contextlib.suppress(OSError):
@@ -266,6 +288,9 @@ class Pool:
             worker.deadline.cancel()
         if worker.transport is not None:
             worker.transport.close()
+        if worker.preempt_area is not None:
+            worker.preempt_area.close()
+            worker.preempt_area = None
         if not worker.ready.done():
             worker.ready.set_exception(
                 WorkerStartError(f"{_describe_exit(returncode)} before it was ready")
@@ -320,21 +345,64 @@ class Pool:
         """
         loop = asyncio.get_running_loop()
         first = self._seq + 1
-        work = [(first + i, job.task, job.args, job.kwargs) for i, job in enumerate(jobs)]
+        batch = [_Running(job, first + i, loop.create_future(), rank) for i, job in enumerate(jobs)]
         # Pickled first: arguments that cannot be (nested too deep, say) raise here,
         # before the pool has recorded anything.
-        frame = pickle.dumps(("run", self.max_result_bytes, work), protocol=pickle.HIGHEST_PROTOCOL)
-        self._seq += len(work)
-        batch = [_Running(job, first + i, loop.create_future()) for i, job in enumerate(jobs)]
+        frame = self._frame(batch)
+        self._seq += len(batch)
         if batch:
             batch[0].on_start = on_start
         if self._idle:
             self._run(self._idle.popleft(), batch, frame)
         else:
-            # Every worker is busy or being replaced after a crash: the slot was
-            # freed already, so this waits only for the replacement to start.
+            # Every worker is busy (or being replaced after a crash): wait, and send
+            # back every lower job not started yet, so that this one waits for one
+            # running job at most.
             heapq.heappush(self._pending, (rank, batch[0].seq, batch, frame))
+            self.evict(rank)
         return [r.future for r in batch]
+
+    def _frame(self, batch: list[_Running]) -> bytes:
+        work = [(r.seq, r.job.task, r.job.args, r.job.kwargs) for r in batch]
+        return pickle.dumps(("run", self.max_result_bytes, work), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def evict(self, rank: int) -> int:
+        """Give up every job of a lower priority (a higher ``rank``) that has not
+        started: batches waiting here, and the unstarted rest of the batches workers
+        run, which they hand back at the end of their current job. Those jobs end as
+        ``not_run`` (the daemon puts them back, uncharged). Returns how many batches."""
+        evicted = 0
+        keep = []
+        for entry in self._pending:
+            if entry[0] > rank:
+                for r in entry[2]:
+                    self._resolve(r, RunResult("not_run", error="preempted"))
+                evicted += 1
+            else:
+                keep.append(entry)
+        if evicted:
+            heapq.heapify(keep)
+            self._pending = keep
+        for w in self._workers:
+            if w.batch and w.batch[0].rank > rank and w.preempt():
+                evicted += 1
+        return evicted
+
+    def waiting_rank(self) -> int | None:
+        """The highest rank (lowest priority) of a job held here and not started."""
+        ranks = [entry[0] for entry in self._pending]
+        ranks += [w.batch[0].rank for w in self._workers if len(w.batch) > 1]
+        return max(ranks) if ranks else None
+
+    def _on_preempted(self, worker: _Worker, seqs: list[int]) -> None:
+        """The worker handed back the unstarted rest of its batch."""
+        back: list[_Running] = []
+        while worker.batch and worker.batch[-1].seq in seqs:
+            back.append(worker.batch.pop())
+        for r in reversed(back):
+            self._resolve(r, RunResult("not_run", error="preempted"))
+        if not worker.batch:
+            self._make_idle(worker)
 
     def _run(self, worker: _Worker, batch: list[_Running], frame: bytes) -> None:
         worker.batch.extend(batch)

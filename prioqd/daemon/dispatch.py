@@ -103,6 +103,8 @@ class Dispatcher:
         self._priority_s: dict[str, Ewma] = {}
         #: Round trip of a cycle, for the prefetch lead.
         self.rtt_s = Ewma(initial=0.0005)
+        #: Called when the set of running priorities may have changed.
+        self.on_change: Callable[[], None] = lambda: None
         self.running = 0
         self.jobs_done = 0
         self.last_error = ""
@@ -123,6 +125,11 @@ class Dispatcher:
         return bool(self._outbox or self._finished or self._unrecorded)
 
     # --- claims in ---------------------------------------------------------------------
+
+    def lowest_waiting(self) -> int | None:
+        """The rank (0 = highest) of the lowest priority among jobs held here that
+        have not started: a higher job must not wait behind them."""
+        return self.pool.waiting_rank()
 
     def claim_sizes(self) -> list[tuple[str, int]]:
         """Payloads to claim per slot token, per priority (highest first)."""
@@ -198,6 +205,7 @@ class Dispatcher:
             # Start records wait a moment: a job that is done by then is recorded in
             # one step (claim -> succeeded); one still running gets its "running".
             self._arm_start_timer(time.monotonic() + START_RECORD_AFTER_S)
+            self.on_change()
         if self._outbox:
             self._wake()
 
@@ -205,8 +213,9 @@ class Dispatcher:
         """Split runnable jobs into at most ``tokens`` batches, keeping claim order.
 
         Each free worker gets a job first (parallelism before batching); the rest join
-        the smallest batch that still has room, where room is the batch size of its
-        slowest task, so a task not known to be short always runs alone.
+        the smallest batch of their priority that still has room, where room is the
+        batch size of its slowest task, so a task not known to be short always runs
+        alone, and a batch can be preempted as a whole by a higher priority.
         """
         batches: list[list[Job]] = []
         limits: list[int] = []
@@ -221,7 +230,11 @@ class Dispatcher:
                 batches.append([job])
                 limits.append(size)
                 continue
-            room = [i for i, b in enumerate(batches) if len(b) < min(limits[i], size)]
+            room = [
+                i
+                for i, b in enumerate(batches)
+                if b[0].priority == job.priority and len(b) < min(limits[i], size)
+            ]
             if not room:
                 spill.append(job)
                 continue
@@ -293,6 +306,7 @@ class Dispatcher:
     def _finish(self, job: Job, run: RunResult) -> None:
         self._finished.append((job, run))
         self._wake()
+        self.on_change()
 
     # --- outcomes out --------------------------------------------------------------------
 

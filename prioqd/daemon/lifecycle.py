@@ -4,7 +4,8 @@
     Lease      identity, register, heartbeat, recover the dead (lease.py)
     Dispatcher claims -> batches -> the pool -> outcome ops (dispatch.py)
     Cycle      ops out, claims in: one Lua call a round trip (cycle.py)
-    Watch      the blocking wait while every queue is empty (watch.py)
+    Watch      the blocking waits: every queue while idle, the higher ones while
+               busy (watch.py)
     Scheduler  retries and delayed jobs, promoted when due (scheduler.py)
     Control    watchdog, STATUS, reload (control.py)
 
@@ -108,9 +109,11 @@ class Daemon:
             self.priorities,
             cycle=self.cycle,
             dispatch=self.dispatch,
+            slots=self.slots,
             log=self.log,
             on_redis_down=self._redis_down,
         )
+        self.dispatch.on_change = self.watch.reconcile
         self.control = Control(
             self.notifier,
             status_text=self._status_text,

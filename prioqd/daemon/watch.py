@@ -1,10 +1,24 @@
-"""The blocking wait: with every queue empty, wait in Redis instead of polling.
+"""The blocking waits: learn of a job in Redis without polling.
 
 One ``BLMOVE queue:p -> landing:D:p`` per priority, each on its own connection
-(``broker.BlockingMove``). The first payload to land is run; the other waits are
-called off with ``CLIENT UNBLOCK``, and a payload that lands in that race is adopted
-and put back at the head of its queue, so the next claim takes jobs in strict
-priority order. Idle, this costs no Redis commands and no CPU.
+(``broker.BlockingMove``), in two modes:
+
+- **Idle** (a claim found every queue empty; the cycle claims nothing meanwhile):
+  wait on every queue. The first payload to land runs. If it is not of the highest
+  priority, the other waits are heard out first (``CLIENT UNBLOCK``), and only the
+  highest payload that landed in that race runs; the rest go back to the head of
+  their queues, so the next claim takes jobs in strict priority order.
+- **Busy** (the cycle claims as slot tokens free up): wait only on the priorities
+  higher than the lowest one running here. Such a payload is taken at once, on a
+  token lent if none is free (``Slots.take_one``), and goes to the pool ahead of
+  every lower job; the workers hand back the lower jobs they have not started
+  (``Pool.preempt``). So a higher job waits for one running job at most, never for
+  a lower job that has not started. While the lent token is not paid back, the
+  waits are not renewed: the rest of a burst is claimed in batches by the cycle.
+
+A payload that lands on a wait being called off, or that is no longer higher than
+what runs, is adopted and put back at the head of its queue. Idle, all this costs no
+Redis commands and no CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +31,7 @@ from typing import Any
 from prioqd.broker import BlockingMove, Broker
 from prioqd.daemon.cycle import Cycle
 from prioqd.daemon.dispatch import Dispatcher
+from prioqd.daemon.slots import Slots
 from prioqd.errors import BrokerError
 from prioqd.ops import Unland
 from prioqd.timing import Backoff
@@ -31,29 +46,31 @@ class Watch:
         *,
         cycle: Cycle,
         dispatch: Dispatcher,
+        slots: Slots,
         log: Any,
         on_redis_down: Callable[[str, BrokerError, Backoff], float],
     ) -> None:
         self.priorities = priorities
         self.cycle = cycle
         self.dispatch = dispatch
+        self.slots = slots
         self.log = log
         self._on_redis_down = on_redis_down
         self._moves = BlockingMove(broker, daemon_id, priorities)
+        self._rank = {p: i for i, p in enumerate(priorities)}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         #: Priorities whose wait broke: a payload may have landed unseen, so they do
         #: not wait again until an ``Unland`` has put their landing list back.
         self._dirty: set[str] = set()
-        self._backoff = Backoff()
-        self._rank = {p: i for i, p in enumerate(priorities)}
+        #: Waits being called off.
+        self._leaving: set[str] = set()
         #: Payloads that landed together, while the first one's rivals are heard out.
         self._race: list[tuple[int, str, bytes]] | None = None
-        self._settling: asyncio.Future[None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
+        self._backoff = Backoff()
         self._closing = False
 
-    @property
-    def active(self) -> bool:
-        return self.cycle.waiting
+    # --- which queues to wait on -------------------------------------------------------
 
     def idle(self) -> None:
         """Every queue is empty: wait on all of them (the cycle stops claiming)."""
@@ -63,48 +80,94 @@ class Watch:
         for p in self.priorities:
             self._arm(p)
 
+    def _busy_targets(self) -> list[str]:
+        lowest = self.dispatch.lowest_waiting()
+        return [] if lowest is None else self.priorities[:lowest]
+
+    def reconcile(self) -> None:
+        """Busy mode: wait on exactly the priorities above the lowest job held here
+        that has not started."""
+        if self._closing or self.cycle.waiting or self._race is not None:
+            return
+        targets = self._busy_targets()
+        for p in targets:
+            self._arm(p)
+        extra = [p for p in self._tasks if p not in targets and p not in self._leaving]
+        if extra:
+            self._call_off(extra)
+
     def _arm(self, p: str) -> None:
         if p not in self._tasks and p not in self._dirty and not self._closing:
             self._tasks[p] = asyncio.ensure_future(self._wait(p))
+
+    def _call_off(self, priorities: list[str]) -> None:
+        self._leaving.update(priorities)
+        self._background_task(self._unblock(priorities))
+
+    def _background_task(self, coro: Any) -> asyncio.Future[None]:
+        task: asyncio.Future[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _unblock(self, priorities: list[str]) -> None:
+        try:
+            await self._moves.unblock(priorities)
+        except BrokerError as exc:
+            # The waits stay blocked; a payload landing there is put back all the same.
+            self.log.warning("could not call off a blocking wait", error=str(exc))
+
+    # --- a wait, and what lands -------------------------------------------------------
 
     async def _wait(self, p: str) -> None:
         try:
             raw = await self._moves.move(p)
         except BrokerError as exc:
             self._dirty.add(p)
-            del self._tasks[p]
+            self._done(p)
             await asyncio.sleep(self._on_redis_down("blocking fetch", exc, self._backoff))
             self.cycle.repair(Unland(p))
             return
         except asyncio.CancelledError:
             # Shutdown: whatever landed is put back by deregistering.
             self._dirty.add(p)
-            self._tasks.pop(p, None)
+            self._done(p)
             raise
-        del self._tasks[p]
+        self._done(p)
         self._backoff.reset()
         if raw is not None:
             self._landed(p, raw)
         elif self.cycle.waiting and self._race is None:
-            self._arm(p)  # called off, but we went back to waiting meanwhile
+            self._arm(p)  # called off, but we went back to idle meanwhile
+        else:
+            self.reconcile()
+
+    def _done(self, p: str) -> None:
+        self._tasks.pop(p, None)
+        self._leaving.discard(p)
 
     def _landed(self, p: str, raw: bytes) -> None:
         claim = self.cycle.new_claim()
         if self._race is not None:
             self._race.append((claim, p, raw))  # settled by _settle
-        elif self.cycle.waiting and not self._closing:
+        elif self._closing:
+            self.dispatch.land_back(claim, p, raw)
+        elif self.cycle.waiting:
             others = [q for q in self._tasks if q != p]
             if p == self.priorities[0] or not others:
-                # Nothing can outrank it: run it now, call the other waits off.
+                # Nothing can outrank it: run it now; call off what is not wanted.
                 self.cycle.waiting = False
                 self.dispatch.land(claim, p, raw)
-                if others:
-                    self._settling = asyncio.ensure_future(self._unblock(others))
+                self.reconcile()
             else:
                 # A higher payload may have landed at the same moment: hear every
                 # wait out before choosing (the cycle claims nothing meanwhile).
                 self._race = [(claim, p, raw)]
-                self._settling = asyncio.ensure_future(self._settle(others))
+                self._background_task(self._settle(others))
+        elif p in self._busy_targets():
+            # Higher than something running: it goes first, on a lent token if need be.
+            self.dispatch.land(claim, p, raw)
+            self.reconcile()
         else:
             self.dispatch.land_back(claim, p, raw)
         self.cycle.wake()
@@ -113,6 +176,7 @@ class Watch:
         """Call off the other waits, then run the highest payload that landed and put
         the rest back at the head of their queues."""
         tasks = [self._tasks[q] for q in others if q in self._tasks]
+        self._leaving.update(others)
         await self._unblock(others)
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
@@ -124,20 +188,16 @@ class Watch:
                 self.dispatch.land(claim, p, raw)
             else:
                 self.dispatch.land_back(claim, p, raw)
+        self.reconcile()
         self.cycle.wake()
-
-    async def _unblock(self, priorities: list[str]) -> None:
-        try:
-            await self._moves.unblock(priorities)
-        except BrokerError as exc:
-            # The waits stay blocked; a payload landing there is put back all the same.
-            self.log.warning("could not call off a blocking wait", error=str(exc))
 
     def unlanded(self, p: str) -> None:
         """An ``Unland`` of ``p`` was applied: it may wait again."""
         self._dirty.discard(p)
         if self.cycle.waiting:
             self._arm(p)
+        else:
+            self.reconcile()
 
     async def close(self) -> None:
         """Call off every wait (shutdown)."""
@@ -153,5 +213,7 @@ class Watch:
                 # the connections makes the blocked reads fail instead.
                 await self._moves.close()
                 await asyncio.wait(pending, timeout=2.0)
+        for bg in list(self._background):
+            bg.cancel()
         with contextlib.suppress(Exception):
             await self._moves.close()
