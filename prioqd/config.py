@@ -136,6 +136,8 @@ class JobsConfig:
     # A payload whose daemon died this many times while holding it is poison: the next
     # recovery sends it to the dead letters instead of back to the head of its queue.
     max_recoveries: int = field(default=3, metadata=_check(_non_negative))
+    # The dead-letter list keeps at most this many, dropping the oldest (0: no bound).
+    dead_letters_max: int = field(default=10_000, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)

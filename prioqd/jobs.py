@@ -34,6 +34,8 @@ ALLOWED_FIELDS = (
     "delay_s",
     "eta",
     "meta",
+    "enqueued_at",
+    "unique",
 )
 _ALLOWED = frozenset(ALLOWED_FIELDS)
 MAX_ID_LENGTH = 200
@@ -75,6 +77,9 @@ class Job:
     timeout_s: float | None = None
     max_retries: int | None = None
     due_ms: int = 0  # > 0: not due yet; goes to the schedule until then (Redis clock)
+    enqueued_at: float | None = None  # Unix time, as the producer stated it
+    unique: bool = False  # never runs twice at the same time (see ops.Lock)
+    meta: dict[str, Any] | None = None
     claim: int = 0  # our claim number: the key of its inflight entry
     state: JobState = JobState.CLAIMED
     attempt: int = 0  # valid once state is STARTED
@@ -228,8 +233,19 @@ def _parse(
         and 0 <= max_retries <= MAX_RETRIES
     ):
         return reject(f"'max_retries' must be a whole number from 0 to {MAX_RETRIES}")
-    if "meta" in obj and not isinstance(obj["meta"], dict):
+    meta = obj.get("meta")
+    if meta is not None and not isinstance(meta, dict):
         return reject("'meta' must be an object")
+    enqueued_at = None
+    if "enqueued_at" in obj:
+        enqueued_at = _number(obj["enqueued_at"])
+        if enqueued_at is None:
+            return reject("'enqueued_at' must be a number (Unix time in seconds)")
+    unique = obj.get("unique", False)
+    if not isinstance(unique, bool):
+        return reject("'unique' must be true or false")
+    if unique and "id" not in obj:
+        return reject("'unique' needs an 'id': it is what makes two jobs the same")
     if "delay_s" in obj and "eta" in obj:
         return reject("give 'delay_s' or 'eta', not both")
     due_s = 0.0
@@ -271,6 +287,9 @@ def _parse(
         timeout_s=timeout_s,
         max_retries=max_retries,
         due_ms=due_ms,
+        enqueued_at=enqueued_at,
+        unique=unique,
+        meta=meta,
     )
 
 
@@ -322,6 +341,10 @@ def payload_field(raw: bytes) -> dict[str, str]:
         return {"payload_b64": base64.b64encode(raw).decode("ascii")}
 
 
+def cancelled_run(now: float) -> RunResult:
+    return RunResult("cancelled", error="cancelled", started_at=now, finished_at=now)
+
+
 # --- outcomes of a run -------------------------------------------------------------
 
 RunStatus = Literal[
@@ -349,7 +372,7 @@ _PERMANENT: frozenset[str] = frozenset({"rejected", "bad_result", "cancelled"})
 class Ending:
     """How a started run ended, as decided by policy."""
 
-    status: Literal["succeeded", "failed", "dead"]
+    status: Literal["succeeded", "failed", "dead", "cancelled"]
     retry_in_s: float = 0.0
 
 
@@ -508,6 +531,10 @@ def end_op(
             dels=dels, member=schedule_member(job, daemon_id), due_ms=due_ms,
         )  # fmt: skip
     dels.append("retry_at")
+    if run.status == "cancelled":
+        # An operator's decision, not a failure: no dead letter, no retry.
+        outcome["status"] = fields["status"] = "cancelled"
+        return End(job, run, Ending("cancelled"), policy.ttl_s, dumps(outcome), fields, dels=dels)
     if run.status in _PERMANENT:
         reason = run.error
     else:
@@ -523,12 +550,8 @@ def end_op(
         "daemon": daemon_id,
         "dead_at": round(run.finished_at, 6),
     }
-    status: Literal["dead"] = "dead"
-    if run.status == "cancelled":
-        outcome["status"] = fields["status"] = "cancelled"
-    else:
-        outcome["status"] = fields["status"] = status
+    outcome["status"] = fields["status"] = "dead"
     return End(
-        job, run, Ending(status), policy.ttl_s, dumps(outcome), fields,
-        dels=dels, dead_letter="" if run.status == "cancelled" else dumps(letter),
+        job, run, Ending("dead"), policy.ttl_s, dumps(outcome), fields,
+        dels=dels, dead_letter=dumps(letter),
     )  # fmt: skip

@@ -52,18 +52,18 @@ class Script:
         max_bytes: int = 10_000,
         daemon: str = D,
     ) -> tuple[list[int], list[tuple[str, bytes]], bool]:
-        args: list[Any] = ["cycle", daemon, next_claim, max_bytes, tokens, len(SIZES)]
+        args: list[Any] = ["cycle", daemon, next_claim, max_bytes, 0, tokens, len(SIZES)]
         for p, size in SIZES:
             args += [p, size]
         for op in op_list:
             args += op.args()
-        results, flat, held, _dropped = self.call(*args)
+        results, flat, held, _dropped, _trimmed, _paused = self.call(*args)
         claimed = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
         return results, claimed, bool(held)
 
     def beat(self, daemon: str = D, lease_ms: int = 60_000) -> list[Any]:
         return self.call(  # type: ignore[no-any-return]
-            "heartbeat", daemon, lease_ms, 10, 3, "priorities", ",".join(PRIORITIES)
+            "heartbeat", daemon, lease_ms, 10, 3, 0, "priorities", ",".join(PRIORITIES)
         )
 
 
@@ -421,7 +421,7 @@ class ClaimMachine(RuleBasedStateMachine):
 
     @rule()
     def promote(self) -> None:
-        self.lua.call("promote", 100)
+        self.lua.call("promote", 100, 0)
 
     @rule()
     def recovered_by_another_daemon(self) -> None:

@@ -32,6 +32,7 @@ from prioqd.ops import (
     Drop,
     End,
     Finish,
+    Lock,
     Op,
     Reject,
     Release,
@@ -99,6 +100,10 @@ class Dispatcher:
         #: Dispatched jobs whose start is not written yet, in dispatch order.
         self._unrecorded: dict[int, Job] = {}
         self._start_timer: asyncio.TimerHandle | None = None
+        #: Unique jobs waiting for their lock (see ops.Lock) before they run.
+        self._locking: dict[int, Job] = {}
+        #: Ids of jobs an operator cancelled that may still come our way.
+        self.cancels: set[str] = set()
         self._task_s: dict[str, Ewma] = {}
         self._priority_s: dict[str, Ewma] = {}
         #: Round trip of a cycle, for the prefetch lead.
@@ -122,7 +127,7 @@ class Dispatcher:
     @property
     def pending(self) -> bool:
         """Whether anything waits to be written."""
-        return bool(self._outbox or self._finished or self._unrecorded)
+        return bool(self._outbox or self._finished or self._unrecorded or self._locking)
 
     # --- claims in ---------------------------------------------------------------------
 
@@ -187,10 +192,16 @@ class Dispatcher:
                 )
                 continue
             item.claim = claim
-            if item.due_ms:
+            if item.id in self.cancels:
+                self._cancelled(item)
+            elif item.due_ms:
                 self._outbox.append(
                     jobs.schedule_op(item, daemon_id=self.daemon_id, ttl_s=cfg.result_ttl_s)
                 )
+            elif item.unique:
+                # Runs only once it holds its lock: never twice at the same time.
+                self._locking[claim] = item
+                self._outbox.append(Lock(item, cfg.result_ttl_s))
             else:
                 runnable.append(item)
         batches, spill = self._batches(runnable, tokens)
@@ -303,6 +314,26 @@ class Dispatcher:
             self._priority_s.setdefault(job.priority, Ewma()).add(took)
         self._finish(job, run)
 
+    def _cancelled(self, job: Job) -> None:
+        """A job cancelled before it ran: it ends as such, and is not retried."""
+        now = time.time()
+        job.started_at = now
+        self._unrecorded[job.claim] = job
+        self._finish(job, jobs.cancelled_run(now))
+
+    def cancel(self, ids: set[str]) -> None:
+        """Operators cancelled these jobs: stop any we run, drop any we hold."""
+        self.cancels |= ids
+        for job_id in ids:
+            stopped = self.pool.cancel(job_id)
+            for claim, job in list(self._locking.items()):
+                if job.id == job_id:
+                    del self._locking[claim]
+                    self._cancelled(job)
+                    stopped += 1
+            if stopped:
+                self.log.info("job cancelled by an operator", job_id=job_id, jobs=stopped)
+
     def _finish(self, job: Job, run: RunResult) -> None:
         self._finished.append((job, run))
         self._wake()
@@ -384,6 +415,22 @@ class Dispatcher:
     def applied(self, op: Op, result: int) -> None:
         """Act on the result of one op of a cycle."""
         match op:
+            case Lock(job=job):
+                if self._locking.pop(job.claim, None) is None:
+                    return  # cancelled meanwhile
+                if result == 1:
+                    self.slots.take_one()
+                    self._submit([job])
+                    self._arm_start_timer(time.monotonic() + START_RECORD_AFTER_S)
+                    self.on_change()
+                elif result == 0:
+                    job.state = JobState.LOST
+                    self.log.warning(
+                        "job dropped: a run of this unique job is live", job_id=job.id,
+                        task=job.task, queue=job.priority, outcome="duplicate",
+                    )  # fmt: skip
+                else:
+                    self._claim_gone(job, result, "claimed")
             case Start(job=job):
                 self._started(job, result)
             case Finish(job=job, run=run):
@@ -399,6 +446,8 @@ class Dispatcher:
                     self._log_started(job)
                     self._log_ending(job, run, jobs.Ending("succeeded"))
             case End(job=job, run=run, ending=ending):
+                if run.status == "cancelled":
+                    self.cancels.discard(job.id)
                 if not self._claim_gone(job, result, "finished"):
                     self._log_ending(job, run, ending)
                     if ending.retry_in_s:

@@ -7,6 +7,7 @@
     Watch      the blocking waits: every queue while idle, the higher ones while
                busy (watch.py)
     Scheduler  retries and delayed jobs, promoted when due (scheduler.py)
+    Remote     operators' pause, resume and cancel, heard on a channel (remote.py)
     Control    watchdog, STATUS, reload (control.py)
 
 Signal handlers only set events; ``run`` takes a ``shutdown_trigger`` so tests stop
@@ -30,6 +31,7 @@ from prioqd.daemon.control import Control
 from prioqd.daemon.cycle import Cycle
 from prioqd.daemon.dispatch import Dispatcher
 from prioqd.daemon.lease import Lease, default_daemon_id
+from prioqd.daemon.remote import Remote
 from prioqd.daemon.scheduler import Scheduler
 from prioqd.daemon.slots import Slots
 from prioqd.daemon.watch import Watch
@@ -71,7 +73,9 @@ class Daemon:
         self.id = daemon_id or default_daemon_id()
         self.log = get_logger(daemon_id=self.id)
         self._force = asyncio.Event()
-        self.scheduler = Scheduler(self.broker, log=self.log, on_redis_down=self._redis_down)
+        self.scheduler = Scheduler(
+            self.broker, config, log=self.log, on_redis_down=self._redis_down
+        )
         self.lease = Lease(
             self.broker,
             config,
@@ -114,6 +118,14 @@ class Daemon:
             on_redis_down=self._redis_down,
         )
         self.dispatch.on_change = self.watch.reconcile
+        self.remote = Remote(
+            self.broker,
+            log=self.log,
+            on_paused=self._set_paused,
+            on_cancel=self.dispatch.cancel,
+            on_redis_down=self._redis_down,
+        )
+        self.cycle.on_paused = self._set_paused
         self.control = Control(
             self.notifier,
             status_text=self._status_text,
@@ -187,6 +199,10 @@ class Daemon:
         await self._until_redis_answers()
         if self._stop.is_set() or not await self.lease.register(self._stop):
             return False
+        try:
+            await self.remote.refresh()  # paused before we claim anything
+        except BrokerError as exc:
+            self.log.warning("could not read the paused priorities", error=str(exc))
         await self._report_unserved_queues()
         self.log.info(
             "daemon ready", tasks=sorted(self.pool.task_names), worker_pids=self.pool.pids
@@ -206,6 +222,7 @@ class Daemon:
             self._spawn(self.cycle.run()),
             self._spawn(self.scheduler.run()),
             self._spawn(self.control.reload_loop()),
+            self._spawn(self.remote.run()),
         ]
         if self.notifier.enabled:
             self._loops.append(self._spawn(self.control.status_loop()))
@@ -253,6 +270,7 @@ class Daemon:
         self.cycle.close()
         self.scheduler.close()
         self.control.close()
+        self.remote.close()
         await self._end(self._loops)
         self.lease.close()
         await self._end(self._heartbeat)
@@ -286,6 +304,11 @@ class Daemon:
 
     def _idle(self) -> None:
         self.watch.idle()
+
+    def _set_paused(self, paused: set[str]) -> None:
+        self.remote.paused = self.cycle.paused = paused
+        self.watch.set_paused(paused)
+        self.cycle.wake()  # a resumed priority may have jobs to claim
 
     def _unlanded(self, priority: str) -> None:
         self.watch.unlanded(priority)
@@ -396,7 +419,7 @@ class Daemon:
         self.pool.max_jobs_per_worker = new.workers.max_jobs_per_worker
         self.pool.max_result_bytes = new.jobs.max_result_bytes
         self.config = new
-        for part in (self.dispatch, self.cycle, self.lease):
+        for part in (self.dispatch, self.cycle, self.lease, self.scheduler):
             part.config = new
         return None
 

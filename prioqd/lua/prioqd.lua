@@ -42,7 +42,15 @@
 --                           U ("D/C") keeps two equal payloads from collapsing into one.
 --   P:recovered      HASH   sha1(payload) -> R, for a recovered payload back in its queue
 --                           (the claim that takes it moves R into its inflight entry).
---   P:events         pub/sub channel: the outcome JSON of every attempt.
+--   P:paused         SET    priorities no daemon claims from (`prioqd pause`).
+--   P:cancels        ZSET   job id -> expiry ms: cancels asked for jobs held by a daemon;
+--                           the daemon that ends such a job as cancelled removes it.
+--   P:unique:<id>    STRING the lock of a unique job: "q" while it is queued or scheduled
+--                           (set by the push), "D/C" while claim C of daemon D runs it.
+--   P:events         pub/sub channel: the outcome JSON of every attempt, and
+--                           {"id", "status": "duplicate"} for a unique job pushed twice.
+--   P:control        pub/sub channel: operators' commands to the daemons (pause,
+--                           resume, cancel), as JSON.
 --
 -- Invariant: a job is always in exactly one of P:queue:p, P:landing:D:p,
 -- P:inflight:D, P:scheduled or P:dead (or it has ended), and every move between them
@@ -64,7 +72,29 @@ local daemons_key = prefix .. ':daemons'
 local dead_key = prefix .. ':dead'
 local scheduled_key = prefix .. ':scheduled'
 local recovered_key = prefix .. ':recovered'
+local paused_key = prefix .. ':paused'
+local cancels_key = prefix .. ':cancels'
 local events_key = prefix .. ':events'
+local function unique_key(id) return prefix .. ':unique:' .. id end
+
+-- Dead letters kept at most (0: no bound); set by each command that may add one.
+local max_dead = 0
+-- Dead letters dropped (oldest first) to keep within max_dead by this call.
+local trimmed = 0
+
+-- Adds a dead letter, dropping the oldest ones past max_dead (with the payload keys
+-- they name).
+local function push_dead(letter)
+    redis.call('LPUSH', dead_key, letter)
+    while max_dead > 0 and redis.call('LLEN', dead_key) > max_dead do
+        local old = redis.call('RPOP', dead_key)
+        local ok, obj = pcall(cjson.decode, old)
+        if ok and type(obj) == 'table' and type(obj.payload_key) == 'string' then
+            redis.call('DEL', obj.payload_key)
+        end
+        trimmed = trimmed + 1
+    end
+end
 
 local function now_ms()
     local t = redis.call('TIME')
@@ -138,7 +168,7 @@ local function dead_by_reference(p, payload, reason, fields)
     local letter = {reason = reason, priority = p, payload_key = payload_key(sha),
         bytes = string.len(payload), dead_at = now_ms() / 1000}
     for k, v in pairs(fields or {}) do letter[k] = v end
-    redis.call('LPUSH', dead_key, cjson.encode(letter))
+    push_dead(cjson.encode(letter))
 end
 
 -- Moves everything in D's landing list for p back to the head of P:queue:p, newest
@@ -242,16 +272,18 @@ end
 -- ---------------------------------------------------------------------------------
 -- cycle: the daemon's one round trip.
 --
---   cycle D next_claim max_payload_bytes tokens n p1 size1 .. pn sizen op args... ...
+--   cycle D next_claim max_payload_bytes max_dead tokens n p1 size1 .. pn sizen op args...
 --
 -- Applies a batch of ops in order, then (if D's lease is held) claims payloads into
 -- P:inflight:D, highest priority first: from priority p up to `size` payloads per
 -- slot token left. Claim numbers are next_claim, next_claim + 1, ... in the order
 -- returned. A payload over max_payload_bytes never leaves Redis: it goes to the dead
--- letters by reference and only its reason is returned.
+-- letters by reference and only its reason is returned. Paused priorities
+-- (P:paused) are skipped. Dead letters are kept to max_dead (0: no bound).
 --
 -- Returns {{one integer per op}, {p, payload, p, payload, ...}, lease_held (1/0),
---          {reasons of payloads dead-lettered by the claim}}.
+--          {reasons of payloads dead-lettered by the claim}, dead letters trimmed,
+--          {paused priorities}}.
 --
 -- Op results: >= 0 the op applied (or had applied before); -1 the claim is gone
 -- (recovered by another daemon: nothing was written); -2 the op could not apply
@@ -276,6 +308,43 @@ local function fail_op(c, v, why)
 end
 
 local ops = {}
+
+-- Claim C's job ended (or went to the schedule, with `scheduled`): what it held as
+-- a unique job, and a cancel asked for it, go. `flags` holds "u" for a unique job,
+-- "c" for one that ended cancelled (so jobs that are neither pay nothing here).
+local function settled(id, c, flags, ttl, scheduled)
+    if string.find(flags, 'u', 1, true) then
+        local key = unique_key(id)
+        if redis.call('GET', key) == D .. '/' .. c then
+            if scheduled then redis.call('SET', key, 'q', 'EX', ttl) else redis.call('DEL', key) end
+        end
+    end
+    if string.find(flags, 'c', 1, true) then redis.call('ZREM', cancels_key, id) end
+end
+
+-- lock C id ttl: claim C is a unique job: it takes the job's lock, unless a live
+-- run of the same id holds it, in which case this claim is a duplicate: it is
+-- dropped (not run, not dead-lettered) and "duplicate" is published. 1 locked, 0
+-- dropped as a duplicate, -1 the claim is gone.
+ops.lock = function(i)
+    local c, id, ttl = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local v = entry(c)
+    if not v then return -1, i + 4 end
+    local key, me = unique_key(id), D .. '/' .. c
+    local why = unwritable(key, 'string')
+    if why then return fail_op(c, v, why), i + 4 end
+    local cur = redis.call('GET', key)
+    if cur and cur ~= 'q' and cur ~= me then
+        local d2, c2 = string.match(cur, '^(.*)/(%d+)$')
+        if d2 and redis.call('HEXISTS', inflight_key(d2), c2) == 1 then
+            redis.call('HDEL', inflight, c)
+            redis.call('PUBLISH', events_key, cjson.encode({id = id, status = 'duplicate'}))
+            return 0, i + 4
+        end
+    end
+    redis.call('SET', key, me, 'EX', ttl)
+    return 1, i + 4
+end
 
 -- adopt p C raw: the payload `raw` that D's BLMOVE put in P:landing:D:p becomes
 -- claim C. 1; -1 if it is no longer there (recovered meanwhile).
@@ -326,14 +395,14 @@ ops.start = function(i)
     return attempt, nxt
 end
 
--- finish C id ttl outcome n k v ...: a success recorded in one step, for a job that
+-- finish C id ttl flags outcome n k v ...: a success recorded in one step, for a job that
 -- ended before its start was recorded: claim -> succeeded. The daemon wrote the
 -- outcome and fields for a first attempt; if the job has run before (a retry, a
 -- rerun after a crash) nothing is written and -4 tells the daemon to record its start
 -- and then its end instead. Returns the attempt number (1).
 ops.finish = function(i)
-    local c, id, ttl, outcome = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-    local fields, nxt = read_list(i + 5)
+    local c, id, ttl, flags, outcome = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+    local fields, nxt = read_list(i + 6)
     local v = entry(c)
     if not v then
         -- Applied already (a lost reply, now repeated), or the claim was taken.
@@ -353,20 +422,21 @@ ops.finish = function(i)
     write_job(id, ttl, fields, nil)
     push_done(id, ttl, outcome)
     redis.call('PUBLISH', events_key, outcome)
+    settled(id, c, flags, ttl, false)
     return 1, nxt
 end
 
--- end C id ttl done dead member due_ms outcome ndel k... n k v ...: a started run
+-- end C id ttl flags done dead member due_ms outcome ndel k... n k v ...: a started run
 -- ended: the job hash gets the fields (and loses the ndel ones); the done list the
 -- outcome if done = "1"; the dead letters `dead` if not empty; the schedule `member`
 -- at due_ms (Redis clock) if not empty. 1 (also when repeated: the job hash still
 -- names this claim and no longer says queued or running); -1 if the claim is gone.
 ops['end'] = function(i)
-    local c, id, ttl, done, dead, member, due_ms, outcome =
+    local c, id, ttl, flags, done, dead, member, due_ms, outcome =
         ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
-        ARGV[i + 7], ARGV[i + 8]
+        ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
     local dels, fields, nxt
-    dels, nxt = read_list(i + 9)
+    dels, nxt = read_list(i + 10)
     fields, nxt = read_list(nxt)
     local v = entry(c)
     if not v then
@@ -385,9 +455,10 @@ ops['end'] = function(i)
     redis.call('HDEL', inflight, c)
     write_job(id, ttl, fields, dels)
     if done == '1' then push_done(id, ttl, outcome) end
-    if dead ~= '' then redis.call('LPUSH', dead_key, dead) end
+    if dead ~= '' then push_dead(dead) end
     if member ~= '' then redis.call('ZADD', scheduled_key, tonumber(due_ms), member) end
     redis.call('PUBLISH', events_key, outcome)
+    settled(id, c, flags, ttl, member ~= '')
     return 1, nxt
 end
 
@@ -407,7 +478,7 @@ ops.reject = function(i)
     local why = check(targets)
     if why then return fail_op(c, v, why), nxt end
     redis.call('HDEL', inflight, c)
-    redis.call('LPUSH', dead_key, dead)
+    push_dead(dead)
     if id ~= '' then
         write_job(id, ttl, fields, nil)
         push_done(id, ttl, outcome)
@@ -515,9 +586,10 @@ if command == 'cycle' then
     inflight = inflight_key(D)
     local next_claim = tonumber(ARGV[4])
     local max_bytes = tonumber(ARGV[5])
-    local tokens = tonumber(ARGV[6])
-    local nprio = tonumber(ARGV[7])
-    local i = 8 + 2 * nprio
+    max_dead = tonumber(ARGV[6])
+    local tokens = tonumber(ARGV[7])
+    local nprio = tonumber(ARGV[8])
+    local i = 9 + 2 * nprio
     local results = {}
     while i <= #ARGV do
         local op = ops[ARGV[i]]
@@ -528,14 +600,17 @@ if command == 'cycle' then
     end
     local score = redis.call('ZSCORE', daemons_key, D)
     local held = score and tonumber(score) > now_ms()
-    local claimed, dropped = {}, {}
+    local claimed, dropped, paused = {}, {}, {}
     if held and tokens > 0 then
+        paused = redis.call('SMEMBERS', paused_key)
+        local skip = {}
+        for _, p in ipairs(paused) do skip[p] = true end
         local recovered = redis.call('EXISTS', recovered_key) == 1
         for k = 0, nprio - 1 do
             if tokens <= 0 then break end
-            local p, size = ARGV[8 + 2 * k], tonumber(ARGV[9 + 2 * k])
+            local p, size = ARGV[9 + 2 * k], tonumber(ARGV[10 + 2 * k])
             local queue = queue_key(p)
-            if unwritable(queue, 'list') == nil then
+            if not skip[p] and unwritable(queue, 'list') == nil then
                 local cap, n = tokens * size, 0
                 while n < cap do
                     local v = redis.call('RPOP', queue)
@@ -564,10 +639,10 @@ if command == 'cycle' then
             end
         end
     end
-    return {results, claimed, held and 1 or 0, dropped}
+    return {results, claimed, held and 1 or 0, dropped, trimmed, paused}
 end
 
--- heartbeat D lease_ms max_recover max_recoveries field value field value ...
+-- heartbeat D lease_ms max_recover max_recoveries max_dead field value field value ...
 -- Extends D's lease (registering it, with the given info fields, if it has none).
 -- Only if D's own lease was unbroken (it had not expired) does it then recover up to
 -- max_recover daemons whose lease has run out: after a stall of Redis every lease
@@ -581,13 +656,14 @@ if command == 'heartbeat' then
     local lease_ms = tonumber(ARGV[4])
     local max_recover = tonumber(ARGV[5])
     local max_recoveries = tonumber(ARGV[6])
+    max_dead = tonumber(ARGV[7])
     local now = now_ms()
     local own = redis.call('ZSCORE', daemons_key, d)
     local held = own and tonumber(own) >= now
     redis.call('ZADD', daemons_key, now + lease_ms, d)
-    if (not own) and #ARGV >= 7 then
+    if (not own) and #ARGV >= 8 then
         redis.call('DEL', daemon_key(d))
-        redis.call('HSET', daemon_key(d), unpack(ARGV, 7))
+        redis.call('HSET', daemon_key(d), unpack(ARGV, 8))
     end
     local expired = {}
     local queued, dead = 0, 0
@@ -608,13 +684,14 @@ if command == 'heartbeat' then
         queued, dead, next_due_in(now), now}
 end
 
--- recover D died max_recoveries p1 p2 ...
+-- recover D died max_recoveries max_dead p1 p2 ...
 -- Puts everything D holds back at the head of its queues and forgets D. Used by a
 -- daemon on a clean stop (for itself: died = 0) and at start-up for a dead
 -- predecessor on the same host (died = 1). The priorities are a fallback for a D
 -- with no info hash. Returns {jobs put back, jobs dead-lettered as poison}.
 if command == 'recover' then
-    return recover(ARGV[3], {unpack(ARGV, 6)}, ARGV[4] == '1', tonumber(ARGV[5]))
+    max_dead = tonumber(ARGV[6])
+    return recover(ARGV[3], {unpack(ARGV, 7)}, ARGV[4] == '1', tonumber(ARGV[5]))
 end
 
 -- undead entry p payload id payload_key
@@ -652,12 +729,13 @@ if command == 'purge' then
     return #letters
 end
 
--- promote max
+-- promote max max_dead
 -- Moves up to max due jobs from the schedule to the tail of their queues, in due
 -- order. A due job for a priority no registered daemon serves goes to the dead
 -- letters instead (it would otherwise wait forever in a queue nobody reads).
 -- Returns {moved, dead-lettered, ms until the next scheduled job or -1}.
 if command == 'promote' then
+    max_dead = tonumber(ARGV[4])
     local now = now_ms()
     local due = redis.call('ZRANGEBYSCORE', scheduled_key, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
     if #due == 0 then return {0, 0, next_due_in(now)} end
