@@ -160,6 +160,21 @@ class LogConfig:
     )
 
 
+def _listen(v: str) -> str | None:
+    if not v:
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return 'must be empty (off) or "host:port", e.g. "127.0.0.1:9464"'
+    return None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # Where /metrics is served for Prometheus; empty: no metrics at all.
+    listen: str = field(default="", metadata=_check(_listen))
+
+
 @dataclass(frozen=True)
 class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -169,6 +184,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: str = "<defaults>"
 
     def replace(self, **sections: Any) -> Config:

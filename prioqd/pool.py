@@ -318,8 +318,8 @@ class Pool:
             if reason not in ("timeout", "shutdown", "cancelled"):
                 exit_text = _describe_exit(returncode)
                 self._on_event("worker_died", pid=worker.pid, exit=exit_text, job_id=head.job.id)
-            self._on_event("worker_restart", reason=reason or "crashed")
         if not self._closing and len(self._workers) < self.size:
+            self._on_event("worker_restart", reason=reason or "crashed")
             self._track(asyncio.ensure_future(self._replace()))
         self._idle_event.set()
 

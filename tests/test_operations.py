@@ -119,7 +119,7 @@ def test_dead_letters_are_kept_within_dead_letters_max_oldest_dropped_first(
     d = daemon(config(jobs={"dead_letters_max": 3}))
     for i in range(5):
         push(r, "normal", {"id": f"x{i}", "task": "nope"})
-        wait_for(lambda i=i: r.llen("prioqd:dead") == min(i + 1, 3), 10)  # type: ignore[misc]
+        wait_status(r, [f"x{i}"])
     assert [e["id"] for e in dead_letters(r)] == ["x4", "x3", "x2"]
     d.wait_log("dead letters dropped, oldest first, to keep within dead_letters_max")
 
@@ -136,3 +136,50 @@ def test_enqueued_at_is_accepted_and_a_bad_one_is_rejected(
     assert "'enqueued_at' must be a number" in hashes["e2"]["error"]
     wait_for(lambda: len(dead_letters(r)) == 2, 10)
     assert any("'unique' needs an 'id'" in e["reason"] for e in dead_letters(r))
+
+
+def test_metrics_for_prometheus(
+    r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
+) -> None:
+    import urllib.request
+
+    from helpers import free_port
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    daemon(config(metrics={"listen": f"127.0.0.1:{port}"}))
+    push(r, "high", {"id": "m1", "task": "square", "args": [3], "enqueued_at": time.time()})
+    push(r, "normal", {"id": "m2", "task": "fail", "args": ["no"], "max_retries": 0})
+    push(r, "normal", {"id": "m3", "task": "crash", "max_retries": 0})
+    push(r, "low", *({"task": "nap", "args": [1]} for _ in range(3)))
+    pause(r, "low")
+    wait_status(r, ["m1", "m2", "m3"])
+    r.lpush("prioqd:queue:low", json.dumps({"task": "square", "args": [1]}))
+
+    def scrape() -> dict[str, list[tuple[dict[str, str], float]]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        out: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out.setdefault(s.name, []).append((s.labels, s.value))
+        return out
+
+    def value(m: dict[str, list[tuple[dict[str, str], float]]], name: str, **want: str) -> float:
+        return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == x for k, x in want.items()))
+
+    m = wait_for(
+        lambda: (s := scrape()) and value(s, "prioqd_queue_paused", priority="low") == 1 and s,
+        10,
+    )
+    assert value(m, "prioqd_jobs_total", task="square", priority="high", outcome="succeeded") == 1
+    assert value(m, "prioqd_jobs_total", task="fail", outcome="dead") == 1
+    assert value(m, "prioqd_job_duration_seconds_count", task="square") == 1
+    assert value(m, "prioqd_job_wait_seconds_count", priority="high") == 1
+    assert value(m, "prioqd_queue_depth", priority="low") >= 1
+    assert value(m, "prioqd_daemons_alive") == 1
+    assert value(m, "prioqd_slots", state="busy") + value(m, "prioqd_slots", state="free") == 2
+    assert value(m, "prioqd_dead_letters") == 2 and "prioqd_scheduled_jobs" in m
+    assert value(m, "prioqd_worker_restarts_total", reason="crashed") == 1
+    assert next(lab for lab, _ in m["prioqd_build_info"])["version"]
+    assert value(m, "prioqd_redis_errors_total") == 0

@@ -22,6 +22,7 @@ from prioqd import jobs
 from prioqd.config import Config
 from prioqd.daemon.slots import BatchSlot, Slots
 from prioqd.jobs import Job, JobState, RunResult
+from prioqd.metrics import NO_METRICS, Metrics
 from prioqd.ops import (
     FAILED,
     LOST,
@@ -113,6 +114,7 @@ class Dispatcher:
         self.running = 0
         self.jobs_done = 0
         self.last_error = ""
+        self.metrics: Metrics = NO_METRICS
 
     @property
     def policy(self) -> jobs.Policy:
@@ -276,6 +278,8 @@ class Dispatcher:
         for job in batch:
             job.started_at = now
             job.dispatched_at = mono
+            if job.enqueued_at is not None:
+                self.metrics.job_started(job.priority, now - job.enqueued_at)
         try:
             futures = self.pool.submit(batch, on_start, self._rank.get(batch[0].priority, 0))
         except Exception as exc:  # the arguments cannot be sent to a worker
@@ -453,6 +457,7 @@ class Dispatcher:
                     if ending.retry_in_s:
                         self._due_in_ms(int(ending.retry_in_s * 1000))
             case Reject(rejected=rej):
+                self.metrics.job_ended(rej.task or "-", rej.priority, "dead", None)
                 self.log.warning(
                     "job rejected", job_id=rej.id or None, task=rej.task or None,
                     queue=rej.priority, reason=rej.reason,
@@ -466,6 +471,7 @@ class Dispatcher:
                 self._due_in_ms(delay_ms)
             case Release(jobs=released, why=why) if result:
                 for job in released:
+                    self.metrics.job_ended(job.task, job.priority, "requeued", None)
                     self.log.info(
                         "job finished", job_id=job.id, task=job.task, queue=job.priority,
                         outcome="requeued", reason=why,
@@ -514,6 +520,7 @@ class Dispatcher:
             "duration_s": round(max(0.0, run.finished_at - run.started_at), 6),
         }
         self.jobs_done += 1
+        self.metrics.job_ended(job.task, job.priority, ending.status, fields["duration_s"])
         if ending.status == "succeeded":
             self.log.info("job finished", **fields)
             return

@@ -35,9 +35,10 @@ from prioqd.daemon.remote import Remote
 from prioqd.daemon.scheduler import Scheduler
 from prioqd.daemon.slots import Slots
 from prioqd.daemon.watch import Watch
-from prioqd.errors import BrokerError, WorkerStartError
+from prioqd.errors import BrokerError, ConfigError, WorkerStartError
 from prioqd.keys import Keys
 from prioqd.log import get_logger
+from prioqd.metrics import NO_METRICS, Metrics, PrometheusMetrics
 from prioqd.pool import Pool
 from prioqd.systemd import Notifier, redis_password, watchdog_interval_s
 from prioqd.timing import Backoff, wait_event
@@ -133,6 +134,7 @@ class Daemon:
             current=lambda: self.config,
             log=lambda: self.log,
         )
+        self.metrics: Metrics = NO_METRICS
         self.last_error = ""
         self.exit_code = EXIT_OK
         self._stop = asyncio.Event()
@@ -169,6 +171,7 @@ class Daemon:
         )
         registered = False
         try:
+            self._start_metrics()
             registered = await self._start_up(shutdown_trigger)
             if registered:
                 await self._serve()
@@ -178,10 +181,44 @@ class Daemon:
             await self.watch.close()
             await self.pool.close()
             await self.broker.close()
+            self.metrics.close()
         self.log.info("daemon stopped", jobs_done=self.dispatch.jobs_done, exit_code=self.exit_code)
         return self.exit_code
 
     # --- phases ----------------------------------------------------------------------
+
+    def _start_metrics(self) -> None:
+        listen = self.config.metrics.listen
+        if not listen:
+            return
+        cfg = self.config
+
+        def client() -> Any:
+            import redis
+
+            return redis.Redis.from_url(
+                cfg.redis.url,
+                password=redis_password(),
+                socket_timeout=cfg.redis.socket_timeout_s,
+                socket_connect_timeout=cfg.redis.connect_timeout_s,
+                client_name="prioqd-metrics",
+            )
+
+        try:
+            self.metrics = PrometheusMetrics(
+                listen,
+                client_factory=client,
+                keys=self.keys,
+                priorities=self.priorities,
+                slots=lambda: (self.slots.busy, self.slots.total),
+            )
+        except OSError as exc:
+            raise ConfigError(
+                cfg.path, "metrics.listen", f"cannot listen on {listen}: {exc}"
+            ) from exc
+        self.dispatch.metrics = self.metrics
+        self.cycle.on_trimmed = self.metrics.dead_letters_dropped
+        self.log.info("metrics served", url=f"http://{listen}/metrics")
 
     async def _start_up(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None) -> bool:
         """Workers up, Redis answering, lease taken, READY=1. False if stopped first."""
@@ -333,6 +370,7 @@ class Daemon:
 
     def _redis_down(self, what: str, exc: BrokerError, backoff: Backoff) -> float:
         delay = backoff.next_delay()
+        self.metrics.redis_error()
         self.last_error = str(exc)
         self.log.warning(
             "redis unavailable",
@@ -379,6 +417,8 @@ class Daemon:
             self.last_error = str(fields.get("error", ""))
             self.log.error("worker process failed to start", **fields)
             self.control.status_changed()
+        elif event == "worker_restart":
+            self.metrics.worker_restarted(str(fields.get("reason", "")))
         elif event == "tasks_changed":
             self.log.error("a new worker process has a different set of tasks", **fields)
         else:
