@@ -79,7 +79,8 @@ class Heartbeat:
 @dataclass(frozen=True)
 class CycleReply:
     results: list[int]
-    claimed: list[tuple[str, bytes]]
+    #: (priority, payload, attempts it had used before) in claim order.
+    claimed: list[tuple[str, bytes, int]]
     #: Whether our lease was held; if not, nothing was claimed.
     lease_held: bool
     #: Reasons of payloads the claim sent to the dead letters (over max_payload_bytes).
@@ -169,7 +170,9 @@ class Broker:
         for op in ops:
             args.extend(op.args())
         results, flat, held, dropped, trimmed, paused = await self._hot.evalsha(args)
-        claimed = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+        claimed = [
+            (flat[i].decode(), flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)
+        ]
         return CycleReply(
             results,
             claimed,

@@ -82,7 +82,9 @@ class Job:
     meta: dict[str, Any] | None = None
     claim: int = 0  # our claim number: the key of its inflight entry
     state: JobState = JobState.CLAIMED
-    attempt: int = 0  # valid once state is STARTED
+    #: The attempt this run is: predicted by the claim (from the payload's history in
+    #: Redis), confirmed by the start record, if one is written.
+    attempt: int = 1
     started_at: float = 0.0  # wall clock, when dispatched
     dispatched_at: float = 0.0  # monotonic
 
@@ -477,16 +479,11 @@ def _with_result(outcome_json: str, result_json: str) -> str:
     return outcome_json.replace('"result":null', '"result":' + result_json, 1)
 
 
-#: A job whose start was never written is finished in one step on the guess that
-#: this is its first attempt; the script refuses the guess otherwise (a retry, a
-#: rerun after a crash) and the job takes the slow path: start, then end.
-FINISH_ATTEMPT = 1
-
-
 def finish_op(job: Job, run: RunResult, *, daemon_id: str, ttl_s: int) -> Finish:
     """A success recorded in one step, for a job that ended before its start was
-    written: the claim goes straight to ``succeeded``."""
-    job.attempt = FINISH_ATTEMPT
+    written: the claim goes straight to ``succeeded``. ``job.attempt`` is the claim's
+    prediction; the script refuses it if the job hash counts otherwise, and the job
+    then takes the slow path: start, then end."""
     outcome, fields = _run_record(job, run, daemon_id)
     outcome["status"] = fields["status"] = "succeeded"
     fields.update(task=job.task, priority=job.priority, result=run.result_json)

@@ -114,6 +114,7 @@ class Finish:
             job.id,
             str(self.ttl_s),
             _flags(job, self.run),
+            str(job.attempt),
             self.outcome,
             *_flat(self.fields),
         ]

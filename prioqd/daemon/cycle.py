@@ -198,7 +198,7 @@ class Cycle:
                 self.lease.lost()
             if tokens:
                 if reply.claimed:
-                    claimed = [(lo + i, p, raw) for i, (p, raw) in enumerate(reply.claimed)]
+                    claimed = [(lo + i, *c) for i, c in enumerate(reply.claimed)]
                     self.dispatch.take(claimed, tokens)
                 else:
                     self.slots.release(tokens)

@@ -101,6 +101,8 @@ class Dispatcher:
         #: Dispatched jobs whose start is not written yet, in dispatch order.
         self._unrecorded: dict[int, Job] = {}
         self._start_timer: asyncio.TimerHandle | None = None
+        #: Landed jobs whose Adopt has not come back yet (it tells their attempt).
+        self._adopting: dict[int, Job | None] = {}
         #: Unique jobs waiting for their lock (see ops.Lock) before they run.
         self._locking: dict[int, Job] = {}
         #: Ids of jobs an operator cancelled that may still come our way.
@@ -158,7 +160,8 @@ class Dispatcher:
             self._wake()
             return
         self._outbox.append(Adopt(raw, priority, claim))
-        self.take([(claim, priority, raw)], 1)
+        self._adopting[claim] = None
+        self.take([(claim, priority, raw, 0)], 1)
 
     def land_back(self, claim: int, priority: str, raw: bytes) -> None:
         """A payload that landed while its wait was being called off: adopt it and put
@@ -171,13 +174,14 @@ class Dispatcher:
         self._outbox.append(Release([claim], why="race"))
         self._wake()
 
-    def take(self, claimed: list[tuple[int, str, bytes]], tokens: int) -> None:
-        """Parse claimed payloads and hand the runnable ones to workers in batches (one
-        slot token each); the rest become ops for the next cycle."""
+    def take(self, claimed: list[tuple[int, str, bytes, int]], tokens: int) -> None:
+        """Parse claimed payloads (claim number, priority, payload, attempts used
+        before) and hand the runnable ones to workers in batches (one slot token each);
+        the rest become ops for the next cycle."""
         cfg = self.config.jobs
         now = self._redis_time()
         runnable: list[Job] = []
-        for claim, priority, raw in claimed:
+        for claim, priority, raw, used in claimed:
             item = jobs.parse(
                 raw,
                 priority,
@@ -194,6 +198,9 @@ class Dispatcher:
                 )
                 continue
             item.claim = claim
+            item.attempt = used + 1
+            if claim in self._adopting:
+                self._adopting[claim] = item
             if item.id in self.cancels:
                 self._cancelled(item)
             elif item.due_ms:
@@ -480,7 +487,11 @@ class Dispatcher:
                 self.log.info(
                     "put back payloads of a lost reply", op=type(op).__name__, jobs=result
                 )
-            case Adopt() | Drop() | Schedule() | Release() | Bury() | Restore() | Unland():
+            case Adopt(claim=claim):
+                landed = self._adopting.pop(claim, None)
+                if landed is not None and result >= 1 and landed.state is JobState.CLAIMED:
+                    landed.attempt = result
+            case Drop() | Schedule() | Release() | Bury() | Restore() | Unland():
                 pass
 
     def _claim_gone(self, job: Job, result: int, what: str) -> bool:

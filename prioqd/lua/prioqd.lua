@@ -22,7 +22,8 @@
 --   P:inflight:D     HASH   C -> "p\nS\nR\n<payload>" for every job D holds. C is D's
 --                           claim counter (decimal), unique within D and increasing in
 --                           claim order, so sorting by C restores FIFO order. S is "c"
---                           while the start is not recorded, else the attempt number.
+--                           (or "c<A>": A attempts used before, see P:history) while
+--                           the start is not recorded, else the attempt number.
 --                           R counts how often a daemon died while holding this
 --                           payload. <payload> is the producer's bytes until the start
 --                           is recorded, then the job JSON with its id pinned.
@@ -40,8 +41,12 @@
 --                           names this key in "payload_key" instead.
 --   P:scheduled      ZSET   "p\nU\n<job json>" -> due time in ms (retries, delayed jobs);
 --                           U ("D/C") keeps two equal payloads from collapsing into one.
---   P:recovered      HASH   sha1(payload) -> R, for a recovered payload back in its queue
---                           (the claim that takes it moves R into its inflight entry).
+--   P:history        HASH   sha1(payload) -> "R:A" for a payload back in its queue that
+--                           has a past: R as above, A the attempts it has used (a retry,
+--                           or a started job put back). The claim that takes it moves R
+--                           into its inflight entry and returns A, so the daemon knows
+--                           the attempt number before the start is written. Expires 30
+--                           days after its last write.
 --   P:paused         SET    priorities no daemon claims from (`prioqd pause`).
 --   P:cancels        ZSET   job id -> expiry ms: cancels asked for jobs held by a daemon;
 --                           the daemon that ends such a job as cancelled removes it.
@@ -71,7 +76,7 @@ local function payload_key(sha) return prefix .. ':payload:' .. sha end
 local daemons_key = prefix .. ':daemons'
 local dead_key = prefix .. ':dead'
 local scheduled_key = prefix .. ':scheduled'
-local recovered_key = prefix .. ':recovered'
+local history_key = prefix .. ':history'
 local paused_key = prefix .. ':paused'
 local cancels_key = prefix .. ':cancels'
 local events_key = prefix .. ':events'
@@ -118,6 +123,16 @@ end
 
 local function make_entry(p, state, recoveries, payload)
     return p .. '\n' .. state .. '\n' .. recoveries .. '\n' .. payload
+end
+
+-- An entry's state is "c<A>" while claimed (A: attempts the job had used before, from
+-- P:history; "c" alone means none) and the attempt number once started.
+local function is_claimed(state) return string.sub(state, 1, 1) == 'c' end
+
+-- Attempts a job has used, as far as its entry knows.
+local function used(state)
+    if is_claimed(state) then return tonumber(string.sub(state, 2)) or 0 end
+    return tonumber(state)
 end
 
 -- "p\nU\n<json>" -> p, json
@@ -181,13 +196,21 @@ local function restore_landing(d, p)
     return n
 end
 
+-- Notes a payload's past before it goes back to a queue or to the schedule.
+local function remember(payload, recoveries, attempts)
+    if recoveries > 0 or attempts > 0 then
+        redis.call('HSET', history_key, redis.sha1hex(payload), recoveries .. ':' .. attempts)
+        redis.call('EXPIRE', history_key, 30 * 86400)
+    end
+end
+
 -- Puts one inflight entry back at the head of its queue, or (a poison payload that
 -- has now been held by max_recoveries + 1 daemons that died) into the dead letters.
 -- `died`: whether its daemon died (counted) or let it go (a stop, a lost claim).
 local function put_back(v, died, max_recoveries)
     local p, state, recoveries, payload = parse_entry(v)
     local id = nil
-    if state ~= 'c' then
+    if not is_claimed(state) then
         -- Started: its JSON carries the id whose hash says "running".
         local ok, job = pcall(cjson.decode, payload)
         if ok and type(job) == 'table' and type(job.id) == 'string' then id = job.id end
@@ -206,15 +229,23 @@ local function put_back(v, died, max_recoveries)
         return 'dead'
     end
     redis.call('RPUSH', queue_key(p), payload)
-    if recoveries > 0 then
-        redis.call('HSET', recovered_key, redis.sha1hex(payload), recoveries)
-    end
+    remember(payload, recoveries, used(state))
     if id and unwritable(job_key(id), 'hash') == nil then
         if redis.call('HGET', job_key(id), 'status') == 'running' then
             redis.call('HSET', job_key(id), 'status', 'queued')
         end
     end
     return 'queued'
+end
+
+-- A claimed payload's past, taken out of P:history: recoveries, attempts used.
+local function recall(payload)
+    local sha = redis.sha1hex(payload)
+    local past = redis.call('HGET', history_key, sha)
+    if not past then return 0, 0 end
+    redis.call('HDEL', history_key, sha)
+    local r, a = string.match(past, '^(%d+):(%d+)$')
+    return tonumber(r) or 0, tonumber(a) or 0
 end
 
 -- Inflight claim numbers of D, highest (newest) first.
@@ -281,7 +312,7 @@ end
 -- letters by reference and only its reason is returned. Paused priorities
 -- (P:paused) are skipped. Dead letters are kept to max_dead (0: no bound).
 --
--- Returns {{one integer per op}, {p, payload, p, payload, ...}, lease_held (1/0),
+-- Returns {{one integer per op}, {p, payload, attempts used before, p, ...}, lease_held,
 --          {reasons of payloads dead-lettered by the claim}, dead letters trimmed,
 --          {paused priorities}}.
 --
@@ -347,13 +378,15 @@ ops.lock = function(i)
 end
 
 -- adopt p C raw: the payload `raw` that D's BLMOVE put in P:landing:D:p becomes
--- claim C. 1; -1 if it is no longer there (recovered meanwhile).
+-- claim C. Returns the attempt number it runs as (1 unless it has a past, see
+-- P:history); -1 if it is no longer there (recovered meanwhile).
 ops.adopt = function(i)
     local p, c, raw = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     if redis.call('HEXISTS', inflight, c) == 1 then return 1, i + 4 end
     if redis.call('LREM', landing_key(D, p), 1, raw) == 0 then return -1, i + 4 end
-    redis.call('HSET', inflight, c, make_entry(p, 'c', 0, raw))
-    return 1, i + 4
+    local recoveries, attempts = recall(raw)
+    redis.call('HSET', inflight, c, make_entry(p, 'c' .. attempts, recoveries, raw))
+    return attempts + 1, i + 4
 end
 
 -- drop p nbytes reason: a landed payload of nbytes over max_payload_bytes goes from
@@ -380,7 +413,7 @@ ops.start = function(i)
     local v = entry(c)
     if not v then return -1, nxt end
     local p, state, recoveries, payload = parse_entry(v)
-    if state ~= 'c' then return tonumber(state), nxt end
+    if not is_claimed(state) then return tonumber(state), nxt end
     local why = unwritable(job_key(id), 'hash')
     if why then return fail_op(c, v, why), nxt end
     local attempt = redis.call('HINCRBY', job_key(id), 'attempts', 1)
@@ -395,14 +428,16 @@ ops.start = function(i)
     return attempt, nxt
 end
 
--- finish C id ttl flags outcome n k v ...: a success recorded in one step, for a job that
--- ended before its start was recorded: claim -> succeeded. The daemon wrote the
--- outcome and fields for a first attempt; if the job has run before (a retry, a
--- rerun after a crash) nothing is written and -4 tells the daemon to record its start
--- and then its end instead. Returns the attempt number (1).
+-- finish C id ttl flags attempt outcome n k v ...: a success recorded in one step, for
+-- a job that ended before its start was recorded: claim -> succeeded. The daemon wrote
+-- the outcome and fields for attempt number `attempt` (from what the claim returned);
+-- if the job hash counts otherwise (a producer reused the id, say) nothing is written
+-- and -4 tells the daemon to record its start and then its end instead. Returns the
+-- attempt number.
 ops.finish = function(i)
-    local c, id, ttl, flags, outcome = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-    local fields, nxt = read_list(i + 6)
+    local c, id, ttl, flags, attempt, outcome =
+        ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
+    local fields, nxt = read_list(i + 7)
     local v = entry(c)
     if not v then
         -- Applied already (a lost reply, now repeated), or the claim was taken.
@@ -413,17 +448,19 @@ ops.finish = function(i)
     local why = check({{job_key(id), 'hash'}, {done_key(id), 'list'}})
     if why then return fail_op(c, v, why), nxt end
     local _, state = parse_entry(v)
-    if state ~= 'c' or tonumber(redis.call('HGET', job_key(id), 'attempts') or '0') > 0 then
+    local so_far = tonumber(redis.call('HGET', job_key(id), 'attempts') or '0')
+    if not is_claimed(state) or so_far + 1 ~= attempt then
         return -4, nxt
     end
     redis.call('HDEL', inflight, c)
     fields[#fields + 1] = 'claim'
     fields[#fields + 1] = D .. '/' .. c
-    write_job(id, ttl, fields, nil)
+    -- A rerun that succeeds: what the failed attempts left is not this one's.
+    write_job(id, ttl, fields, attempt > 1 and {'error', 'traceback', 'retry_at'} or nil)
     push_done(id, ttl, outcome)
     redis.call('PUBLISH', events_key, outcome)
     settled(id, c, flags, ttl, false)
-    return 1, nxt
+    return attempt, nxt
 end
 
 -- end C id ttl flags done dead member due_ms outcome ndel k... n k v ...: a started run
@@ -456,7 +493,12 @@ ops['end'] = function(i)
     write_job(id, ttl, fields, dels)
     if done == '1' then push_done(id, ttl, outcome) end
     if dead ~= '' then push_dead(dead) end
-    if member ~= '' then redis.call('ZADD', scheduled_key, tonumber(due_ms), member) end
+    if member ~= '' then
+        redis.call('ZADD', scheduled_key, tonumber(due_ms), member)
+        local _, json = parse_member(member)
+        local _, state, recoveries = parse_entry(v)
+        remember(json, recoveries, used(state))
+    end
     redis.call('PUBLISH', events_key, outcome)
     settled(id, c, flags, ttl, member ~= '')
     return 1, nxt
@@ -522,10 +564,11 @@ ops.release = function(i)
             else
                 redis.call('HDEL', inflight, c)
                 redis.call('RPUSH', queue_key(p), payload)
-                if recoveries > 0 then
-                    redis.call('HSET', recovered_key, redis.sha1hex(payload), recoveries)
-                end
-                if state ~= 'c' then
+                -- Uncharged: a started one's attempt is taken back.
+                local before = used(state)
+                if not is_claimed(state) then before = before - 1 end
+                remember(payload, recoveries, math.max(0, before))
+                if not is_claimed(state) then
                     local ok, job = pcall(cjson.decode, payload)
                     if ok and type(job) == 'table' and type(job.id) == 'string'
                         and unwritable(job_key(job.id), 'hash') == nil then
@@ -562,10 +605,11 @@ ops.restore = function(i)
     for c = hi, lo, -1 do
         local v = entry(tostring(c))
         if v then
-            local p, state, _, payload = parse_entry(v)
-            if state == 'c' and unwritable(queue_key(p), 'list') == nil then
+            local p, state, recoveries, payload = parse_entry(v)
+            if is_claimed(state) and unwritable(queue_key(p), 'list') == nil then
                 redis.call('HDEL', inflight, tostring(c))
                 redis.call('RPUSH', queue_key(p), payload)
+                remember(payload, recoveries, used(state))
                 n = n + 1
             end
         end
@@ -605,7 +649,7 @@ if command == 'cycle' then
         paused = redis.call('SMEMBERS', paused_key)
         local skip = {}
         for _, p in ipairs(paused) do skip[p] = true end
-        local recovered = redis.call('EXISTS', recovered_key) == 1
+        local history = redis.call('EXISTS', history_key) == 1
         for k = 0, nprio - 1 do
             if tokens <= 0 then break end
             local p, size = ARGV[9 + 2 * k], tonumber(ARGV[10 + 2 * k])
@@ -621,17 +665,14 @@ if command == 'cycle' then
                         dead_by_reference(p, v, reason)
                         dropped[#dropped + 1] = p .. ': ' .. reason
                     else
-                        local recoveries = 0
-                        if recovered then
-                            local sha = redis.sha1hex(v)
-                            recoveries = tonumber(redis.call('HGET', recovered_key, sha) or '0')
-                            if recoveries > 0 then redis.call('HDEL', recovered_key, sha) end
-                        end
+                        local recoveries, attempts = 0, 0
+                        if history then recoveries, attempts = recall(v) end
                         redis.call('HSET', inflight, tostring(next_claim),
-                            make_entry(p, 'c', recoveries, v))
+                            make_entry(p, 'c' .. attempts, recoveries, v))
                         next_claim = next_claim + 1
                         claimed[#claimed + 1] = p
                         claimed[#claimed + 1] = v
+                        claimed[#claimed + 1] = attempts
                         n = n + 1
                     end
                 end
