@@ -69,6 +69,7 @@ class Daemon:
             default_timeout_s=config.jobs.timeout_s,
             max_jobs_per_worker=config.workers.max_jobs_per_worker,
             max_result_bytes=config.jobs.max_result_bytes,
+            default_max_retries=config.jobs.max_retries,
             on_event=self._pool_event,
         )
         self.id = daemon_id or default_daemon_id()
@@ -119,6 +120,7 @@ class Daemon:
             on_redis_down=self._redis_down,
         )
         self.dispatch.on_change = self.watch.reconcile
+        self.pool.on_progress = self.dispatch.progress
         self.remote = Remote(
             self.broker,
             log=self.log,
@@ -458,6 +460,7 @@ class Daemon:
         self.pool.default_timeout_s = new.jobs.timeout_s
         self.pool.max_jobs_per_worker = new.workers.max_jobs_per_worker
         self.pool.max_result_bytes = new.jobs.max_result_bytes
+        self.pool.default_max_retries = new.jobs.max_retries
         self.config = new
         for part in (self.dispatch, self.cycle, self.lease, self.scheduler):
             part.config = new

@@ -33,8 +33,8 @@
 --                           slots, started_at, version.
 --   P:job:<id>       HASH   status, task, priority, attempts, claim ("D/C" of the run
 --                           that wrote it), daemon, result, error, traceback, started_at,
---                           finished_at, duration_s, retry_at. Expires result_ttl_s after
---                           its last write.
+--                           finished_at, duration_s, retry_at, progress (JSON the task
+--                           reported). Expires result_ttl_s after its last write.
 --   P:done:<id>      LIST   the outcome JSON of a job that has ended (for BLPOP).
 --   P:dead           LIST   dead-letter JSON, newest on the left.
 --   P:payload:<sha1> STRING a payload too large to copy into its dead letter, which
@@ -389,6 +389,17 @@ ops.adopt = function(i)
     return attempts + 1, i + 4
 end
 
+-- progress C id value ttl: a running job's progress (JSON) -> its job hash. 1; 0 if the
+-- hash key has the wrong type; -1 if the claim is gone.
+ops.progress = function(i)
+    local c, id, value, ttl = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    if not entry(c) then return -1, i + 5 end
+    if unwritable(job_key(id), 'hash') then return 0, i + 5 end
+    redis.call('HSET', job_key(id), 'progress', value)
+    redis.call('EXPIRE', job_key(id), ttl)
+    return 1, i + 5
+end
+
 -- drop p nbytes reason: a landed payload of nbytes over max_payload_bytes goes from
 -- P:landing:D:p to the dead letters by reference (the daemon does not send it back).
 ops.drop = function(i)
@@ -423,7 +434,7 @@ ops.start = function(i)
     fields[#fields + 1] = D .. '/' .. c
     -- A rerun: what the last attempt left is not this one's.
     local stale = nil
-    if attempt > 1 then stale = {'finished_at', 'duration_s', 'retry_at', 'result'} end
+    if attempt > 1 then stale = {'finished_at', 'duration_s', 'retry_at', 'result', 'progress'} end
     write_job(id, ttl, fields, stale)
     return attempt, nxt
 end
