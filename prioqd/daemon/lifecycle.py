@@ -345,6 +345,11 @@ class Daemon:
         self.watch.idle()
 
     def _set_paused(self, paused: set[str]) -> None:
+        """Operators paused or resumed priorities (heard on the channel, or seen by a
+        claim when a note was missed)."""
+        if paused == self.remote.paused:
+            return
+        self.log.info("paused priorities", paused=sorted(paused))
         self.remote.paused = self.cycle.paused = paused
         self.watch.set_paused(paused)
         self.cycle.wake()  # a resumed priority may have jobs to claim
