@@ -52,6 +52,7 @@
 --                           the daemon that ends such a job as cancelled removes it.
 --   P:unique:<id>    STRING the lock of a unique job: "q" while it is queued or scheduled
 --                           (set by the push), "D/C" while claim C of daemon D runs it.
+--   P:periodic       HASH   schedule name -> the last tick (ms) enqueued for it.
 --   P:events         pub/sub channel: the outcome JSON of every attempt, and
 --                           {"id", "status": "duplicate"} for a unique job pushed twice.
 --   P:control        pub/sub channel: operators' commands to the daemons (pause,
@@ -813,6 +814,23 @@ if command == 'promote' then
     end
     redis.call('ZREM', scheduled_key, unpack(due))
     return {moved, dead, next_due_in(now)}
+end
+
+-- periodic name tick_ms p payload catch_up
+-- Enqueues a [[schedule]] tick exactly once, whichever daemons offer it: only if no
+-- tick of that name as late or later was enqueued. A catch-up (catch_up = 1: the
+-- tick is long past) for a name never seen before is only recorded, not enqueued:
+-- nothing was missed, the schedule is new. Returns 1 enqueued, 0 already done.
+if command == 'periodic' then
+    local name, tick, p, payload, catch_up = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+    local key = prefix .. ':periodic'
+    local last = redis.call('HGET', key, name)
+    if last and tonumber(last) >= tick then return 0 end
+    redis.call('HSET', key, name, tick)
+    if catch_up == '1' and not last then return 0 end
+    if unwritable(queue_key(p), 'list') then return 0 end
+    redis.call('LPUSH', queue_key(p), payload)
+    return 1
 end
 
 return redis.error_reply('prioqd: unknown command ' .. tostring(command))
