@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -76,3 +77,18 @@ def logrun(path: str, tag: str, ms: float = 0.0) -> str:
     if ms:
         time.sleep(ms / 1000)
     return tag
+
+
+@task
+def shout(text: str) -> str:
+    """Prints to stdout and to stderr: both must reach the daemon's stderr."""
+    print(f"stdout says {text}", flush=True)
+    print(f"stderr says {text}", file=sys.stderr, flush=True)
+    return text
+
+
+@task
+def whoami(ms: float = 0.0) -> int:
+    """Naps, then returns the pid of the worker that ran it."""
+    time.sleep(ms / 1000)
+    return os.getpid()
