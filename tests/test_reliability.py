@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -15,6 +16,8 @@ from helpers import (
     Daemon,
     RedisServer,
     dead_letters,
+    held_by,
+    in_flight_count,
     job_hash,
     push,
     wait_for,
@@ -23,10 +26,6 @@ from helpers import (
 )
 
 FAST_RETRY = {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2}
-
-
-def outcomes(r: redis.Redis, job_id: str) -> dict[str, str]:
-    return job_hash(r, job_id)
 
 
 # --- retries and dead letters ---------------------------------------------------------
@@ -84,7 +83,8 @@ def test_delayed_jobs_wait_and_enter_their_queue_in_due_order(
     hashes = wait_status(r, ["d1", "d2", "d3"])
     for job_id, delay in (("d1", 0.3), ("d2", 0.6), ("d3", 0.9)):
         assert float(hashes[job_id]["started_at"]) - pushed >= delay - 0.02
-        assert float(hashes[job_id]["started_at"]) - pushed < delay + 1.0
+        # Not forgotten either (a generous bound: the lower one is the promise).
+        assert float(hashes[job_id]["started_at"]) - pushed < delay + 3.0
     assert sorted(hashes, key=lambda j: float(hashes[j]["started_at"])) == ["d1", "d2", "d3"]
 
 
@@ -179,7 +179,7 @@ def test_sigterm_lets_running_jobs_finish_within_the_grace(
     assert r.lrange("prioqd:queue:low", 0, -1) == [
         b'{"id": "queued", "task": "square", "args": [1]}'
     ]
-    assert not r.keys("prioqd:active:*") and not r.keys("prioqd:claim:*")
+    assert in_flight_count(r) == 0
 
 
 def test_grace_over_kills_and_puts_back_at_the_head_without_charge(
@@ -231,32 +231,32 @@ def test_sigkilled_daemon_jobs_are_recovered_by_its_restart_at_once(
         "normal",
         *({"id": f"k{i}", "task": "logrun", "args": [str(runs), f"k{i}", 300]} for i in range(6)),
     )
+    daemon_id = d.daemon_id
     wait_for(
-        lambda: len(r.keys("prioqd:active:*")) == 1 and r.hlen(r.keys("prioqd:active:*")[0]) == 2,
-        10,
+        lambda: sum(job_hash(r, f"k{i}").get("status") == "running" for i in range(6)) == 2, 10
     )
-    in_flight = {
-        json.loads(v.split(b"\n", 1)[1])["id"] for v in r.hvals(r.keys("prioqd:active:*")[0])
-    }
+    in_flight = held_by(r, daemon_id)
+    assert len(in_flight) == 2
+    workers = [psutil.Process(pid) for pid in d.worker_pids]
+    assert len(workers) == 2 and all(w.is_running() for w in workers)
     d.kill()
-    workers_gone = wait_for(
-        lambda: (
-            not [
-                p
-                for p in psutil.process_iter(["cmdline"])
-                if "prioqd.worker" in " ".join(p.info["cmdline"] or []) and p.ppid() == 1
-            ]
-        ),
-        5,
-    )
-    assert workers_gone
+
+    # Its own workers die with it (PR_SET_PDEATHSIG): no orphan goes on running a job
+    # that is about to be recovered elsewhere.
+    def gone(p: psutil.Process) -> bool:
+        try:
+            return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(lambda: all(gone(w) for w in workers), 10, what="the killed daemon's workers to die")
     t = time.monotonic()
     d.start()  # same host, dead pid: no need to wait out the 60 s lease
     hashes = wait_status(r, [f"k{i}" for i in range(6)])
     assert time.monotonic() - t < 15
     assert all(h["status"] == "succeeded" for h in hashes.values())
     recovered = d.wait_log("recovered a dead daemon's jobs")
-    assert recovered["jobs"] == 2
+    assert recovered["jobs"] == 2 and recovered["dead_daemon"] == daemon_id
     counts: dict[str, int] = {}
     for tag in runs.read_text().split():
         counts[tag] = counts.get(tag, 0) + 1
@@ -274,10 +274,14 @@ def test_lost_daemon_jobs_are_recovered_by_another_within_the_lease(
     wait_status(r, ["held"], ("running",))
     survivor = daemon(cfg)
     victim.proc.send_signal(signal.SIGSTOP)  # alive but silent: a network cut, a hang
-    stopped_at = time.monotonic()
+    stopped_at = time.time()
     try:
-        survivor.wait_log("recovered jobs of daemons whose lease expired", timeout_s=lease + 3)
-        assert time.monotonic() - stopped_at <= lease + 0.5
+        event = survivor.wait_log(
+            "recovered jobs of daemons whose lease expired", timeout_s=lease + 10
+        )
+        # Within the lease (by the survivor's own clock, not this test's polling), with
+        # 1 s on top for a loaded 2-CPU machine.
+        assert datetime.fromisoformat(event["timestamp"]).timestamp() - stopped_at <= lease + 1.0
         survivor_id = survivor.events("daemon ready")[0]["daemon_id"]
         wait_for(lambda: job_hash(r, "held").get("daemon") == survivor_id, 10)
         assert job_hash(r, "held")["status"] == "running"

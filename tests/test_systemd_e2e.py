@@ -205,7 +205,7 @@ def config_text(template: str, level: str = "info") -> str:
 def box() -> Iterator[Container]:
     ok, why = Container.available()
     if not ok:
-        pytest.skip(f"systemd-nspawn cannot run here: {why}")
+        helpers.skip_or_fail(f"systemd-nspawn cannot run here: {why}")
     for tool in (PYTHON, "/usr/bin/redis-server", "/usr/bin/redis-cli"):
         assert Path(tool).exists(), f"{tool} is needed on the host (the container sees it)"
     t0 = time.monotonic()
