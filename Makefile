@@ -38,7 +38,7 @@ test: lint
 	rm -f .coverage .coverage.*
 	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml COVERAGE_FILE=$(CURDIR)/.coverage \
 		$(BIN)/pytest -ra; status=$$?; \
-	$(BIN)/coverage combine -q || true; \
+	$(BIN)/coverage combine -q || true; rm -f .coverage.*; \
 	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report; \
 	exit $$status
 
