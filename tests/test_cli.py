@@ -269,3 +269,30 @@ def test_dead_list_json_and_limit(r: redis.Redis, config: Config, daemon: Daemon
     text = prioqd("dead", "list", "--config", str(cfg), "--limit", "1").stdout
     assert "id=d4" in text and "id=d3" not in text
     assert text.count("reason:") == 1
+
+
+def test_dead_letters_of_any_shape_are_listed_and_requeued(r: redis.Redis, config: Config) -> None:
+    cfg = str(config())
+    empty = prioqd("dead", "list", "--config", cfg)
+    assert empty.returncode == 0 and empty.stdout.strip() == "no dead letters"
+    # Letters a daemon did not write (an older version, another tool, a hand edit).
+    r.lpush("prioqd:dead", b"not json \xff")
+    letter = {"reason": "x", "id": "gone-prio", "priority": "urgent",
+              "payload": '{"id":"gone-prio","task":"square"}'}  # fmt: skip
+    r.lpush("prioqd:dead", json.dumps(letter))
+    listing = prioqd("dead", "list", "--config", cfg, "--json")
+    assert listing.returncode == 0, listing.stderr
+    entries = json.loads(listing.stdout)
+    assert entries[0]["id"] == "gone-prio"
+    assert entries[1]["reason"] == "unreadable dead letter"
+    assert base64.b64decode(entries[1]["payload_b64"]) == b"not json \xff"
+    out = prioqd("dead", "requeue", "--config", cfg, "--all")
+    assert out.returncode == 0 and "requeued 2" in out.stdout, out.stderr
+    # A priority no longer configured goes to the lowest queue; none at all, the highest.
+    assert [json.loads(x)["id"] for x in r.lrange("prioqd:queue:low", 0, -1)] == ["gone-prio"]
+    assert r.lrange("prioqd:queue:high", 0, -1) == [b"not json \xff"]
+
+
+def test_dead_requeue_needs_ids_or_all(config: Config) -> None:
+    out = prioqd("dead", "requeue", "--config", str(config()))
+    assert out.returncode == 2 and "give job ids or --all" in out.stderr

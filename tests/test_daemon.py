@@ -222,3 +222,16 @@ def test_a_job_racing_into_the_blocking_wait_does_not_jump_the_priority_order(
         first_free = min(float(h[ids[0]]["finished_at"]), float(h[ids[1]]["finished_at"]))
         assert float(h[ids[2]]["started_at"]) >= first_free, f"round {round_}: low jumped ahead"
         time.sleep(0.05)
+
+
+def test_the_example_tasks(r: redis.Redis, config: Config, daemon: Daemon) -> None:
+    daemon(config())
+    push(r, "normal", {"id": "burn", "task": "burn_cpu", "args": [20]},
+         {"id": "sleep", "task": "sleep", "args": [0.05]},
+         {"id": "echo", "task": "echo", "args": [1, "a"], "kwargs": {"k": None}})  # fmt: skip
+    hashes = wait_status(r, ["burn", "sleep", "echo"])
+    assert int(hashes["burn"]["result"]) > 0  # loop iterations in 20 ms of CPU
+    assert float(hashes["burn"]["duration_s"]) >= 0.02
+    assert json.loads(hashes["sleep"]["result"]) == 0.05
+    assert float(hashes["sleep"]["duration_s"]) >= 0.05
+    assert json.loads(hashes["echo"]["result"]) == {"args": [1, "a"], "kwargs": {"k": None}}

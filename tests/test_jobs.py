@@ -73,6 +73,7 @@ def test_delay_becomes_due_time_and_leaves_the_stored_form() -> None:
         ('{"task":"square","id":7}', "'id' must be"),
         ('{"task":"square","delay_s":-1}', "'delay_s' must be a number, 0 or greater"),
         ('{"task":"square","delay_s":1,"eta":5}', "not both"),
+        ('{"task":"square","eta":"soon"}', "'eta' must be a number"),
         ('{"task":"square","priority":"high"}', "unknown field(s) 'priority'"),
         ('{"task":"square","meta":3}', "'meta' must be an object"),
     ],
@@ -136,3 +137,12 @@ def test_policy_not_run_is_requeued_without_charge() -> None:
     ending = _end(_job(attempt=1, token="7"), jobs.RunResult("not_run"))
     assert ending.status == "requeued"
     assert ending.op == ["requeue", "7", "j"]
+
+
+def test_stored_form_of_a_payload_with_a_lone_surrogate_is_valid_json() -> None:
+    # No id: the daemon pins one into the stored form, which must stay JSON even though
+    # "\ud800" has no UTF-8 encoding.
+    job = parse(b'{"task":"echo","args":["\\ud800"]}')
+    assert isinstance(job, jobs.Job)
+    assert job.json.isascii()
+    assert json.loads(job.json) == {"id": job.id, "task": "echo", "args": ["\ud800"]}

@@ -315,10 +315,14 @@ def test_redis_outage_keeps_running_jobs_and_writes_their_outcomes_after(
     server.start()
     try:
         r = server.client()
-        cfg = write_config(tmp_path / "c.toml", server.url, daemon={"lease_s": 30})
+        # lease_s=3: heartbeats (every second) fail during the outage and the lease
+        # runs out (nobody else recovers it); a delayed job falls due during it.
+        cfg = write_config(tmp_path / "c.toml", server.url, daemon={"lease_s": 3})
         d = daemon(cfg)
         push(r, "normal", {"id": "through", "task": "nap", "args": [1500]})
+        push(r, "low", {"id": "later", "task": "square", "args": [5], "delay_s": 1.0})
         wait_status(r, ["through"], ("running",))
+        wait_status(r, ["later"], ("scheduled",))
         proc = psutil.Process(d.pid)
         cpu_before = sum(proc.cpu_times()[:2])
         server.stop()
@@ -329,6 +333,9 @@ def test_redis_outage_keeps_running_jobs_and_writes_their_outcomes_after(
         server.start()
         h = wait_status(r, ["through"], timeout_s=20)["through"]
         assert h["status"] == "succeeded" and h["attempts"] == "1"
+        assert wait_status(r, ["later"], timeout_s=20)["later"]["result"] == "25"
+        failed_during = {e["during"] for e in d.events("redis unavailable")}
+        assert {"heartbeat", "promote"} <= failed_during, failed_during
         # ...and it fetches again on its own.
         push(r, "high", {"id": "after", "task": "square", "args": [4]})
         assert wait_status(r, ["after"], timeout_s=20)["after"]["result"] == "16"

@@ -360,3 +360,52 @@ def test_unit_settings_that_operations_rely_on() -> None:
     assert int(settings["TimeoutStopSec"]) > Config().daemon.shutdown_grace_s
     assert "redis-password" in settings["LoadCredential"]
     assert "password" not in settings["ExecStart"]
+
+
+# --- the environment systemd hands over -------------------------------------------------
+
+
+def test_credential_file_wins_and_an_empty_one_falls_back_to_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prioqd.systemd import redis_password
+
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    monkeypatch.setenv("PRIOQD_REDIS_PASSWORD", "from-env")
+    assert redis_password() == "from-env"  # no credential file at all
+    (tmp_path / "redis-password").write_text("\n")
+    assert redis_password() == "from-env"  # an empty one (install.sh's default)
+    (tmp_path / "redis-password").write_text("from-file\n")
+    assert redis_password() == "from-file"
+    monkeypatch.delenv("PRIOQD_REDIS_PASSWORD")
+    (tmp_path / "redis-password").write_text("")
+    assert redis_password() is None
+
+
+def test_watchdog_is_for_the_main_pid_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prioqd.systemd import watchdog_interval_s
+
+    monkeypatch.setenv("WATCHDOG_USEC", "3000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert watchdog_interval_s() == 1.0
+    monkeypatch.setenv("WATCHDOG_PID", "1")  # meant for another process
+    assert watchdog_interval_s() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "0")
+    monkeypatch.delenv("WATCHDOG_PID")
+    assert watchdog_interval_s() is None
+
+
+def test_journal_stream_is_recognised_by_device_and_inode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prioqd.systemd import journal_stream_attached
+
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    assert not journal_stream_attached()
+    st = os.fstat(2)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    assert journal_stream_attached()
+    # Inherited from a parent whose stream it was, but ours is another: not attached.
+    other = os.stat(tmp_path)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{other.st_dev}:{other.st_ino}")
+    assert not journal_stream_attached()
