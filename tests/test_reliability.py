@@ -375,3 +375,34 @@ def test_workers_are_replaced_after_max_jobs_per_worker(
     pids = [int(job_hash(r, j)["result"]) for j in ids]
     assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5]
     assert all(not psutil.pid_exists(p) for p in (pids[0], pids[2]))
+
+
+def test_a_stop_while_redis_is_gone_leaves_the_jobs_to_recovery(
+    tmp_path: Path, daemon: Daemon
+) -> None:
+    """design.md, Shutdown: with Redis gone for good the drain gives up after a bound;
+    the jobs are still recorded as the daemon's in Redis and come back by recovery."""
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    try:
+        r = server.client()
+        cfg = write_config(tmp_path / "c.toml", server.url,
+                           daemon={"lease_s": 60, "shutdown_grace_s": 2})  # fmt: skip
+        d = daemon(cfg)
+        push(r, "normal", {"id": "stuck", "task": "nap", "args": [800]})
+        wait_status(r, ["stuck"], ("running",))
+        server.stop()
+        d.signal(signal.SIGTERM)
+        assert d.wait(60) == 0
+        # (Its job_ids field lists only runs not yet turned into ops: here it is empty.)
+        d.wait_log("outcomes not written; the jobs stay in flight and will run again")
+        d.wait_log("could not deregister; other daemons recover our jobs when the lease ends")
+        server.start()
+        assert job_hash(r, "stuck")["status"] == "running"  # as the stopped daemon left it
+        d.start()  # same host, its predecessor's pid is gone: recovered at once
+        assert d.wait_log("recovered a dead daemon's jobs")["jobs"] == 1
+        h = wait_status(r, ["stuck"], timeout_s=20)["stuck"]
+        assert h["status"] == "succeeded" and h["attempts"] == "2"
+        r.close()
+    finally:
+        server.stop()
