@@ -34,6 +34,17 @@ from helpers import (
 )
 
 
+class Broken(Exception):
+    """A documented behaviour does not hold. The xfail(strict) tests below expect
+    exactly this, so that any other failure in them (a timeout, a precondition) is
+    reported as a failure, not taken for the known defect."""
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise Broken(message)
+
+
 def next_message(sub: redis.client.PubSub, timeout_s: float = 10.0) -> dict[str, Any]:
     def message() -> dict[str, Any] | None:
         msg = sub.get_message(timeout=0.1)
@@ -149,6 +160,7 @@ def test_workers_survive_ctrl_c_sent_to_the_whole_process_group(
 
 @pytest.mark.xfail(
     strict=True,
+    raises=Broken,
     reason="issue 9/10: lease recovery puts running jobs back in the in-flight hash's "
     "order (RPUSH one by one), which reverses them at the head of the queue",
 )
@@ -168,7 +180,9 @@ def test_lease_recovery_puts_jobs_back_at_the_head_in_their_order(
     victim.signal(signal.SIGSTOP)
     survivor.wait_log("recovered jobs of daemons whose lease expired", timeout_s=15)
     # Put back at the head, before what was queued behind them, in the order taken.
-    assert job_ids(r, "high") == ["j1", "j2", "j3", "q1", "q2"]
+    order = job_ids(r, "high")
+    assert sorted(order) == ["j1", "j2", "j3", "q1", "q2"], order  # nothing lost or run
+    expect(order == ["j1", "j2", "j3", "q1", "q2"], f"queue from the head: {order}")
 
 
 @pytest.mark.parametrize("wake", ["before", "after"])
@@ -217,6 +231,7 @@ def test_a_paused_daemon_that_wakes_after_recovery_never_overwrites_the_outcome(
 
 @pytest.mark.xfail(
     strict=True,
+    raises=Broken,
     reason="issue 9/10: a batch of short jobs (up to 64, about 2 ms) is handed to the "
     "worker at once, so a higher job pushed into the run waits behind several of them",
 )
@@ -245,7 +260,7 @@ def test_a_higher_job_pushed_into_a_run_of_short_jobs_starts_after_at_most_one(
         pipe.hget(f"prioqd:job:{job_id}", "started_at")
     starts = [float(s) for s in pipe.execute()]
     ahead = [sum(1 for s in starts if pushed < s < started) for pushed, started in trials]
-    assert max(ahead) <= 1, f"short jobs started between a high job's push and its start: {ahead}"
+    expect(max(ahead) <= 1, f"short jobs started between a high job's push and its start: {ahead}")
 
 
 # --- logs -------------------------------------------------------------------------------
