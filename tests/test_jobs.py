@@ -64,6 +64,9 @@ def test_delay_becomes_due_time_and_leaves_the_stored_form() -> None:
         ('{"task":5}', "'task' must be a non-empty string"),
         ('{"task":"nope"}', "unknown task 'nope'"),
         ('{"task":"square","args":7}', "'args' must be an array"),
+        ('{"task":"square","args":null}', "'args' must be an array, got null"),
+        ('{"task":"square","args":{}}', "'args' must be an array, got an object"),
+        ('{"task":"square","args":true}', "'args' must be an array, got a boolean"),
         ('{"task":"square","kwargs":[]}', "'kwargs' must be an object"),
         ('{"task":"square","timeout_s":0}', "'timeout_s' must be a number greater than 0"),
         ('{"task":"square","timeout_s":true}', "'timeout_s' must be a number"),
@@ -146,3 +149,14 @@ def test_stored_form_of_a_payload_with_a_lone_surrogate_is_valid_json() -> None:
     assert isinstance(job, jobs.Job)
     assert job.json.isascii()
     assert json.loads(job.json) == {"id": job.id, "task": "echo", "args": ["\ud800"]}
+
+
+def test_a_task_name_must_be_a_non_empty_string() -> None:
+    from prioqd import task
+    from prioqd.errors import TaskRegistryError
+
+    def nameless() -> None: ...
+
+    nameless.__name__ = ""
+    with pytest.raises(TaskRegistryError, match="non-empty string"):
+        task(nameless)

@@ -406,3 +406,16 @@ def test_a_stop_while_redis_is_gone_leaves_the_jobs_to_recovery(
         r.close()
     finally:
         server.stop()
+
+
+def test_an_error_text_that_is_not_utf8_encodable_is_kept_escaped(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    daemon(config(jobs={"max_retries": 0}))
+    # A lone surrogate (valid in JSON text, not in UTF-8) in the exception message.
+    r.lpush("prioqd:queue:normal", b'{"id":"sur","task":"fail","args":["bad \\ud800 end"]}')
+    h = wait_status(r, ["sur"])["sur"]
+    assert h["status"] == "dead"
+    assert h["error"] == "RuntimeError: bad \\ud800 end"
+    (letter,) = dead_letters(r)
+    assert letter["reason"].startswith("RuntimeError: bad \\ud800 end")
