@@ -327,7 +327,7 @@ def test_jobs_pushed_with_redis_cli_complete(prioqd: Prioqd) -> None:
 def test_journal_has_native_fields_per_job(prioqd: Prioqd) -> None:
     job_id = prioqd.push("square", 5, queue="normal")
     prioqd.wait_job(job_id)
-    daemons = prioqd.redis("ZRANGE", f"{PREFIX}:daemons", "0", "-1")
+    daemons = helpers.registered_daemons(prioqd.redis, PREFIX)
 
     def entry(message: str) -> dict[str, Any]:
         return prioqd.wait_journal(
@@ -456,11 +456,7 @@ def test_stop_drains_without_losing_jobs(prioqd: Prioqd) -> None:
     assert not lost, f"lost at stop: {sorted(lost)}; hashes {[prioqd.job(i) for i in lost]}"
     assert len(queued) == len(set(queued)) and not set(queued) & set(done), (queued, done)
     assert queued, "every job had finished before the stop: the test did not stop mid-way"
-    held = {
-        key: prioqd.redis("TYPE", key)
-        for pattern in (f"{PREFIX}:active:*", f"{PREFIX}:claim:*")
-        for key in prioqd.redis("KEYS", pattern)
-    }
+    held = helpers.in_flight(prioqd.redis, PREFIX)
     assert not held, f"in-flight records left after a clean stop: {held}"
     print(f"[e2e] stopped with {len(done)} done, {len(queued)} still queued")
 
