@@ -16,15 +16,31 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-setup: $(BIN)/.installed
+# Coverage of subprocesses (daemons, CLI runs, workers): every Python of the venv runs
+# coverage.process_startup() at start, which measures only when COVERAGE_PROCESS_START
+# is set (by `make test`).
+$(BIN)/.coverage-hook: $(BIN)/.installed
+	echo 'import coverage; coverage.process_startup()' \
+		>"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/prioqd-coverage.pth"
+	touch $@
+
+setup: $(BIN)/.installed $(BIN)/.coverage-hook
 
 lint: setup
 	$(BIN)/ruff check prioqd tests bench
 	$(BIN)/ruff format --check prioqd
 	$(BIN)/mypy prioqd
 
+# Every test, with branch coverage of prioqd/ in this process and every subprocess;
+# the per-module report is printed at the end. CI (.ci/run) sets PRIOQD_TEST_STRICT=1,
+# which turns "cannot run here" skips (nspawn, TLS, systemd-analyze) into failures.
 test: lint
-	$(BIN)/pytest -ra
+	rm -f .coverage .coverage.*
+	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml COVERAGE_FILE=$(CURDIR)/.coverage \
+		$(BIN)/pytest -ra; status=$$?; \
+	$(BIN)/coverage combine -q || true; rm -f .coverage.*; \
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report; \
+	exit $$status
 
 # Everything but the slow chaos/systemd tests, for a quick loop while editing.
 test-fast: lint
@@ -41,4 +57,4 @@ install:
 	./scripts/install.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info .coverage .coverage.*

@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from prioqd.config import mask_url
-from prioqd.errors import BrokerError, ScriptError
+from prioqd.errors import BrokerError, ConnectionSetupError, ScriptError
 from prioqd.keys import Keys
 from prioqd.ops import Op
 
@@ -115,14 +115,14 @@ class Broker:
             "retry": Retry(NoBackoff(), 0),
             "client_name": "prioqd",
         }
-        if urllib.parse.urlsplit(url).scheme != "unix":
-            # Keepalive is a TCP option: a unix socket's connection class refuses it.
+        if urllib.parse.urlsplit(url).scheme in ("redis", "rediss"):
+            # TCP only: a unix:// connection takes no keepalive options (and needs none).
             common["socket_keepalive"] = True
             common["socket_keepalive_options"] = _KEEPALIVE
         if password is not None:
             common["password"] = password
         self._common = common
-        self._pool = ConnectionPool.from_url(url, socket_timeout=socket_timeout_s, **common)
+        self._pool = self._make_pool(socket_timeout_s)
         self.redis = aioredis.Redis(connection_pool=self._pool)
         self._script = self.redis.register_script(_SCRIPT)
         self._hot = _HotPath(self, _SCRIPT)
@@ -132,10 +132,26 @@ class Broker:
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
+    def _make_pool(self, socket_timeout_s: float | None) -> ConnectionPool:
+        """A pool for ``self.url``, with one connection object built (no socket is
+        opened) so that a URL redis-py cannot turn into a connection fails here, at
+        start-up, as ``ConnectionSetupError`` rather than later as a traceback."""
+        try:
+            pool = ConnectionPool.from_url(
+                self.url, socket_timeout=socket_timeout_s, **self._common
+            )
+            pool.make_connection()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            raise ConnectionSetupError(
+                f"cannot make a Redis connection from {mask_url(self.url)}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return pool
+
     def connection(self, socket_timeout_s: float | None) -> AbstractConnection:
         """A connection of its own (not from the pool), for the hot path or for a
         blocked BLMOVE (``socket_timeout_s=None``: it may wait for hours)."""
-        pool = ConnectionPool.from_url(self.url, socket_timeout=socket_timeout_s, **self._common)
+        pool = self._make_pool(socket_timeout_s)
         conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
         return conn
 

@@ -1,7 +1,8 @@
 """``prioqd``: run the daemon, submit jobs, inspect queues and dead letters.
 
 Exit status: 0 success; 1 a job ended dead, or Redis could not be reached;
-2 bad usage or configuration (systemd's ``RestartPreventExitStatus=2``).
+2 bad usage or configuration, a Redis URL no connection can be made from included
+(systemd's ``RestartPreventExitStatus=2``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from prioqd import __version__
 from prioqd.config import DEFAULT_CONFIG_PATH, Config, RedisConfig, load
-from prioqd.errors import BrokerError, ConfigError, PrioqdError, WorkerStartError
+from prioqd.errors import (
+    BrokerError,
+    ConfigError,
+    ConnectionSetupError,
+    PrioqdError,
+    WorkerStartError,
+)
 
 if TYPE_CHECKING:
     from prioqd.broker import Broker
@@ -91,6 +98,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except WorkerStartError as exc:
         log.get_logger().critical("cannot start worker processes", error=str(exc))
         print(f"prioqd: cannot start worker processes: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConnectionSetupError as exc:
+        log.get_logger().critical("bad redis.url", error=str(exc))
+        print(f"prioqd: config error: {cfg.path}: redis.url: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 
 
@@ -465,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"prioqd: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConnectionSetupError as exc:
+        print(f"prioqd: config error: redis.url: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except BrokerError as exc:
         print(f"prioqd: redis error: {exc}", file=sys.stderr)

@@ -34,6 +34,13 @@ class BrokerError(PrioqdError):
     """
 
 
+class ConnectionSetupError(PrioqdError):
+    """A Redis connection could not even be built from the configured URL (an
+    unknown URL option, a bad value): a configuration problem, not an outage, so the
+    CLI maps it to exit status 2 and the daemon does not retry it.
+    """
+
+
 class WorkerStartError(PrioqdError):
     """A worker process could not start (bad task modules, missing interpreter)."""
 

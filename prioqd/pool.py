@@ -410,10 +410,12 @@ class Pool:
                 evicted += 1
         return evicted
 
-    def waiting_rank(self) -> int | None:
-        """The highest rank (lowest priority) of a job held here and not started."""
+    def lowest_rank(self, *, waiting: bool) -> int | None:
+        """The highest rank (lowest priority) of a job held here: of those not started
+        yet if ``waiting``, else of all, running ones included."""
         ranks = [entry[0] for entry in self._pending]
-        ranks += [w.batch[0].rank for w in self._workers if len(w.batch) > 1]
+        least = 2 if waiting else 1
+        ranks += [w.batch[0].rank for w in self._workers if len(w.batch) >= least]
         return max(ranks) if ranks else None
 
     def _on_preempted(self, worker: _Worker, seqs: list[int]) -> None:

@@ -4,11 +4,13 @@
 #   redis-server, redis-cli   the tests and the demo start their own (never 6379's)
 #   systemd-nspawn            the end-to-end tests boot a real systemd in a container
 #   systemd-analyze           the unit file tests (part of systemd itself)
+#   openssl                   a throwaway CA for the rediss:// (TLS) tests
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-server)
 command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v openssl >/dev/null || missing+=(openssl)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing ${missing[*]} (Debian packages)..." >&2
@@ -20,4 +22,4 @@ if ! command -v redis-server >/dev/null; then
     echo "redis-server and redis-cli are required: install Redis 6.2 or newer" >&2
     exit 1
 fi
-echo "note: ${missing[*]} missing; the systemd tests will be skipped" >&2
+echo "note: ${missing[*]} missing; the tests that need them will be skipped" >&2

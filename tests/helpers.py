@@ -13,16 +13,30 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn
 
+import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKMODS = Path(__file__).resolve().parent / "taskmods"
 PRIOQD = [sys.executable, "-m", "prioqd.cli"]
+
+
+#: Set by .ci/run: a test that cannot run here (no nspawn, no TLS in redis-server...)
+#: fails instead of skipping, so CI never passes by quietly running less.
+STRICT = os.environ.get("PRIOQD_TEST_STRICT", "") not in ("", "0")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip with ``reason`` (printed by ``pytest -ra``), or fail under PRIOQD_TEST_STRICT."""
+    if STRICT:
+        pytest.fail(f"{reason} (PRIOQD_TEST_STRICT is set: CI must run this test)")
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -44,26 +58,83 @@ def wait_for(
         time.sleep(interval_s)
 
 
-class RedisServer:
-    """A redis-server of the test's own on a free loopback port."""
+Transport = Literal["tcp", "unix", "tls"]
 
-    def __init__(self, workdir: Path, *, appendonly: bool = False) -> None:
+
+def make_tls_files(directory: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it (openssl)."""
+    if shutil.which("openssl") is None:
+        skip_or_fail("openssl is not installed (apt-get install openssl)")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (
+        directory / n for n in ("ca.key", "ca.crt", "server.key", "server.csr", "server.crt")
+    )
+    ext = directory / "server.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for cmd in (
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key,
+         "-out", ca, "-days", "1", "-subj", "/CN=prioqd-test-ca"],
+        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+         "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "1", "-extfile", ext],
+    ):  # fmt: skip
+        out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"{' '.join(map(str, cmd))}: {out.stderr}"
+    return {"ca": ca, "cert": cert, "key": key}
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free loopback port.
+
+    ``transport`` chooses how it listens: ``tcp`` (the default), ``unix`` (a unix
+    socket only, no TCP port at all) or ``tls`` (a TLS port only, certificates from a
+    throwaway CA made here). ``url`` and ``client()`` follow it.
+    """
+
+    def __init__(
+        self, workdir: Path, *, appendonly: bool = False, transport: Transport = "tcp"
+    ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.appendonly = appendonly
+        self.transport = transport
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.socket_path = ""
+        self.tls: dict[str, Path] = {}
+        if transport == "unix":
+            # sun_path holds 107 bytes; pytest's tmp paths can be longer.
+            short = Path(tempfile.mkdtemp(prefix="prioqd-sock-"))
+            self.socket_path = str(short / "redis.sock")
+        elif transport == "tls":
+            self.tls = make_tls_files(workdir / "tls")
 
     @property
     def url(self) -> str:
+        if self.transport == "unix":
+            return f"unix://{self.socket_path}?db=0"
+        if self.transport == "tls":
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls['ca']}"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def _listen_args(self) -> list[str]:
+        if self.transport == "unix":
+            return ["--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+        if self.transport == "tls":
+            return [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls["cert"]), "--tls-key-file", str(self.tls["key"]),
+                "--tls-ca-cert-file", str(self.tls["ca"]), "--tls-auth-clients", "no",
+            ]  # fmt: skip
+        return ["--port", str(self.port)]
 
     def start(self) -> None:
         args = [
             "redis-server",
-            "--port", str(self.port),
+            *self._listen_args(),
             "--bind", "127.0.0.1",
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
@@ -78,10 +149,14 @@ class RedisServer:
             try:
                 return bool(client.ping())
             except redis.RedisError:
-                assert self.proc is not None and self.proc.poll() is None, "redis-server exited"
+                if self.proc is not None and self.proc.poll() is not None:
+                    log = (self.workdir / "redis.log").read_text(errors="replace")
+                    if self.transport == "tls" and "TLS" in log and "support" in log:
+                        skip_or_fail(f"this redis-server has no TLS support: {log[-300:]}")
+                    raise AssertionError(f"redis-server exited:\n{log[-2000:]}") from None
                 return False
 
-        wait_for(up, 10, what=f"redis-server on port {self.port}")
+        wait_for(up, 10, what=f"redis-server ({self.transport}) on {self.url}")
         client.close()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -100,6 +175,12 @@ class RedisServer:
         self.start()
 
     def client(self, **kw: Any) -> redis.Redis:
+        if self.transport == "unix":
+            return redis.Redis(unix_socket_path=self.socket_path, **kw)
+        if self.transport == "tls":
+            return redis.Redis(
+                host="127.0.0.1", port=self.port, ssl=True, ssl_ca_certs=str(self.tls["ca"]), **kw
+            )
         return redis.Redis(host="127.0.0.1", port=self.port, **kw)
 
 
@@ -137,11 +218,19 @@ def env_with_taskmods(extra: dict[str, str] | None = None) -> dict[str, str]:
 class DaemonProcess:
     """``prioqd run`` as a real child process, its JSON log lines collected."""
 
-    def __init__(self, config: Path, logdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        logdir: Path,
+        env: dict[str, str] | None = None,
+        *,
+        new_session: bool = False,
+    ) -> None:
         self.config = config
         logdir.mkdir(parents=True, exist_ok=True)
         self.logdir = logdir
         self.env = env_with_taskmods(env)
+        self.new_session = new_session  # its own process group, as a shell job has
         self.proc: subprocess.Popen[bytes] | None = None
         self.runs = 0
         self.log_path = logdir / "daemon-0.log"
@@ -157,6 +246,7 @@ class DaemonProcess:
             stderr=self._err,
             env=self.env,
             cwd=str(ROOT),
+            start_new_session=self.new_session,
         )
         if wait_ready:
             self.wait_log("daemon ready", timeout_s=30)
@@ -167,6 +257,16 @@ class DaemonProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def daemon_id(self) -> str:
+        """The id this run registered under (from its "daemon ready" line)."""
+        return str(self.wait_log("daemon ready")["daemon_id"])
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The worker processes this run started with."""
+        return [int(p) for p in self.wait_log("daemon ready")["worker_pids"]]
+
     def logs(self, run: int | None = None) -> list[dict[str, Any]]:
         path = self.log_path if run is None else self.logdir / f"daemon-{run}.log"
         out = []
@@ -175,9 +275,6 @@ class DaemonProcess:
                 with contextlib.suppress(ValueError):
                     out.append(json.loads(line))
         return out
-
-    def all_logs(self) -> list[dict[str, Any]]:
-        return [e for run in range(self.runs) for e in self.logs(run)]
 
     def stderr(self) -> str:
         return self.log_path.with_suffix(".err").read_text(errors="replace")
@@ -232,9 +329,20 @@ class DaemonProcess:
         self.wait()
 
     def cleanup(self) -> None:
+        """End it if it still runs: SIGTERM (a clean stop, which also lets coverage
+        write its data), a second SIGTERM (skip the grace), then SIGKILL."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)  # a test may have left it stopped
+            for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGTERM, 7.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(sig)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(wait_s)
+                    break
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
         for f in ("_out", "_err"):
             with contextlib.suppress(AttributeError):
                 getattr(self, f).close()
@@ -277,52 +385,97 @@ def dead_letters(client: redis.Redis, prefix: str = "prioqd") -> list[dict[str, 
     return [json.loads(x) for x in client.lrange(f"{prefix}:dead", 0, -1)]  # type: ignore[union-attr]
 
 
-@contextlib.contextmanager
-def daemon_running(config: Path, logdir: Path, **kw: Any) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(config, logdir, **kw)
-    try:
-        yield d.start()
-    finally:
-        d.cleanup()
+def job_ids(client: redis.Redis, priority: str, prefix: str = "prioqd") -> list[str]:
+    """The ids on a queue, head (the next to run) first."""
+    raw = client.lrange(f"{prefix}:queue:{priority}", 0, -1)
+    return [json.loads(x)["id"] for x in reversed(raw)]
 
 
-# --- what daemons hold in Redis (the one place that knows the in-flight layout) -------
+# --- prioqd's internal keys ------------------------------------------------------------
+#
+# The in-flight layout (which keys hold what a daemon has taken) and the daemon registry
+# are internals that change with the implementation. Tests read them ONLY through the
+# functions below, so a new layout changes these functions and nothing else.
+#
+# Each takes a redis-py client, or a callable ``command(*args) -> decoded reply`` (the
+# systemd end-to-end tests run redis-cli inside a container).
+
+RedisLike = redis.Redis | Callable[..., Any]
 
 
-def _entry_job_id(value: bytes) -> str | None:
-    """The job id of an inflight entry "<priority>\\n<state>\\n<recoveries>\\n<payload>"."""
-    payload = value.split(b"\n", 3)[3]
-    try:
-        job = json.loads(payload)
-    except ValueError:
-        return None
-    return job.get("id") if isinstance(job, dict) else None
+def _decoded(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, set)):
+        return [_decoded(v) for v in value]
+    if isinstance(value, dict):
+        return {_decoded(k): _decoded(v) for k, v in value.items()}
+    return value
 
 
-def held(r: redis.Redis, daemon_id: str | None = None, prefix: str = "prioqd") -> dict[str, str]:
-    """Job ids held by a daemon (or by all) -> "claimed" or "started": its inflight
-    entries and landing lists."""
-    who = daemon_id or "*"
-    out: dict[str, str] = {}
-    for key in r.keys(f"{prefix}:inflight:{who}"):
-        for value in r.hvals(key):  # type: ignore[union-attr]
-            state = value.split(b"\n", 2)[1]
-            job_id = _entry_job_id(value)
-            if job_id is not None:
-                out[job_id] = "claimed" if state == b"c" else "started"
-    for key in r.keys(f"{prefix}:landing:{who}:*"):
-        for value in r.lrange(key, 0, -1):  # type: ignore[union-attr]
-            with contextlib.suppress(ValueError, AttributeError):
-                out[json.loads(value)["id"]] = "claimed"
-    return out
+def _command(r: RedisLike) -> Callable[..., Any]:
+    if isinstance(r, redis.Redis):
+        client = r
+        return lambda *args: _decoded(client.execute_command(*args))  # type: ignore[no-untyped-call]
+    return r
 
 
-def in_flight_count(r: redis.Redis, prefix: str = "prioqd") -> int:
-    """Payloads held by any daemon, with an id or not."""
-    n = sum(int(r.hlen(k)) for k in r.keys(f"{prefix}:inflight:*"))  # type: ignore[arg-type]
-    return n + sum(int(r.llen(k)) for k in r.keys(f"{prefix}:landing:*"))  # type: ignore[arg-type]
+def _payload_id(payload: str) -> str:
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        job_id = json.loads(payload)["id"]
+        if isinstance(job_id, str):
+            return job_id
+    return f"<payload without id: {payload[:40]}>"
 
 
-def started_ids(r: redis.Redis, prefix: str = "prioqd") -> list[str]:
-    """Job ids whose start is recorded, across daemons."""
-    return sorted(j for j, state in held(r, prefix=prefix).items() if state == "started")
+def _in_flight_states(r: RedisLike, prefix: str) -> dict[str, dict[str, str]]:
+    """Daemon id -> {job id: "claimed" | "started"} for everything it holds: the
+    entries of its inflight hash and its landing lists (see the Lua header)."""
+    cmd = _command(r)
+    held: dict[str, dict[str, str]] = {}
+    for key in cmd("KEYS", f"{prefix}:inflight:*") or []:
+        daemon_id = key[len(f"{prefix}:inflight:") :]
+        for value in cmd("HVALS", key) or []:
+            _, state, _, payload = value.split("\n", 3)
+            started = "started" if not state.startswith("c") else "claimed"
+            held.setdefault(daemon_id, {})[_payload_id(payload)] = started
+    for key in cmd("KEYS", f"{prefix}:landing:*") or []:
+        daemon_id = key[len(f"{prefix}:landing:") :].rpartition(":")[0]
+        for value in cmd("LRANGE", key, "0", "-1") or []:
+            held.setdefault(daemon_id, {})[_payload_id(value)] = "claimed"
+    return held
+
+
+def in_flight(r: RedisLike, prefix: str = "prioqd") -> dict[str, set[str]]:
+    """Daemon id -> ids of the jobs it has taken off a queue and not yet settled
+    (claimed, or recorded as running). Daemons holding nothing are left out."""
+    return {d: set(jobs) for d, jobs in _in_flight_states(r, prefix).items()}
+
+
+def started_ids(r: RedisLike, prefix: str = "prioqd") -> list[str]:
+    """Ids of held jobs whose start is recorded, across daemons."""
+    states = _in_flight_states(r, prefix).values()
+    return sorted(j for jobs in states for j, state in jobs.items() if state == "started")
+
+
+def held_by(r: RedisLike, daemon_id: str, prefix: str = "prioqd") -> set[str]:
+    """Ids of the jobs ``daemon_id`` holds in flight (see ``in_flight``)."""
+    return in_flight(r, prefix).get(daemon_id, set())
+
+
+def in_flight_count(r: RedisLike, prefix: str = "prioqd") -> int:
+    """How many jobs all daemons together hold in flight."""
+    return sum(len(ids) for ids in in_flight(r, prefix).values())
+
+
+def registered_daemons(r: RedisLike, prefix: str = "prioqd") -> set[str]:
+    """Ids of the daemons registered (alive or with an expired lease not yet recovered)."""
+    return set(_command(r)("ZRANGE", f"{prefix}:daemons", "0", "-1") or [])
+
+
+def daemon_record(r: RedisLike, daemon_id: str, prefix: str = "prioqd") -> dict[str, str]:
+    """What a daemon registered about itself (host, pid, slots...)."""
+    flat = _command(r)("HGETALL", f"{prefix}:daemon:{daemon_id}") or []
+    if isinstance(flat, dict):
+        return flat
+    return dict(zip(flat[::2], flat[1::2], strict=True))

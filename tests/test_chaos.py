@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,11 @@ import redis
 from helpers import (
     Daemon,
     RedisServer,
-    held,
+    held_by,
     in_flight_count,
     job_hash,
     push,
+    registered_daemons,
     wait_for,
     write_config,
 )
@@ -68,11 +70,6 @@ def succeeded(r: redis.Redis, ids: list[str]) -> int:
     return sum(1 for s in pipe.execute() if s == b"succeeded")
 
 
-def held_by(r: redis.Redis, daemon_id: str) -> set[str]:
-    """Job ids a (dead) daemon held in Redis."""
-    return set(held(r, daemon_id))
-
-
 def assert_nothing_in_flight(r: redis.Redis) -> None:
     assert r.llen("prioqd:queue:normal") == 0
     assert in_flight_count(r) == 0
@@ -89,27 +86,39 @@ def test_sigkill_and_restart_the_daemon_again_and_again(
     rng = random.Random(7)
     kills = 0
     in_flight_at_kills: set[str] = set()
-    recoveries: list[float] = []
+    held_per_kill: list[int] = []
+    recovered_per_restart: list[int] = []
     deadline = time.monotonic() + 120
     while kills < 12 and time.monotonic() < deadline:
         time.sleep(rng.uniform(0.1, 0.5))
-        daemon_id = d.events("daemon ready")[0]["daemon_id"]
+        daemon_id = d.daemon_id
         d.kill()
         kills += 1
-        in_flight_at_kills |= held_by(r, daemon_id)
-        t = time.monotonic()
+        # Redis may still hold a command the daemon sent just before it died: once it
+        # has seen the connections close, what the daemon held is final.
+        wait_for(lambda: not any(c.get("name") == "prioqd" for c in r.client_list()), 10)
+        held = held_by(r, daemon_id)
+        held_per_kill.append(len(held))
+        in_flight_at_kills |= held
         d.start()
-        if d.events("recovered a dead daemon's jobs"):
-            recoveries.append(time.monotonic() - t)
+        # The restart (same host, dead pid) puts back exactly what its predecessor
+        # held, at start-up, without waiting out the 30 s lease.
+        events = d.events("recovered a dead daemon's jobs")
+        recovered = sum(e["jobs"] for e in events if e["dead_daemon"] == daemon_id)
+        recovered_per_restart.append(recovered)
+        assert recovered == len(held), (kills, recovered, held)
     wait_for(lambda: succeeded(r, ids) == len(ids), 120, 0.2, "all jobs to succeed")
     counts = run_counts(runs)
     twice = {j for j, n in counts.items() if n > 1}
     report(
         capsys, "SIGKILL+restart", jobs=len(ids), kills=kills, ran_twice=len(twice),
-        in_flight_at_kills=len(in_flight_at_kills),
-        max_recovery_s=round(max(recoveries, default=0), 2),
+        in_flight_at_kills=len(in_flight_at_kills), held_per_kill=held_per_kill,
     )  # fmt: skip
     assert kills >= 10
+    # The kills did catch jobs in flight (2 slots of 4 ms jobs: nearly always), and
+    # the restarts recovered them: otherwise this test proves nothing about recovery.
+    assert sum(1 for n in held_per_kill if n) >= kills // 2, held_per_kill
+    assert sum(recovered_per_restart) >= kills // 2
     assert set(counts) == set(ids)  # every job ran
     assert twice <= in_flight_at_kills  # ...and twice only if a kill caught it in flight
     assert_nothing_in_flight(r)
@@ -197,12 +206,13 @@ def test_two_daemons_one_sigkilled_the_survivor_recovers_within_the_lease(
     b = daemon(cfg)
     ids = push_logrun(r, runs, 400, ms=15)
     wait_for(lambda: succeeded(r, ids) >= 60, 60, 0.02, "60 jobs")
-    victim = a.events("daemon ready")[0]["daemon_id"]
+    victim = a.daemon_id
     a.kill()
-    killed_at = time.monotonic()
+    killed_at = time.time()
     held = held_by(r, victim)
-    event = b.wait_log("recovered jobs of daemons whose lease expired", timeout_s=lease_s + 5)
-    recovered_after = time.monotonic() - killed_at
+    event = b.wait_log("recovered jobs of daemons whose lease expired", timeout_s=lease_s + 10)
+    # By the survivor's own clock, not this test's polling of its log.
+    recovered_after = datetime.fromisoformat(event["timestamp"]).timestamp() - killed_at
     wait_for(lambda: succeeded(r, ids) == len(ids), 120, 0.1, "all jobs to succeed")
     counts = run_counts(runs)
     twice = {j for j, n in counts.items() if n > 1}
@@ -210,8 +220,11 @@ def test_two_daemons_one_sigkilled_the_survivor_recovers_within_the_lease(
         capsys, "two daemons, one SIGKILLed", jobs=len(ids), held_by_victim=len(held),
         recovered_after_s=round(recovered_after, 2), lease_s=lease_s, ran_twice=len(twice),
     )  # fmt: skip
+    assert held, "the kill caught no job in flight: nothing was tested"
     assert event["dead_daemons"] == [victim] and event["jobs"] == len(held)
-    assert recovered_after <= lease_s + 0.25  # polling slack of this test
+    # Within the lease is the promise; 1 s on top for a loaded 2-CPU machine (the
+    # heartbeat that recovers is a timer in a busy event loop).
+    assert recovered_after <= lease_s + 1.0
     assert set(counts) == set(ids) and twice <= held
     assert_nothing_in_flight(r)
     r.close()
@@ -276,4 +289,4 @@ def test_sigterm_under_load_loses_nothing(
 
 def assert_nothing_in_flight_but_queue(r: redis.Redis) -> None:
     assert in_flight_count(r) == 0
-    assert not r.zcard("prioqd:daemons")
+    assert not registered_daemons(r)

@@ -108,3 +108,26 @@ def test_check_config(tmp_path: Path) -> None:
     )
     assert bad.returncode == 2
     assert "log.format: expected a string" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("[workers]\nslots = 1.5\n", "workers.slots", "expected an integer or a string"),
+        ('[tasks]\nmodules = "prioqd.examples"\n', "tasks.modules", "expected an array of strings"),
+        ("[tasks]\nmodules = [1]\n", "tasks.modules", "expected an array of strings"),
+    ],
+)
+def test_more_bad_values(tmp_path: Path, text: str, key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, text))
+    assert info.value.key == key and problem in info.value.problem
+
+
+def test_a_directory_or_binary_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        config.load(str(tmp_path))
+    binary = tmp_path / "b.toml"
+    binary.write_bytes(b"[jobs]\ntimeout_s = 5 # \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        config.load(str(binary))

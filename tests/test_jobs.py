@@ -64,6 +64,9 @@ def test_delay_becomes_due_time_and_leaves_the_stored_form() -> None:
         ('{"task":5}', "'task' must be a non-empty string"),
         ('{"task":"nope"}', "unknown task 'nope'"),
         ('{"task":"square","args":7}', "'args' must be an array"),
+        ('{"task":"square","args":null}', "'args' must be an array, got null"),
+        ('{"task":"square","args":{}}', "'args' must be an array, got an object"),
+        ('{"task":"square","args":true}', "'args' must be an array, got a boolean"),
         ('{"task":"square","kwargs":[]}', "'kwargs' must be an object"),
         ('{"task":"square","timeout_s":0}', "'timeout_s' must be a number greater than 0"),
         ('{"task":"square","timeout_s":true}', "'timeout_s' must be a number"),
@@ -80,6 +83,7 @@ def test_delay_becomes_due_time_and_leaves_the_stored_form() -> None:
         ('{"task":"square","id":7}', "'id' must be"),
         ('{"task":"square","delay_s":-1}', "'delay_s' must be a number from 0"),
         ('{"task":"square","delay_s":1,"eta":5}', "not both"),
+        ('{"task":"square","eta":"soon"}', "'eta' must be a number"),
         ('{"task":"square","priority":"high"}', "unknown field(s) 'priority'"),
         ('{"task":"square","meta":3}', "'meta' must be an object"),
     ],
@@ -150,3 +154,23 @@ def test_an_eta_past_by_any_amount_runs_now_and_one_far_ahead_is_refused() -> No
 def test_a_producer_timeout_is_capped_by_max_timeout_s() -> None:
     job = parse('{"task":"square","timeout_s":1e9}', max_timeout_s=60.0)
     assert isinstance(job, jobs.Job) and job.timeout_s == 60.0
+
+
+def test_stored_form_of_a_payload_with_a_lone_surrogate_is_valid_json() -> None:
+    # No id: the daemon pins one into the stored form, which must stay JSON even though
+    # "\ud800" has no UTF-8 encoding.
+    job = parse(b'{"task":"echo","args":["\\ud800"]}')
+    assert isinstance(job, jobs.Job)
+    assert job.json.isascii()
+    assert json.loads(job.json) == {"id": job.id, "task": "echo", "args": ["\ud800"]}
+
+
+def test_a_task_name_must_be_a_non_empty_string() -> None:
+    from prioqd import task
+    from prioqd.errors import TaskRegistryError
+
+    def nameless() -> None: ...
+
+    nameless.__name__ = ""
+    with pytest.raises(TaskRegistryError, match="non-empty string"):
+        task(nameless)

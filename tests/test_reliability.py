@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,20 +17,16 @@ from helpers import (
     Daemon,
     RedisServer,
     dead_letters,
+    held_by,
     in_flight_count,
     job_hash,
     push,
-    started_ids,
     wait_for,
     wait_status,
     write_config,
 )
 
 FAST_RETRY = {"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2}
-
-
-def outcomes(r: redis.Redis, job_id: str) -> dict[str, str]:
-    return job_hash(r, job_id)
 
 
 # --- retries and dead letters ---------------------------------------------------------
@@ -87,7 +84,8 @@ def test_delayed_jobs_wait_and_enter_their_queue_in_due_order(
     hashes = wait_status(r, ["d1", "d2", "d3"])
     for job_id, delay in (("d1", 0.3), ("d2", 0.6), ("d3", 0.9)):
         assert float(hashes[job_id]["started_at"]) - pushed >= delay - 0.02
-        assert float(hashes[job_id]["started_at"]) - pushed < delay + 1.0
+        # Not forgotten either (a generous bound: the lower one is the promise).
+        assert float(hashes[job_id]["started_at"]) - pushed < delay + 3.0
     assert sorted(hashes, key=lambda j: float(hashes[j]["started_at"])) == ["d1", "d2", "d3"]
 
 
@@ -238,30 +236,32 @@ def test_sigkilled_daemon_jobs_are_recovered_by_its_restart_at_once(
         "normal",
         *({"id": f"k{i}", "task": "logrun", "args": [str(runs), f"k{i}", 300]} for i in range(6)),
     )
+    daemon_id = d.daemon_id
     wait_for(
-        lambda: len(started_ids(r)) == 2,
-        10,
+        lambda: sum(job_hash(r, f"k{i}").get("status") == "running" for i in range(6)) == 2, 10
     )
-    in_flight = set(started_ids(r))
+    in_flight = held_by(r, daemon_id)
+    assert len(in_flight) == 2
+    workers = [psutil.Process(pid) for pid in d.worker_pids]
+    assert len(workers) == 2 and all(w.is_running() for w in workers)
     d.kill()
-    workers_gone = wait_for(
-        lambda: (
-            not [
-                p
-                for p in psutil.process_iter(["cmdline"])
-                if "prioqd.worker" in " ".join(p.info["cmdline"] or []) and p.ppid() == 1
-            ]
-        ),
-        5,
-    )
-    assert workers_gone
+
+    # Its own workers die with it (PR_SET_PDEATHSIG): no orphan goes on running a job
+    # that is about to be recovered elsewhere.
+    def gone(p: psutil.Process) -> bool:
+        try:
+            return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(lambda: all(gone(w) for w in workers), 10, what="the killed daemon's workers to die")
     t = time.monotonic()
     d.start()  # same host, dead pid: no need to wait out the 60 s lease
     hashes = wait_status(r, [f"k{i}" for i in range(6)])
     assert time.monotonic() - t < 15
     assert all(h["status"] == "succeeded" for h in hashes.values())
     recovered = d.wait_log("recovered a dead daemon's jobs")
-    assert recovered["jobs"] == 2
+    assert recovered["jobs"] == 2 and recovered["dead_daemon"] == daemon_id
     counts: dict[str, int] = {}
     for tag in runs.read_text().split():
         counts[tag] = counts.get(tag, 0) + 1
@@ -279,10 +279,14 @@ def test_lost_daemon_jobs_are_recovered_by_another_within_the_lease(
     wait_status(r, ["held"], ("running",))
     survivor = daemon(cfg)
     victim.proc.send_signal(signal.SIGSTOP)  # alive but silent: a network cut, a hang
-    stopped_at = time.monotonic()
+    stopped_at = time.time()
     try:
-        survivor.wait_log("recovered jobs of daemons whose lease expired", timeout_s=lease + 3)
-        assert time.monotonic() - stopped_at <= lease + 0.5
+        event = survivor.wait_log(
+            "recovered jobs of daemons whose lease expired", timeout_s=lease + 10
+        )
+        # Within the lease (by the survivor's own clock, not this test's polling), with
+        # 1 s on top for a loaded 2-CPU machine.
+        assert datetime.fromisoformat(event["timestamp"]).timestamp() - stopped_at <= lease + 1.0
         survivor_id = survivor.events("daemon ready")[0]["daemon_id"]
         wait_for(lambda: job_hash(r, "held").get("daemon") == survivor_id, 10)
         assert job_hash(r, "held")["status"] == "running"
@@ -316,10 +320,14 @@ def test_redis_outage_keeps_running_jobs_and_writes_their_outcomes_after(
     server.start()
     try:
         r = server.client()
-        cfg = write_config(tmp_path / "c.toml", server.url, daemon={"lease_s": 30})
+        # lease_s=3: heartbeats (every second) fail during the outage and the lease
+        # runs out (nobody else recovers it); a delayed job falls due during it.
+        cfg = write_config(tmp_path / "c.toml", server.url, daemon={"lease_s": 3})
         d = daemon(cfg)
         push(r, "normal", {"id": "through", "task": "nap", "args": [1500]})
+        push(r, "low", {"id": "later", "task": "square", "args": [5], "delay_s": 1.0})
         wait_status(r, ["through"], ("running",))
+        wait_status(r, ["later"], ("scheduled",))
         proc = psutil.Process(d.pid)
         cpu_before = sum(proc.cpu_times()[:2])
         server.stop()
@@ -330,6 +338,9 @@ def test_redis_outage_keeps_running_jobs_and_writes_their_outcomes_after(
         server.start()
         h = wait_status(r, ["through"], timeout_s=20)["through"]
         assert h["status"] == "succeeded" and h["attempts"] == "1"
+        assert wait_status(r, ["later"], timeout_s=20)["later"]["result"] == "25"
+        failed_during = {e["during"] for e in d.events("redis unavailable")}
+        assert {"heartbeat", "promote"} <= failed_during, failed_during
         # ...and it fetches again on its own.
         push(r, "high", {"id": "after", "task": "square", "args": [4]})
         assert wait_status(r, ["after"], timeout_s=20)["after"]["result"] == "16"
@@ -369,3 +380,47 @@ def test_workers_are_replaced_after_max_jobs_per_worker(
     pids = [int(job_hash(r, j)["result"]) for j in ids]
     assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5]
     assert all(not psutil.pid_exists(p) for p in (pids[0], pids[2]))
+
+
+def test_a_stop_while_redis_is_gone_leaves_the_jobs_to_recovery(
+    tmp_path: Path, daemon: Daemon
+) -> None:
+    """design.md, Shutdown: with Redis gone for good the drain gives up after a bound;
+    the jobs are still recorded as the daemon's in Redis and come back by recovery."""
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    try:
+        r = server.client()
+        cfg = write_config(tmp_path / "c.toml", server.url,
+                           daemon={"lease_s": 60, "shutdown_grace_s": 2})  # fmt: skip
+        d = daemon(cfg)
+        push(r, "normal", {"id": "stuck", "task": "nap", "args": [800]})
+        wait_status(r, ["stuck"], ("running",))
+        server.stop()
+        d.signal(signal.SIGTERM)
+        assert d.wait(60) == 0
+        # (Its job_ids field lists only runs not yet turned into ops: here it is empty.)
+        d.wait_log("outcomes not written; the jobs stay in flight and will run again")
+        d.wait_log("could not deregister; other daemons recover our jobs when the lease ends")
+        server.start()
+        assert job_hash(r, "stuck")["status"] == "running"  # as the stopped daemon left it
+        d.start()  # same host, its predecessor's pid is gone: recovered at once
+        assert d.wait_log("recovered a dead daemon's jobs")["jobs"] == 1
+        h = wait_status(r, ["stuck"], timeout_s=20)["stuck"]
+        assert h["status"] == "succeeded" and h["attempts"] == "2"
+        r.close()
+    finally:
+        server.stop()
+
+
+def test_an_error_text_that_is_not_utf8_encodable_is_kept_escaped(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    daemon(config(jobs={"max_retries": 0}))
+    # A lone surrogate (valid in JSON text, not in UTF-8) in the exception message.
+    r.lpush("prioqd:queue:normal", b'{"id":"sur","task":"fail","args":["bad \\ud800 end"]}')
+    h = wait_status(r, ["sur"])["sur"]
+    assert h["status"] == "dead"
+    assert h["error"] == "RuntimeError: bad \\ud800 end"
+    (letter,) = dead_letters(r)
+    assert letter["reason"].startswith("RuntimeError: bad \\ud800 end")

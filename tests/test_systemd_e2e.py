@@ -13,6 +13,7 @@ journal are printed (``-s`` shows them at once).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -171,14 +172,28 @@ class Prioqd:
         self.box.write_file(CONFIG, text)
         self.config = text
 
-    def reload(self) -> None:
+    def reload(self, logs: str | None = None) -> None:
         """``systemctl reload`` returns once ``kill -HUP`` has; the daemon applies the
-        file a moment later (Type=notify: systemd does not wait for its READY=1)."""
+        file a moment later (Type=notify: systemd does not wait for its READY=1).
+
+        ``logs``: a message the daemon logs once it has applied (or rejected) the
+        file, waited for. Without it (a reload to a quieter level logs nothing that
+        can be seen) a second is given instead.
+        """
+        pid = str(self.main_pid())
+        t0 = now_us()
         self.systemctl("reload", UNIT)
         wait_for(
             lambda: self.show("ActiveState")["ActiveState"] != "reloading", 10, "reload to end"
         )
-        time.sleep(1.0)
+        if logs is None:
+            time.sleep(1.0)
+            return
+        self.wait_journal(
+            lambda e: logs in str(e.get("MESSAGE", "")) and e.get("_PID") == pid,
+            f"{logs!r} from the daemon",
+            since_us=t0,
+        )
 
     def evidence(self) -> str:
         status = self.systemctl("status", "-l", "-n", "0", UNIT, check=False).stdout
@@ -205,7 +220,7 @@ def config_text(template: str, level: str = "info") -> str:
 def box() -> Iterator[Container]:
     ok, why = Container.available()
     if not ok:
-        pytest.skip(f"systemd-nspawn cannot run here: {why}")
+        helpers.skip_or_fail(f"systemd-nspawn cannot run here: {why}")
     for tool in (PYTHON, "/usr/bin/redis-server", "/usr/bin/redis-cli"):
         assert Path(tool).exists(), f"{tool} is needed on the host (the container sees it)"
     t0 = time.monotonic()
@@ -253,7 +268,7 @@ def prioqd(installed: Prioqd, request: pytest.FixtureRequest) -> Iterator[Prioqd
     if installed.config != config_text(installed.template):
         installed.write_config()  # a test changed it: back to the default, live too
         if installed.show("ActiveState")["ActiveState"] == "active":
-            installed.reload()
+            installed.reload(logs="config reloaded")
     installed.ensure_running()
     failed_before = request.session.testsfailed
     yield installed
@@ -312,7 +327,7 @@ def test_jobs_pushed_with_redis_cli_complete(prioqd: Prioqd) -> None:
 def test_journal_has_native_fields_per_job(prioqd: Prioqd) -> None:
     job_id = prioqd.push("square", 5, queue="normal")
     prioqd.wait_job(job_id)
-    daemons = prioqd.redis("ZRANGE", f"{PREFIX}:daemons", "0", "-1")
+    daemons = helpers.registered_daemons(prioqd.redis, PREFIX)
 
     def entry(message: str) -> dict[str, Any]:
         return prioqd.wait_journal(
@@ -351,13 +366,7 @@ def test_reload_applies_log_level(prioqd: Prioqd) -> None:
     prioqd.wait_job(quiet)
 
     prioqd.write_config(level="info")
-    t0 = now_us()
-    prioqd.reload()
-    prioqd.wait_journal(
-        lambda e: "reload" in str(e.get("MESSAGE", "")).lower() and e.get("_PID") == str(pid),
-        "the daemon to log its reload",
-        since_us=t0,
-    )
+    prioqd.reload(logs="config reloaded")
     loud = prioqd.push("square", 3)
     prioqd.wait_job(loud)
     prioqd.wait_journal(
@@ -380,7 +389,7 @@ def test_invalid_config_on_reload_is_rejected(prioqd: Prioqd, bad: str) -> None:
     state = prioqd.show("MainPID", "NRestarts")
     t0 = now_us()
     prioqd.write_config(text=bad)
-    prioqd.reload()
+    prioqd.reload(logs="reload rejected")
     after = prioqd.show("ActiveState", "SubState", "MainPID", "NRestarts")
     assert after["ActiveState"] == "active", f"{after}\n{prioqd.evidence()}"
     assert (after["MainPID"], after["NRestarts"]) == (state["MainPID"], state["NRestarts"])
@@ -447,11 +456,7 @@ def test_stop_drains_without_losing_jobs(prioqd: Prioqd) -> None:
     assert not lost, f"lost at stop: {sorted(lost)}; hashes {[prioqd.job(i) for i in lost]}"
     assert len(queued) == len(set(queued)) and not set(queued) & set(done), (queued, done)
     assert queued, "every job had finished before the stop: the test did not stop mid-way"
-    held = {
-        key: prioqd.redis("TYPE", key)
-        for pattern in (f"{PREFIX}:inflight:*", f"{PREFIX}:landing:*")
-        for key in prioqd.redis("KEYS", pattern)
-    }
+    held = helpers.in_flight(prioqd.redis, PREFIX)
     assert not held, f"in-flight records left after a clean stop: {held}"
     print(f"[e2e] stopped with {len(done)} done, {len(queued)} still queued")
 
@@ -486,3 +491,156 @@ def test_harness_cleans_up(box: Container) -> None:
     assert not list(Path("/sys/fs/cgroup").glob(f"*/{name}"))
     assert not Path(f"/run/systemd/nspawn/propagate/{name}").exists()
     assert shutil.which("systemd-nspawn")
+
+
+# --- issue 13: credentials, restarts, task output -------------------------------------
+
+
+@contextlib.contextmanager
+def running_with(prioqd: Prioqd, text: str, restart: bool = True) -> Iterator[None]:
+    """The service restarted on config ``text``; afterwards back on the default config
+    (restarted: the keys changed here need a restart)."""
+    prioqd.write_config(text=text)
+    try:
+        if restart:
+            prioqd.systemctl("restart", UNIT, timeout=START_TIMEOUT_S + STOP_TIMEOUT_S + 15)
+        yield
+    finally:
+        prioqd.write_config()
+        prioqd.systemctl("reset-failed", UNIT, check=False)
+        limit = START_TIMEOUT_S + STOP_TIMEOUT_S + 15
+        prioqd.systemctl("restart", UNIT, check=False, timeout=limit)
+
+
+def test_redis_password_from_load_credential_and_from_environment_file(
+    prioqd: Prioqd,
+) -> None:
+    password = f"pw-{uuid.uuid4().hex[:12]}"
+    port = REDIS_PORT + 1
+    box = prioqd.box
+    box.run(
+        ["systemd-run", "--unit", "test-redis-auth", "--property", "Type=exec",
+         "/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--requirepass", password]
+    )  # fmt: skip
+    cli = ["redis-cli", "--no-auth-warning", "-p", str(port), "-a", password]
+    wait_for(lambda: box.run([*cli, "PING"], check=False).stdout.strip() == "PONG", 10, "redis")
+    text = prioqd.config.replace(f"127.0.0.1:{REDIS_PORT}/0", f"127.0.0.1:{port}/0")
+    assert password not in text
+
+    def run_a_job(tag: str) -> None:
+        job_id = f"auth-{tag}-{uuid.uuid4().hex[:6]}"
+        payload = json.dumps({"id": job_id, "task": "square", "args": [11]})
+        box.run([*cli, "LPUSH", f"{PREFIX}:queue:high", payload])
+
+        def done() -> bool:
+            out = box.run([*cli, "HGET", f"{PREFIX}:job:{job_id}", "result"], check=False)
+            return out.stdout.strip() == "121"
+
+        try:
+            wait_for(done, 20, f"{job_id} to run against the password-protected Redis")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{prioqd.evidence()}") from None
+
+    t0 = now_us()
+    try:
+        # LoadCredential=redis-password:/etc/prioqd/redis-password
+        box.write_file("/etc/prioqd/redis-password", password + "\n", mode=0o600)
+        with running_with(prioqd, text):
+            run_a_job("credential")
+        # EnvironmentFile=-/etc/prioqd/env, the credential file left empty
+        box.write_file("/etc/prioqd/redis-password", "", mode=0o600)
+        box.write_file("/etc/prioqd/env", f"PRIOQD_REDIS_PASSWORD={password}\n", mode=0o600)
+        with running_with(prioqd, text):
+            run_a_job("environment")
+        messages = "\n".join(str(e.get("MESSAGE", "")) for e in prioqd.journal(since_us=t0))
+        assert "daemon ready" in messages
+        assert password not in messages, "the password reached the journal"
+    finally:
+        box.write_file("/etc/prioqd/redis-password", "", mode=0o600)
+        box.run(["rm", "-f", "/etc/prioqd/env"])
+        prioqd.systemctl("stop", "test-redis-auth", check=False)
+
+
+def test_a_configuration_error_is_not_restarted(prioqd: Prioqd) -> None:
+    before = int(prioqd.show("NRestarts")["NRestarts"])
+    bad = prioqd.config.replace("[jobs]\n", "[jobs]\nno_such_key = 1\n", 1)
+    assert bad != prioqd.config
+    t0 = now_us()
+    with running_with(prioqd, bad, restart=False):
+        started = prioqd.systemctl("restart", UNIT, check=False, timeout=START_TIMEOUT_S + 30)
+        assert started.returncode != 0, "the daemon started on an invalid config"
+        state = prioqd.show("ActiveState", "Result", "ExecMainStatus", "NRestarts")
+        assert state["ExecMainStatus"] == "2", f"{state}\n{prioqd.evidence()}"
+        assert state["ActiveState"] == "failed" and state["Result"] == "exit-code", state
+        # RestartSec=2: twice that and more, and still no restart (RestartPreventExitStatus=2).
+        time.sleep(5)
+        state = prioqd.show("ActiveState", "NRestarts", "ExecMainStatus")
+        assert state == {
+            "ActiveState": "failed", "NRestarts": str(before), "ExecMainStatus": "2"
+        }, state  # fmt: skip
+        errors = [str(e.get("MESSAGE", "")) for e in prioqd.journal(since_us=t0)]
+        assert any("jobs.no_such_key: unknown key" in m for m in errors), "\n".join(errors)
+
+
+def test_a_restart_after_a_crash_recovers_the_predecessors_jobs_at_once(prioqd: Prioqd) -> None:
+    lease_s = 30.0  # config.example.toml's, which the installed config keeps
+    assert re.search(r"(?m)^lease_s = 30\.0$", prioqd.config)
+    ids = [prioqd.push("sleep", 3, queue="normal") for _ in range(2)]
+    for job_id in ids:
+        prioqd.wait_job(job_id, status="running")
+    before = prioqd.show("MainPID", "NRestarts")
+    t0 = now_us()
+    killed_at = time.monotonic()
+    prioqd.box.run(["kill", "-KILL", before["MainPID"]])  # Restart=on-failure
+    recovered = prioqd.wait_journal(
+        lambda e: "recovered a dead daemon's jobs" in str(e.get("MESSAGE", "")),
+        "the restarted daemon to recover its predecessor's jobs",
+        timeout_s=20,
+        since_us=t0,
+    )
+    assert recovered.get("JOBS") == "2", recovered
+    for job_id in ids:
+        h = prioqd.wait_job(job_id, timeout_s=20)
+        assert h["attempts"] == "2", h
+    # At once: well within the lease another daemon would have waited out.
+    assert time.monotonic() - killed_at < lease_s - 10
+    after = prioqd.show("MainPID", "NRestarts")
+    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1
+    assert after["MainPID"] != before["MainPID"]
+
+
+E2E_TASKS = """\
+import sys
+from prioqd import task
+
+
+@task
+def shout(text):
+    print(f"stdout says {text}", flush=True)
+    print(f"stderr says {text}", file=sys.stderr, flush=True)
+    return text
+"""
+
+
+def test_task_print_output_reaches_the_journal(prioqd: Prioqd) -> None:
+    site = prioqd.box.run(
+        ["/opt/prioqd/bin/python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"]
+    ).stdout.strip()
+    prioqd.box.write_file(f"{site}/e2e_tasks.py", E2E_TASKS)
+    text = re.sub(
+        r"(?m)^modules = .*$", 'modules = ["prioqd.examples", "e2e_tasks"]', prioqd.config
+    )
+    marker = uuid.uuid4().hex[:10]
+    try:
+        with running_with(prioqd, text):
+            job_id = prioqd.push("shout", marker)
+            assert prioqd.wait_job(job_id)["result"] == json.dumps(marker)
+            for stream in ("stdout", "stderr"):
+                entry = prioqd.wait_journal(
+                    lambda e, s=stream: e.get("MESSAGE") == f"{s} says {marker}",
+                    f"the task's {stream} print in the journal",
+                )
+                assert entry.get("_SYSTEMD_UNIT") == f"{UNIT}.service", entry
+    finally:
+        prioqd.box.run(["rm", "-f", f"{site}/e2e_tasks.py"])

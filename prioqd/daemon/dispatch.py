@@ -143,7 +143,11 @@ class Dispatcher:
     def lowest_waiting(self) -> int | None:
         """The rank (0 = highest) of the lowest priority among jobs held here that
         have not started: a higher job must not wait behind them."""
-        return self.pool.waiting_rank()
+        return self.pool.lowest_rank(waiting=True)
+
+    def lowest_held(self) -> int | None:
+        """The rank of the lowest priority among jobs held here, running or not."""
+        return self.pool.lowest_rank(waiting=False)
 
     def claim_sizes(self) -> list[tuple[str, int]]:
         """Payloads to claim per slot token, per priority (highest first)."""

@@ -94,6 +94,10 @@ class Watch:
         else:
             self.reconcile()
 
+    def _outranks_held(self, p: str) -> bool:
+        lowest = self.dispatch.lowest_held()
+        return lowest is not None and self._rank[p] < lowest
+
     def _busy_targets(self) -> list[str]:
         lowest = self.dispatch.lowest_waiting()
         if lowest is None:
@@ -101,16 +105,14 @@ class Watch:
         return [p for p in self.priorities[:lowest] if p not in self.paused]
 
     def reconcile(self) -> None:
-        """Busy mode: wait on exactly the priorities above the lowest job held here
-        that has not started."""
+        """Busy mode: wait on the priorities above the lowest job held here that has
+        not started. A wait no longer needed is left in place (calling it off and
+        renewing it for every prefetched job would cost two commands a job): what
+        lands there is taken if it outranks what runs here, else put back."""
         if self._closing or self.cycle.waiting or self._race is not None:
             return
-        targets = self._busy_targets()
-        for p in targets:
+        for p in self._busy_targets():
             self._arm(p)
-        extra = [p for p in self._tasks if p not in targets and p not in self._leaving]
-        if extra:
-            self._call_off(extra)
 
     def _arm(self, p: str) -> None:
         if (
@@ -185,8 +187,8 @@ class Watch:
                 # wait out before choosing (the cycle claims nothing meanwhile).
                 self._race = [(claim, p, raw)]
                 self._background_task(self._settle(others))
-        elif p in self._busy_targets():
-            # Higher than something running: it goes first, on a lent token if need be.
+        elif self._outranks_held(p):
+            # Higher than something held: it goes first, on a lent token if need be.
             self.dispatch.land(claim, p, raw)
             self.reconcile()
         else:

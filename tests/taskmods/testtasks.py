@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -121,3 +122,18 @@ async def async_fail(message: str) -> None:
 @task
 async def async_flaky(counter_path: str, failures: int) -> int:
     return flaky(counter_path, failures)
+
+
+@task
+def shout(text: str) -> str:
+    """Prints to stdout and to stderr: both must reach the daemon's stderr."""
+    print(f"stdout says {text}", flush=True)
+    print(f"stderr says {text}", file=sys.stderr, flush=True)
+    return text
+
+
+@task
+def napping_pid(ms: float = 0.0) -> int:
+    """Naps, then returns the pid of the worker that ran it."""
+    time.sleep(ms / 1000)
+    return os.getpid()
