@@ -520,7 +520,7 @@ class Dispatcher:
         job.state = JobState.LOST
         fields = {"job_id": job.id, "task": job.task, "queue": job.priority}
         if result == LOST:
-            self.log.warning(f"job {what} but its claim was lost; not recorded here", **fields)
+            self.log.warning(f"job {what} but its lease was lost; not recorded here", **fields)
         elif result == FAILED:
             self.log.error("job could not be recorded; it went to the dead letters", **fields)
         elif result == STUCK:

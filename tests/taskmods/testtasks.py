@@ -137,3 +137,17 @@ def napping_pid(ms: float = 0.0) -> int:
     """Naps, then returns the pid of the worker that ran it."""
     time.sleep(ms / 1000)
     return os.getpid()
+
+
+@task
+def logjob(path: str) -> str:
+    """Appends the running job's own id to ``path`` (one O_APPEND write)."""
+    from prioqd import current_job
+
+    job_id = current_job().id
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{job_id}\n".encode())
+    finally:
+        os.close(fd)
+    return job_id
