@@ -64,3 +64,23 @@ class Keys:
     def events(self) -> str:
         """Pub/sub channel on which every attempt's outcome is published."""
         return f"{self.prefix}:events"
+
+    @property
+    def paused(self) -> str:
+        """SET of priority names no daemon claims from (``prioqd pause``)."""
+        return f"{self.prefix}:paused"
+
+    @property
+    def cancels(self) -> str:
+        """ZSET job id -> expiry in ms: cancels asked for jobs a daemon holds."""
+        return f"{self.prefix}:cancels"
+
+    @property
+    def control(self) -> str:
+        """Pub/sub channel of operators' commands to daemons (pause, resume, cancel)."""
+        return f"{self.prefix}:control"
+
+    @property
+    def inflight_pattern(self) -> str:
+        """SCAN pattern of every daemon's in-flight hash."""
+        return f"{self.prefix}:inflight:*"

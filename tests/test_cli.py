@@ -74,7 +74,7 @@ def test_status_shows_depths_in_flight_and_daemons(
     assert report["queues"] == {"high": 0, "normal": 0, "low": 3}
     assert report["in_flight"] == 1
     (info,) = report["daemons"]
-    assert info["pid"] == str(d.pid) and info["alive"] and info["slots"] == "1"
+    assert info["pid"] == str(d.pid) and info["alive"] and info["slots"] == 1
     text = prioqd("status", "--config", str(cfg))
     assert "daemons alive: 1" in text.stdout and "low" in text.stdout
 
