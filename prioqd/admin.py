@@ -424,7 +424,7 @@ class Admin:
                 for v in values:
                     p, state, payload = split_entry(v)
                     out.append(
-                        Held(d, p, "claimed" if state == "c" else "running", payload,
+                        Held(d, p, "claimed" if state.startswith("c") else "running", payload,
                              _json_obj(payload))
                     )  # fmt: skip
             for p in prios:

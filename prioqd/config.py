@@ -92,7 +92,7 @@ def parse_listen(v: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _listen(v: str) -> str | None:
+def _web_listen(v: str) -> str | None:
     try:
         parse_listen(v)
     except ValueError as exc:
@@ -169,6 +169,8 @@ class JobsConfig:
     # A payload whose daemon died this many times while holding it is poison: the next
     # recovery sends it to the dead letters instead of back to the head of its queue.
     max_recoveries: int = field(default=3, metadata=_check(_non_negative))
+    # The dead-letter list keeps at most this many, dropping the oldest (0: no bound).
+    dead_letters_max: int = field(default=10_000, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -191,11 +193,26 @@ class LogConfig:
     )
 
 
+def _listen(v: str) -> str | None:
+    if not v:
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return 'must be empty (off) or "host:port", e.g. "127.0.0.1:9464"'
+    return None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # Where /metrics is served for Prometheus; empty: no metrics at all.
+    listen: str = field(default="", metadata=_check(_listen))
+
+
 @dataclass(frozen=True)
 class WebConfig:
     # The dashboard (`prioqd web`): host:port to listen on. Keep it on localhost and
     # put a reverse proxy with TLS and authentication in front for remote access.
-    listen: str = field(default="127.0.0.1:8080", metadata=_check(_listen))
+    listen: str = field(default="127.0.0.1:8080", metadata=_check(_web_listen))
     # The file holding the token that actions (cancel, pause, requeue...) need. Empty:
     # $CREDENTIALS_DIRECTORY/web-token (the unit's LoadCredential=). No token: the
     # dashboard only starts with --read-only.
@@ -217,6 +234,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     web: WebConfig = field(default_factory=WebConfig)
     path: str = "<defaults>"
 

@@ -66,21 +66,20 @@ class Keys:
         return f"{self.prefix}:events"
 
     @property
+    def control(self) -> str:
+        """Pub/sub channel: operators' notes to the daemons ("look at the state now")."""
+        return f"{self.prefix}:control"
+
+    @property
     def paused(self) -> str:
-        """SET of priority names no daemon claims from (``prioqd pause``)."""
+        """SET of priorities no daemon claims from."""
         return f"{self.prefix}:paused"
 
     @property
     def cancels(self) -> str:
-        """ZSET job id -> expiry in ms: cancels asked for jobs a daemon holds."""
+        """ZSET job id -> expiry ms: cancels asked for jobs held by a daemon."""
         return f"{self.prefix}:cancels"
 
-    @property
-    def control(self) -> str:
-        """Pub/sub channel of operators' commands to daemons (pause, resume, cancel)."""
-        return f"{self.prefix}:control"
-
-    @property
-    def inflight_pattern(self) -> str:
-        """SCAN pattern of every daemon's in-flight hash."""
-        return f"{self.prefix}:inflight:*"
+    def unique(self, job_id: str) -> str:
+        """STRING: the lock of a unique job ("q" queued, "<daemon>/<claim>" running)."""
+        return f"{self.prefix}:unique:{job_id}"
