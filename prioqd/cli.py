@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -141,6 +142,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             job[name] = value
+    # When it was pushed: the queue's oldest-job age and the wait metrics use it.
+    job["enqueued_at"] = round(time.time(), 6)
     return _run_async(_submit(cfg, priority, job, args.wait, args.wait_timeout_s))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import redis
@@ -31,7 +32,9 @@ def test_submit_pushes_exactly_what_redis_cli_would(r: redis.Redis, config: Conf
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip()
     (raw,) = r.lrange("prioqd:queue:low", 0, -1)
-    assert json.loads(raw) == {
+    job = json.loads(raw)
+    assert abs(job.pop("enqueued_at") - time.time()) < 30
+    assert job == {
         "id": job_id, "task": "echo", "args": [7, "hello", [1, 2]], "kwargs": {"k": True},
         "timeout_s": 9.0, "max_retries": 1,
     }  # fmt: skip
