@@ -83,7 +83,9 @@ def chromium() -> Iterator[Any]:
 class WebProcess:
     """``prioqd web`` on a free loopback port, its output collected."""
 
-    def __init__(self, config: Path, logdir: Path, *args: str) -> None:
+    def __init__(
+        self, config: Path, logdir: Path, *args: str, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         logdir.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,7 @@ class WebProcess:
             [*PRIOQD, "web", "--config", str(config), "--listen", f"127.0.0.1:{self.port}", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=env_with_taskmods(),
+            env=env_with_taskmods(env),
             cwd=str(ROOT),
         )
         wait_for(self._up, 30, 0.05, what=f"prioqd web on port {self.port}")
