@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -434,3 +438,39 @@ def test_posts_without_csrf_or_auth_token_are_refused(r: redis.Redis, web: Web) 
     # And with both, it works: the refusals above were for the missing tokens.
     status, _ = client.request("POST", "/pause", {"csrf": csrf, "priority": "low"})
     assert status == 303 and r.smembers("prioqd:paused") == {b"low"}
+
+
+def test_behind_a_proxy_links_carry_the_root_path(r: redis.Redis, web: Web) -> None:
+    # The proxy strips /prioqd; the pages' links, redirects and cookies keep it.
+    w = web(web={"root_path": "/prioqd"})
+    client = Client(w.url)
+    status, body = client.request("GET", "/login")
+    assert status == 200
+    assert 'href="/prioqd/dead"' in body and 'src="/prioqd/static/app.js"' in body
+    assert 'action="/prioqd/login"' in body
+    (cookie,) = list(client.jar)
+    assert cookie.path == "/prioqd"
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', body).group(1)  # type: ignore[union-attr]
+    # What the browser sends to /prioqd/... reaches the dashboard as /...
+    jar = {cookie.name: str(cookie.value)}
+
+    def post(path: str, form: dict[str, str]) -> tuple[str, str]:
+        req = urllib.request.Request(
+            w.url + path,
+            data=urllib.parse.urlencode({"csrf": csrf, **form}).encode(),
+            headers={"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())},
+        )
+        try:
+            client.opener.open(req, timeout=10)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 303, exc.read()
+            return exc.headers["location"], "\n".join(exc.headers.get_all("set-cookie") or [])
+        raise AssertionError("expected a redirect")
+
+    location, cookies = post("/login", {"token": TOKEN})
+    assert location == "/prioqd/" and "Path=/prioqd" in cookies
+    auth = re.search(r"prioqd_auth=([^;]+)", cookies)
+    assert auth is not None
+    jar["prioqd_auth"] = auth.group(1)
+    location, _ = post("/pause", {"priority": "low"})
+    assert location == "/prioqd/" and r.smembers("prioqd:paused") == {b"low"}
