@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast lint demo bench install clean
+.PHONY: setup test test-fast lint demo bench install clean screenshots
 
 $(BIN)/.installed: pyproject.toml
 	./scripts/ensure-deps.sh
@@ -51,6 +51,10 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+# docs/img/*.png for the README: the dashboard in headless Chromium.
+screenshots: setup
+	$(BIN)/python scripts/screenshots.py
 
 # As root: venv under /opt/prioqd, /etc/prioqd/config.toml, the systemd unit.
 install:

@@ -259,6 +259,24 @@ class Broker:
     async def purge_dead(self) -> int:
         return int(await self._call("purge dead letters", "purge"))
 
+    async def cancel_queued(
+        self, priority: str, raw: bytes, job_id: str, ttl_s: int, outcome: str
+    ) -> bool:
+        """Remove the payload ``raw`` from its queue and record the job as cancelled,
+        atomically; False if it was no longer queued."""
+        reply = await self._call(
+            "cancel queued job", "cancel_queued", priority, raw, job_id, ttl_s, outcome
+        )
+        return int(reply) == 1
+
+    async def cancel_scheduled(self, member: bytes, job_id: str, ttl_s: int, outcome: str) -> bool:
+        """Remove ``member`` from the schedule and record the job as cancelled,
+        atomically; False if it was no longer scheduled."""
+        reply = await self._call(
+            "cancel scheduled job", "cancel_scheduled", member, job_id, ttl_s, outcome
+        )
+        return int(reply) == 1
+
     async def promote(self, max_dead: int, max_jobs: int = 1000) -> tuple[int, int, int | None]:
         """(moved to their queues, dead-lettered, ms until the next due job or None)."""
         moved, dead, due = await self._call("promote", "promote", max_jobs, max_dead)

@@ -8,11 +8,12 @@ Exit status: 0 success; 1 a job ended dead, or Redis could not be reached;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prioqd import __version__
@@ -26,6 +27,7 @@ from prioqd.errors import (
 )
 
 if TYPE_CHECKING:
+    from prioqd.admin import Admin
     from prioqd.broker import Broker
 
 from prioqd.keys import Keys
@@ -151,6 +153,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             job[name] = value
+    # When it was pushed: the queue's oldest-job age and the wait metrics use it.
+    job["enqueued_at"] = round(time.time(), 6)
     return _run_async(_submit(cfg, priority, job, args.wait, args.wait_timeout_s))
 
 
@@ -186,74 +190,136 @@ async def _submit(
 # --- status ------------------------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _admin(cfg: Config) -> AsyncIterator[Admin]:
+    from prioqd.admin import Admin
+
+    broker = _broker(cfg)
+    try:
+        yield Admin(broker, cfg)
+    finally:
+        await broker.close()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = _config(args, must_exist=False)
     return _run_async(_status(cfg, args.json))
 
 
 async def _status(cfg: Config, as_json: bool) -> int:
-    from prioqd.broker import wrap_errors
+    from prioqd.admin import age_text as _age
 
-    keys = Keys(cfg.queues.prefix)
-    broker = _broker(cfg)
-    try:
-        with wrap_errors("status"):
-            r: Any = broker.redis
-            found = await broker.queues()
-            queues = {p: found.get(p, 0) for p in cfg.queues.priorities}
-            unserved = {p: n for p, n in found.items() if p not in queues}
-            scheduled = await r.zcard(keys.scheduled)
-            dead = await r.llen(keys.dead)
-            daemons = []
-            for daemon_id, info, lease_ms in await broker.daemons():
-                prios = info.get("priorities", "").split(",")
-                landed = sum([await r.llen(keys.landing(daemon_id, p)) for p in prios if p])
-                held = await r.hlen(keys.inflight(daemon_id))
-                daemons.append(
-                    {
-                        "id": daemon_id,
-                        "host": info.get("host", "?"),
-                        "pid": info.get("pid", "?"),
-                        "slots": info.get("slots", "?"),
-                        "priorities": [p for p in prios if p],
-                        "in_flight": held + landed,
-                        "lease_left_s": round(lease_ms / 1000, 1),
-                        "alive": lease_ms > 0,
-                    }
-                )
-    finally:
-        await broker.close()
-    served = {p for d in daemons if d["alive"] for p in d["priorities"]}
-    report = {
-        "queues": queues,
-        "unserved_queues": unserved,
-        "scheduled": scheduled,
-        "dead": dead,
-        "in_flight": sum(d["in_flight"] for d in daemons),
-        "daemons": daemons,
-    }
+    async with _admin(cfg) as admin:
+        st = await admin.status()
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(st.to_dict(), indent=2))
         return EXIT_OK
-    print(f"{'queue':<20} {'depth':>8}")
-    for p, n in queues.items():
-        print(f"{clean(p):<20} {n:>8}")
-    for p, n in unserved.items():
-        note = "served by another daemon" if p in served else "UNSERVED: no daemon reads it"
-        print(f"{clean(p):<20} {n:>8}  ({note})")
-    print(f"{'(scheduled)':<20} {scheduled:>8}")
-    print(f"{'(dead letters)':<20} {dead:>8}")
-    print(f"\nin flight: {report['in_flight']}")
-    alive = [d for d in daemons if d["alive"] is True]
-    print(f"daemons alive: {len(alive)}")
-    if daemons:
-        print(f"  {'id':<36} {'host':<16} {'pid':>7} {'slots':>5} {'in flight':>9} {'lease':>7}")
-        for d in daemons:
-            lease = f"{d['lease_left_s']}s" if d["alive"] else "expired"
-            print(
-                f"  {clean(d['id']):<36} {clean(d['host']):<16} {clean(d['pid']):>7} "
-                f"{clean(d['slots']):>5} {d['in_flight']:>9} {lease:>7}"
+    served = {p for d in st.alive for p in d.priorities}
+    print(f"{'queue':<20} {'depth':>8}  {'oldest':>8}  state")
+    for q in st.queues:
+        state = "PAUSED" if q.paused else "serving" if q.priority in served else "no daemon"
+        if not q.configured:
+            state += (
+                " (served by another daemon)"
+                if q.priority in served
+                else " (UNSERVED: no daemon reads it)"
             )
+        print(f"{clean(q.priority):<20} {q.depth:>8}  {_age(q.oldest_age_s):>8}  {state}")
+    print(f"{'(scheduled)':<20} {st.scheduled:>8}")
+    print(f"{'(dead letters)':<20} {st.dead:>8}")
+    print(f"\nin flight: {st.in_flight}")
+    print(f"daemons alive: {len(st.alive)}")
+    if st.daemons:
+        print(
+            f"  {'id':<36} {'host':<16} {'pid':>7} {'slots':>5} {'in flight':>9} {'lease':>7}"
+            "  last error"
+        )
+        for d in st.daemons:
+            lease = f"{d.lease_left_s}s" if d.alive else "expired"
+            slots = "?" if d.slots is None else str(d.slots)
+            print(
+                f"  {clean(d.id):<36} {clean(d.host):<16} {clean(d.pid):>7} "
+                f"{slots:>5} {d.in_flight:>9} {lease:>7}  {clean(d.last_error[:80]) or '-'}"
+            )
+    if st.running:
+        print(f"\nrunning jobs: {sum(1 for j in st.running if j.state == 'running')}")
+        print(f"  {'id':<34} {'task':<20} {'queue':<10} {'daemon':<36} {'runtime':>8}")
+        for j in st.running:
+            runtime = _age(j.running_s) if j.state == "running" else "claimed"
+            print(
+                f"  {clean(j.id or '-'):<34} {clean(j.task or '?'):<20} "
+                f"{clean(j.priority):<10} {clean(j.daemon):<36} {runtime:>8}"
+            )
+    return EXIT_OK
+
+
+# --- inspect, cancel ------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    cfg = _config(args, must_exist=False)
+    return _run_async(_inspect(cfg, args.job_id, args.json))
+
+
+async def _inspect(cfg: Config, job_id: str, as_json: bool) -> int:
+    from prioqd.admin import describe
+
+    async with _admin(cfg) as admin:
+        info = await admin.inspect(job_id)
+    if as_json:
+        print(json.dumps(info.to_dict(), indent=2))
+    else:
+        print(f"job {clean(job_id)}: {clean(describe(info))}")
+        if info.where.traceback:
+            print("traceback:")
+            for line in info.where.traceback.rstrip().splitlines():
+                print(f"    {clean(line)}")
+        if info.fields:
+            print("hash:")
+            for k in sorted(info.fields):
+                v = info.fields[k]
+                if k == "traceback" and info.where.traceback:
+                    continue
+                print(f"  {clean(k)}: {clean(v)}")
+        if info.payload is not None:
+            print(f"payload: {clean(info.payload[:2000])}")
+    return EXIT_OK if info.found else EXIT_FAILED
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    cfg = _config(args, must_exist=False)
+    return _run_async(_cancel(cfg, args.job_ids, args.json, args.wait_s))
+
+
+async def _cancel(cfg: Config, job_ids: list[str], as_json: bool, wait_s: float) -> int:
+    async with _admin(cfg) as admin:
+        results = await admin.cancel(job_ids, wait_s=wait_s)
+    if as_json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        for res in results:
+            print(f"{clean(res.id)}: {res.outcome} ({clean(res.detail)})")
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+# --- pause, resume --------------------------------------------------------------------
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    cfg = _config(args, must_exist=False)
+    return _run_async(_pause(cfg, args.priorities, args.command == "pause", args.json))
+
+
+async def _pause(cfg: Config, priorities: list[str], pause: bool, as_json: bool) -> int:
+    async with _admin(cfg) as admin:
+        if pause:
+            paused = await admin.pause(priorities)
+        else:
+            paused = await admin.resume(priorities)
+    if as_json:
+        print(json.dumps({"paused": paused}))
+    else:
+        print(f"paused: {', '.join(clean(p) for p in paused) or 'none'}")
     return EXIT_OK
 
 
@@ -265,96 +331,63 @@ def cmd_dead(args: argparse.Namespace) -> int:
     return _run_async(_dead(cfg, args))
 
 
-def _entry_payload(entry: dict[str, Any]) -> bytes:
-    import base64
-
-    if "payload_b64" in entry:
-        return base64.b64decode(entry["payload_b64"])
-    return str(entry.get("payload", "")).encode("utf-8")
-
-
-def _parse_letter(raw: bytes) -> dict[str, Any]:
-    from prioqd.jobs import payload_field
-
-    try:
-        entry = json.loads(raw)
-    except ValueError:
-        entry = None
-    if not isinstance(entry, dict):
-        entry = {"reason": "unreadable dead letter", **payload_field(raw)}
-    return entry
-
-
 async def _dead(cfg: Config, args: argparse.Namespace) -> int:
-    from prioqd.broker import wrap_errors
-
-    keys = Keys(cfg.queues.prefix)
-    broker = _broker(cfg)
-    try:
-        with wrap_errors("dead letters"):
-            r: Any = broker.redis
-            if args.action == "list":
-                raw_entries = await r.lrange(keys.dead, 0, max(0, args.limit) - 1)
-                entries = [_parse_letter(raw) for raw in raw_entries]
-                for entry in entries:
-                    pkey = entry.get("payload_key")
-                    if isinstance(pkey, str) and "payload" not in entry:
-                        head = await r.getrange(pkey, 0, 199)
-                        entry["payload_head"] = head.decode("utf-8", "replace")
-                return _dead_list(entries[: max(0, args.limit)], args.json)
-            if args.action == "purge":
-                n = await broker.purge_dead()
-                print(f"purged {n} dead letter(s)")
-                return EXIT_OK
-            # requeue
-            raw_entries = await r.lrange(keys.dead, 0, -1)
-            entries2 = [(raw, _parse_letter(raw)) for raw in raw_entries]
-            wanted = set(args.ids)
-            chosen = [(raw, e) for raw, e in entries2 if args.all or e.get("id") in wanted]
-            missing = wanted - {e.get("id") for _, e in chosen}
-            moved = 0
-            for raw, entry in chosen:
-                priority = entry.get("priority")
-                if priority not in cfg.queues.priorities:
-                    priority = cfg.queues.priorities[0 if priority is None else -1]
-                pkey = entry.get("payload_key")
-                job_id = entry.get("id")
-                done = await broker.undead(
-                    raw,
-                    priority,
-                    _entry_payload(entry),
-                    job_id if isinstance(job_id, str) else "",
-                    pkey if isinstance(pkey, str) else "",
-                )
-                if done == 1:
-                    moved += 1
-                elif done < 0:
-                    print(f"prioqd: the payload of {clean(job_id)!s} is gone", file=sys.stderr)
-            print(f"requeued {moved} dead letter(s)")
-            for job_id in sorted(missing):
-                print(f"prioqd: no dead letter with id {clean(job_id)!r}", file=sys.stderr)
-            return EXIT_FAILED if missing else EXIT_OK
-    finally:
-        await broker.close()
+    async with _admin(cfg) as admin:
+        if args.action == "list":
+            letters = await admin.dead_letters(limit=args.limit)
+            return _dead_list([x.to_dict() for x in letters], args.json)
+        if args.action == "purge":
+            n = await admin.purge()
+            print(f"purged {n} dead letter(s)")
+            return EXIT_OK
+        res = await admin.requeue(args.ids, everything=args.all)
+    for job_id in res.gone:
+        print(f"prioqd: the payload of {clean(job_id)} is gone", file=sys.stderr)
+    print(f"requeued {res.moved} dead letter(s)")
+    for job_id in res.missing:
+        print(f"prioqd: no dead letter with id {clean(job_id)!r}", file=sys.stderr)
+    return EXIT_FAILED if res.missing else EXIT_OK
 
 
 def _dead_list(entries: list[dict[str, Any]], as_json: bool) -> int:
+    from prioqd.admin import when_text as _when
+
     if as_json:
         print(json.dumps(entries, indent=2))
         return EXIT_OK
     if not entries:
         print("no dead letters")
     for e in entries:
-        try:
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(e.get("dead_at") or 0)))
-        except (TypeError, ValueError, OverflowError, OSError):
-            when = "????-??-?? ??:??:??"
+        when = _when(_float_or_none(e.get("dead_at")))
         print(
-            f"{when}Z  id={clean(e.get('id') or '-')}  task={clean(e.get('task') or '-')}  "
+            f"{when}  id={clean(e.get('id') or '-')}  task={clean(e.get('task') or '-')}  "
             f"queue={clean(e.get('priority') or '-')}  attempts={clean(e.get('attempts', 0))}"
         )
         print(f"    reason: {clean(e.get('reason'))}")
     return EXIT_OK
+
+
+def _float_or_none(v: Any) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+# --- web ---------------------------------------------------------------------------
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    cfg = _config(args, must_exist=True)
+    try:
+        from prioqd.web import serve as serve_web
+    except ImportError as exc:
+        print(
+            f"prioqd: the dashboard needs the 'web' extra (pip install 'prioqd[web]'): {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    return serve_web(cfg, listen=args.listen, read_only=args.read_only)
 
 
 # --- periodic jobs ----------------------------------------------------------------------
@@ -448,6 +481,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("inspect", parents=[client], help="a job's hash and where it is now")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("cancel", parents=[client], help="cancel queued, scheduled or running jobs")
+    p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--wait-s",
+        type=float,
+        default=3.0,
+        help="how long to wait for a daemon to stop a running job (default 3)",
+    )
+    p.set_defaults(func=cmd_cancel)
+
+    for name, text in (("pause", "stop daemons claiming from priorities (kept in Redis)"),
+                       ("resume", "let daemons claim from paused priorities again")):  # fmt: skip
+        p = sub.add_parser(name, parents=[client], help=text)
+        p.add_argument("priorities", nargs="+", metavar="PRIORITY")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_pause)
+
+    p = sub.add_parser("web", parents=[client], help="serve the web dashboard")
+    p.add_argument("--listen", metavar="HOST:PORT", help="overrides [web] listen")
+    p.add_argument("--read-only", action="store_true", help="show no action at all")
+    p.set_defaults(func=cmd_web)
+
     p = sub.add_parser("schedule", help="periodic jobs ([[schedule]] in the config)")
     ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     s = ssub.add_parser("list", parents=[client], help="entries, next run, last enqueued tick")
@@ -457,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dead", help="list, requeue or purge dead letters")
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     d = dsub.add_parser("list", parents=[client], help="show dead letters, newest first")
-    d.add_argument("--limit", type=int, default=50)
+    d.add_argument("--limit", type=int, default=50, help="read only this many (default 50)")
     d.add_argument("--json", action="store_true")
     d = dsub.add_parser("requeue", parents=[client], help="push dead letters back on their queue")
     d.add_argument("ids", nargs="*", metavar="ID")

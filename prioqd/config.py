@@ -76,6 +76,39 @@ def _slots(v: int | str) -> str | None:
     return 'must be "auto" or a whole number of at least 1'
 
 
+def parse_listen(v: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) -> (host, port); ValueError if not one."""
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8080")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError("an IPv6 address must be in brackets, e.g. [::1]:8080")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 address must be in brackets, e.g. [::1]:8080")
+    if any(c.isspace() for c in host):
+        raise ValueError("the host must not contain spaces")
+    return host, int(port)
+
+
+def _web_listen(v: str) -> str | None:
+    try:
+        parse_listen(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+_ROOT_PATH_RE = re.compile(r"^(/[A-Za-z0-9_.~-]+)*$")
+
+
+def _root_path(v: str) -> str | None:
+    if _ROOT_PATH_RE.match(v):
+        return None
+    return 'must be empty or a path like "/prioqd" (no trailing slash)'
+
+
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***``, for logs and error messages."""
     parts = urllib.parse.urlsplit(url)
@@ -176,6 +209,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    # The dashboard (`prioqd web`): host:port to listen on. Keep it on localhost and
+    # put a reverse proxy with TLS and authentication in front for remote access.
+    listen: str = field(default="127.0.0.1:8080", metadata=_check(_web_listen))
+    # The file holding the token that actions (cancel, pause, requeue...) need. Empty:
+    # $CREDENTIALS_DIRECTORY/web-token (the unit's LoadCredential=). No token: the
+    # dashboard only starts with --read-only.
+    token_file: str = ""
+    # The path prefix the reverse proxy serves the dashboard under ("" or "/prioqd").
+    root_path: str = field(default="", metadata=_check(_root_path))
+    # How often an open page refreshes itself.
+    refresh_s: float = field(default=2.0, metadata=_check(_positive))
+    # How long a sign-in lasts.
+    session_max_age_s: int = field(default=43200, metadata=_check(_positive))
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     """One ``[[schedule]]`` table: a job enqueued on every tick, exactly once."""
 
@@ -204,6 +254,7 @@ class Config:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     schedule: tuple[ScheduleConfig, ...] = ()
     path: str = "<defaults>"
 
@@ -358,6 +409,10 @@ LIVE_KEYS = (
 )
 
 
+#: Tables the daemon does not read.
+DAEMON_IGNORES = ("web.",)
+
+
 def changed_keys(old: Config, new: Config) -> list[str]:
     """Dotted keys whose values differ between two configurations."""
     out = []
@@ -376,7 +431,8 @@ def reloadable(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
 
     Returns (config, keys applied, keys that need a restart to take effect).
     """
-    changed = changed_keys(old, new)
+    # [web] is the dashboard's (a process of its own): nothing for a daemon to apply.
+    changed = [k for k in changed_keys(old, new) if not k.startswith(DAEMON_IGNORES)]
     applied = [k for k in changed if k.startswith(LIVE_KEYS)]
     pending = [k for k in changed if k not in applied]
     merged: dict[str, Any] = {name: getattr(new, name) for name in ("log", "jobs", "daemon")}

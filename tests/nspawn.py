@@ -264,6 +264,8 @@ def build_wheels(project: Path, python: str = "/usr/bin/python3", cache: Path = 
             return target
         meta = tomllib.loads(pyproject.decode())
         reqs = [*meta.get("project", {}).get("dependencies", [])]
+        # install.sh installs the dashboard's extra too (prioqd-web.service).
+        reqs += meta.get("project", {}).get("optional-dependencies", {}).get("web", [])
         reqs += meta.get("build-system", {}).get("requires", [])
         venv = cache / f"buildenv-{version}"
         if not (venv / "bin" / "pip").exists():

@@ -53,10 +53,12 @@
 --   P:unique:<id>    STRING the lock of a unique job: "q" while it is queued or scheduled
 --                           (set by the push), "D/C" while claim C of daemon D runs it.
 --   P:periodic       HASH   schedule name -> the last tick (ms) enqueued for it.
---   P:events         pub/sub channel: the outcome JSON of every attempt, and
+--   P:events         pub/sub channel: the outcome JSON of every attempt (and of every
+--                           cancel: `cancel_queued`, `cancel_scheduled`), and
 --                           {"id", "status": "duplicate"} for a unique job pushed twice.
 --   P:control        pub/sub channel: operators' commands to the daemons (pause,
---                           resume, cancel), as JSON.
+--                           resume, cancel), as JSON: {"op": "pause", "priorities": [..]},
+--                           {"op": "resume", "priorities": [..]}, {"op": "cancel", "ids": [..]}.
 --
 -- Invariant: a job is always in exactly one of P:queue:p, P:landing:D:p,
 -- P:inflight:D, P:scheduled or P:dead (or it has ended), and every move between them
@@ -814,6 +816,59 @@ if command == 'promote' then
     end
     redis.call('ZREM', scheduled_key, unpack(due))
     return {moved, dead, next_due_in(now)}
+end
+
+-- A job cancelled before any daemon took it: its hash says "cancelled" (with the task,
+-- priority and finished_at of `outcome`, the outcome JSON the caller made), its done
+-- list holds `outcome` (so a waiter's BLPOP wakes), and `outcome` is published.
+local function write_cancelled(id, ttl, outcome)
+    local fields = {'status', 'cancelled', 'error', 'cancelled'}
+    local ok, o = pcall(cjson.decode, outcome)
+    if ok and type(o) == 'table' then
+        for _, k in ipairs({'task', 'priority'}) do
+            if type(o[k]) == 'string' then
+                fields[#fields + 1] = k
+                fields[#fields + 1] = o[k]
+            end
+        end
+        if type(o.finished_at) == 'number' then
+            fields[#fields + 1] = 'finished_at'
+            fields[#fields + 1] = string.format('%.6f', o.finished_at)
+        end
+    end
+    write_job(id, tonumber(ttl), fields, {'retry_at', 'result'})
+    push_done(id, tonumber(ttl), outcome)
+    redis.call('PUBLISH', events_key, outcome)
+    -- A unique job's lock says "q" while it waits; it waits no more.
+    if redis.call('GET', unique_key(id)) == 'q' then redis.call('DEL', unique_key(id)) end
+end
+
+-- cancel_queued p raw id ttl outcome
+-- Removes one element `raw` (the exact payload text, found by the caller) from
+-- P:queue:p and, if it was there, records job `id` as cancelled (`write_cancelled`).
+-- Returns 1, or 0 if the payload is no longer in the queue (a daemon took it).
+if command == 'cancel_queued' then
+    local p, raw, id, ttl, outcome = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+    local why = check({{queue_key(p), 'list'}, {job_key(id), 'hash'}, {done_key(id), 'list'},
+        {unique_key(id), 'string'}})
+    if why then return redis.error_reply('prioqd: ' .. why) end
+    if redis.call('LREM', queue_key(p), 1, raw) == 0 then return 0 end
+    write_cancelled(id, ttl, outcome)
+    return 1
+end
+
+-- cancel_scheduled member id ttl outcome
+-- Removes `member` ("p\nU\n<job json>") from P:scheduled and, if it was there,
+-- records job `id` as cancelled. Returns 1, or 0 if it is no longer scheduled (it
+-- came due and went to its queue).
+if command == 'cancel_scheduled' then
+    local member, id, ttl, outcome = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+    local why = check({{scheduled_key, 'zset'}, {job_key(id), 'hash'}, {done_key(id), 'list'},
+        {unique_key(id), 'string'}})
+    if why then return redis.error_reply('prioqd: ' .. why) end
+    if redis.call('ZREM', scheduled_key, member) == 0 then return 0 end
+    write_cancelled(id, ttl, outcome)
+    return 1
 end
 
 -- periodic name tick_ms p payload catch_up

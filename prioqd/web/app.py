@@ -1,0 +1,513 @@
+"""The dashboard's Starlette application: pages, actions, and their guards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+import shlex
+import time
+import urllib.parse
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from prioqd import __version__
+from prioqd.admin import Admin, age_text, describe, when_text
+from prioqd.broker import Broker, wrap_errors
+from prioqd.config import Config
+from prioqd.errors import BrokerError, PrioqdError
+from prioqd.jobs import valid_id
+from prioqd.keys import Keys
+from prioqd.systemd import redis_password
+
+HERE = Path(__file__).resolve().parent
+CSRF_COOKIE = "prioqd_csrf"
+AUTH_COOKIE = "prioqd_auth"
+FLASH_COOKIE = "prioqd_flash"
+
+#: No inline script or style, nothing from elsewhere, no framing.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "object-src 'none'"
+)
+SECURITY_HEADERS = {
+    "content-security-policy": CSP,
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "same-origin",
+    "cache-control": "no-store",
+}
+
+
+class SecurityHeaders:
+    """Adds ``SECURITY_HEADERS`` to every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for k, v in SECURITY_HEADERS.items():
+                    if k not in headers:
+                        headers[k] = v
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class Throughput:
+    """Outcomes per minute, counted from ``P:events`` while someone looks.
+
+    The subscription starts with the first page view and ends ``idle_s`` after the
+    last one, so a dashboard nobody has open costs Redis nothing; what it shows
+    starts when the first page was opened (``since``). Prometheus keeps the history
+    (``prioqd_jobs_total``)."""
+
+    def __init__(self, broker: Broker, *, minutes: int = 10, idle_s: float = 60.0) -> None:
+        self.broker = broker
+        self.minutes = minutes
+        self.idle_s = idle_s
+        self.since: float | None = None
+        self._counts: dict[int, Counter[str]] = {}
+        self._seen = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self.error = ""
+
+    def touch(self) -> None:
+        self._seen = time.monotonic()
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+    async def _run(self) -> None:
+        r: Any = self.broker.redis
+        while time.monotonic() - self._seen < self.idle_s:
+            pubsub = r.pubsub()
+            try:
+                with wrap_errors("subscribe to events"):
+                    await pubsub.subscribe(self.broker.keys.events)
+                    if self.since is None:
+                        self.since = time.time()
+                    self.error = ""
+                    while time.monotonic() - self._seen < self.idle_s:
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if msg is not None and msg.get("type") == "message":
+                            self._count(msg["data"])
+            except BrokerError as exc:
+                self.error = str(exc)
+                await asyncio.sleep(2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+        self.since = None
+        self._counts.clear()
+
+    def _count(self, data: bytes) -> None:
+        import json
+
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        status = event.get("status") if isinstance(event, dict) else None
+        if status not in ("succeeded", "failed", "dead", "cancelled"):
+            return
+        minute = int(time.time() // 60)
+        self._counts.setdefault(minute, Counter())[status] += 1
+        for old in [m for m in self._counts if m <= minute - self.minutes]:
+            del self._counts[old]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The last minutes, newest first: {"minute": "12:34", status: count, "total"}."""
+        if self.since is None:
+            return []
+        now = int(time.time() // 60)
+        first = max(now - self.minutes + 1, int(self.since // 60))
+        out = []
+        for m in range(now, first - 1, -1):
+            c = self._counts.get(m, Counter())
+            out.append(
+                {
+                    "minute": time.strftime("%H:%M", time.gmtime(m * 60)),
+                    "succeeded": c["succeeded"],
+                    "failed": c["failed"],
+                    "dead": c["dead"],
+                    "cancelled": c["cancelled"],
+                    "total": sum(c.values()),
+                }
+            )
+        return out
+
+
+def _sign(secret: bytes, *parts: str) -> str:
+    return hmac.new(secret, "\0".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+class Dashboard:
+    def __init__(self, cfg: Config, *, token: str | None, read_only: bool) -> None:
+        self.cfg = cfg
+        self.token = token
+        self.read_only = read_only or token is None
+        self.base = cfg.web.root_path
+        #: Signs the CSRF and sign-in cookies; a restart signs everyone out.
+        self.secret = os.urandom(32)
+        self.broker = Broker(
+            cfg.redis.url,
+            Keys(cfg.queues.prefix),
+            socket_timeout_s=cfg.redis.socket_timeout_s,
+            connect_timeout_s=cfg.redis.connect_timeout_s,
+            password=redis_password(),
+        )
+        self.admin = Admin(self.broker, cfg)
+        self.throughput = Throughput(self.broker)
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        env.filters["age"] = age_text
+        env.filters["when"] = when_text
+        env.filters["describe"] = describe
+        env.filters["jobpath"] = lambda v: urllib.parse.quote(str(v), safe="")
+        self.templates = Jinja2Templates(env=env)
+
+    # --- cookies and guards ----------------------------------------------------------
+
+    def _csrf_cookie(self, request: Request) -> str:
+        value = request.cookies.get(CSRF_COOKIE, "")
+        if len(value) == 43 and value.replace("-", "").replace("_", "").isalnum():
+            return value
+        return ""
+
+    def csrf_token(self, request: Request) -> str:
+        cookie = request.state.csrf_cookie
+        return _sign(self.secret, "csrf", cookie)
+
+    def signed_in(self, request: Request) -> bool:
+        if self.read_only:
+            return False
+        cookie = request.state.csrf_cookie
+        value = request.cookies.get(AUTH_COOKIE, "")
+        expiry, _, sig = value.partition(".")
+        if not cookie or not expiry.isdigit() or int(expiry) < time.time():
+            return False
+        return hmac.compare_digest(sig, _sign(self.secret, "auth", cookie, expiry))
+
+    def _cookie(self, response: Response, request: Request, name: str, value: str,
+                max_age: int | None) -> None:  # fmt: skip
+        response.set_cookie(
+            name,
+            value,
+            max_age=max_age,
+            path=self.base or "/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+
+    async def guard(self, request: Request, *, auth: bool = True) -> dict[str, str]:
+        """The form of a POST that passed every check; raises 403 otherwise."""
+        if self.read_only:
+            raise HTTPException(403, "the dashboard is read-only")
+        form = await request.form()
+        sent = str(form.get("csrf", ""))
+        cookie = request.state.csrf_cookie
+        if not cookie or not hmac.compare_digest(sent, _sign(self.secret, "csrf", cookie)):
+            raise HTTPException(403, "missing or wrong CSRF token: reload the page and try again")
+        if auth and not self.signed_in(request):
+            raise HTTPException(403, "sign in with the dashboard token first")
+        return {k: str(v) for k, v in form.items()}
+
+    # --- rendering ----------------------------------------------------------------------
+
+    def render(self, request: Request, name: str, **context: Any) -> Response:
+        fragment = request.query_params.get("fragment") == "1"
+        flash = "" if fragment else request.cookies.get(FLASH_COOKIE, "")
+        context.update(
+            request=request,
+            base=self.base,
+            version=__version__,
+            read_only=self.read_only,
+            signed_in=self.signed_in(request),
+            can_act=self.signed_in(request),
+            csrf=self.csrf_token(request),
+            refresh_ms=int(self.cfg.web.refresh_s * 1000),
+            flash=urllib.parse.unquote(flash)[:500],
+            fragment=fragment,
+            prefix=self.cfg.queues.prefix,
+        )
+        params = [(k, v) for k, v in request.query_params.multi_items() if k != "fragment"]
+        context["live_src"] = (
+            f"{self.base}{request.url.path}?{urllib.parse.urlencode([*params, ('fragment', '1')])}"
+        )
+        template = f"_{name}.html" if fragment else f"{name}.html"
+        response = self.templates.TemplateResponse(request, template, context)
+        if flash:
+            response.delete_cookie(FLASH_COOKIE, path=self.base or "/")
+        return response
+
+    def back(self, request: Request, path: str, message: str) -> Response:
+        """303 to ``path`` with a message for the next page."""
+        response = RedirectResponse(self.base + path, status_code=303)
+        self._cookie(response, request, FLASH_COOKIE, urllib.parse.quote(message[:500]), 30)
+        return response
+
+    # --- pages ------------------------------------------------------------------------------
+
+    async def overview(self, request: Request) -> Response:
+        self.throughput.touch()
+        status = await self.admin.status()
+        rows = self.throughput.rows()
+        peak = max([row["total"] for row in rows] + [1])
+        return self.render(
+            request,
+            "overview",
+            status=status,
+            throughput=rows,
+            peak=peak,
+            since=self.throughput.since,
+            throughput_error=self.throughput.error,
+        )
+
+    async def running(self, request: Request) -> Response:
+        return self.render(request, "running", jobs=await self.admin.running())
+
+    async def job(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        if not valid_id(job_id):
+            raise HTTPException(404, "not a job id")
+        info = await self.admin.inspect(job_id)
+        journal = f"journalctl -u prioqd {shlex.quote('JOB_ID=' + job_id)}"
+        status = 200 if info.found else 404
+        response = self.render(request, "job", info=info, journal=journal, job_id=job_id)
+        response.status_code = status
+        return response
+
+    async def find_job(self, request: Request) -> Response:
+        job_id = request.query_params.get("id", "").strip()
+        if not valid_id(job_id):
+            return self.back(request, "/", "not a job id")
+        return RedirectResponse(
+            f"{self.base}/jobs/{urllib.parse.quote(job_id, safe='')}", status_code=303
+        )
+
+    async def dead(self, request: Request) -> Response:
+        try:
+            offset = max(0, int(request.query_params.get("offset", "0")))
+        except ValueError:
+            offset = 0
+        limit = 50
+        letters = await self.admin.dead_letters(limit=limit, offset=offset)
+        r: Any = self.broker.redis
+        with wrap_errors("count dead letters"):
+            total = int(await r.llen(self.broker.keys.dead))
+        return self.render(
+            request, "dead", letters=letters, offset=offset, limit=limit, total=total
+        )
+
+    async def purge_confirm(self, request: Request) -> Response:
+        r: Any = self.broker.redis
+        with wrap_errors("count dead letters"):
+            total = int(await r.llen(self.broker.keys.dead))
+        return self.render(request, "purge", total=total)
+
+    async def scheduled(self, request: Request) -> Response:
+        jobs = await self.admin.scheduled(limit=200)
+        r: Any = self.broker.redis
+        with wrap_errors("count scheduled jobs"):
+            total = int(await r.zcard(self.broker.keys.scheduled))
+        return self.render(request, "scheduled", jobs=jobs, total=total, now=await self.admin.now())
+
+    async def login_page(self, request: Request) -> Response:
+        return self.render(request, "login")
+
+    # --- actions ------------------------------------------------------------------------------
+
+    async def login(self, request: Request) -> Response:
+        form = await self.guard(request, auth=False)
+        assert self.token is not None  # not read-only
+        if not hmac.compare_digest(form.get("token", "").encode(), self.token.encode()):
+            await asyncio.sleep(1.0)  # a guess a second, at most, per connection
+            raise HTTPException(403, "wrong token")
+        expiry = str(int(time.time() + self.cfg.web.session_max_age_s))
+        value = f"{expiry}.{_sign(self.secret, 'auth', request.state.csrf_cookie, expiry)}"
+        response = self.back(request, "/", "signed in")
+        self._cookie(response, request, AUTH_COOKIE, value, self.cfg.web.session_max_age_s)
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        await self.guard(request, auth=False)
+        response = self.back(request, "/", "signed out")
+        response.delete_cookie(AUTH_COOKIE, path=self.base or "/")
+        return response
+
+    async def pause(self, request: Request) -> Response:
+        form = await self.guard(request)
+        priority = form.get("priority", "")
+        if form.get("action") == "resume":
+            await self.admin.resume([priority])
+            return self.back(request, "/", f"resumed {priority}")
+        await self.admin.pause([priority])
+        return self.back(request, "/", f"paused {priority}: no daemon claims from it")
+
+    async def cancel(self, request: Request) -> Response:
+        form = await self.guard(request)
+        job_id = request.path_params["job_id"]
+        if not valid_id(job_id):
+            raise HTTPException(404, "not a job id")
+        (result,) = await self.admin.cancel([job_id])
+        back = form.get("back", "")
+        path = back if back in ("/running", "/scheduled") else f"/jobs/{_quote(job_id)}"
+        return self.back(request, path, f"{job_id}: {result.outcome} ({result.detail})")
+
+    async def requeue(self, request: Request) -> Response:
+        form = await self.guard(request)
+        if form.get("all") == "1":
+            result = await self.admin.requeue(everything=True)
+        else:
+            result = await self.admin.requeue(keys=[form.get("letter", "")])
+        text = f"requeued {result.moved} dead letter(s)"
+        if result.missing:
+            text += "; already gone: " + ", ".join(result.missing)[:200]
+        if result.gone:
+            text += "; payload gone for: " + ", ".join(result.gone)[:200]
+        return self.back(request, "/dead", text)
+
+    async def purge(self, request: Request) -> Response:
+        form = await self.guard(request)
+        if form.get("confirm") != "yes":
+            return self.back(request, "/dead/purge", "tick the box to confirm")
+        n = await self.admin.purge()
+        return self.back(request, "/dead", f"purged {n} dead letter(s)")
+
+    async def healthz(self, request: Request) -> Response:
+        await self.broker.ping()
+        return PlainTextResponse("ok\n")
+
+
+def _quote(job_id: str) -> str:
+    return urllib.parse.quote(job_id, safe="")
+
+
+def _with_state(dash: Dashboard, handler: Callable[[Request], Awaitable[Response]]) -> Any:
+    """Every page and action: the browser's CSRF cookie (made on its first visit),
+    and Redis errors shown as a page, not a traceback."""
+
+    async def endpoint(request: Request) -> Response:
+        cookie = dash._csrf_cookie(request)
+        fresh = not cookie
+        request.state.csrf_cookie = cookie or secrets.token_urlsafe(32)
+        if fresh and request.method == "POST":
+            # No cookie, so no CSRF token can match: refuse before reading anything.
+            request.state.csrf_cookie = ""
+        try:
+            response = await handler(request)
+        except BrokerError as exc:
+            response = dash.templates.TemplateResponse(
+                request,
+                "error.html",
+                {
+                    "request": request,
+                    "base": dash.base,
+                    "version": __version__,
+                    "message": f"Redis: {exc}",
+                    "status": 503,
+                },
+                status_code=503,
+            )
+        except PrioqdError as exc:
+            response = dash.back(request, "/", str(exc))
+        if fresh and request.state.csrf_cookie:
+            dash._cookie(response, request, CSRF_COOKIE, request.state.csrf_cookie, None)
+        return response
+
+    return endpoint
+
+
+def create_app(cfg: Config, *, token: str | None, read_only: bool) -> Starlette:
+    dash = Dashboard(cfg, token=token, read_only=read_only)
+
+    def page(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Route:
+        return Route(path, _with_state(dash, handler), methods=["GET"])
+
+    def action(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Route:
+        return Route(path, _with_state(dash, handler), methods=["POST"])
+
+    routes = [
+        page("/", dash.overview),
+        page("/running", dash.running),
+        page("/jobs", dash.find_job),
+        page("/jobs/{job_id:path}", dash.job),
+        page("/dead", dash.dead),
+        page("/dead/purge", dash.purge_confirm),
+        page("/scheduled", dash.scheduled),
+        page("/login", dash.login_page),
+        page("/healthz", dash.healthz),
+        action("/login", dash.login),
+        action("/logout", dash.logout),
+        action("/pause", dash.pause),
+        action("/cancel/{job_id:path}", dash.cancel),
+        action("/dead/requeue", dash.requeue),
+        action("/dead/purge", dash.purge),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return dash.templates.TemplateResponse(
+            request,
+            "error.html",
+            {
+                "request": request,
+                "base": dash.base,
+                "version": __version__,
+                "message": exc.detail,
+                "status": exc.status_code,
+            },
+            status_code=exc.status_code,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await dash.throughput.close()
+            await dash.broker.close()
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )
+    app.add_middleware(SecurityHeaders)
+    app.state.dashboard = dash
+    return app
