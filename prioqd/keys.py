@@ -64,3 +64,17 @@ class Keys:
     def events(self) -> str:
         """Pub/sub channel on which every attempt's outcome is published."""
         return f"{self.prefix}:events"
+
+    @property
+    def control(self) -> str:
+        """Pub/sub channel: operators' notes to the daemons ("look at the state now")."""
+        return f"{self.prefix}:control"
+
+    @property
+    def cancels(self) -> str:
+        """ZSET job id -> expiry ms: cancels asked for jobs held by a daemon."""
+        return f"{self.prefix}:cancels"
+
+    def unique(self, job_id: str) -> str:
+        """STRING: the lock of a unique job ("q" queued, "<daemon>/<claim>" running)."""
+        return f"{self.prefix}:unique:{job_id}"

@@ -685,4 +685,90 @@ if command == 'promote' then
     return {moved, dead, next_due_in(now)}
 end
 
+-- ---------------------------------------------------------------------------------
+-- Producers' commands: prioqd.client and `prioqd submit`. A raw LPUSH stays the
+-- contract; these add what one LPUSH cannot do atomically.
+-- ---------------------------------------------------------------------------------
+
+-- enqueue p payload id unique ttl
+-- Pushes `payload` (the job JSON, with its id) onto P:queue:p as a producer's LPUSH
+-- would. What an earlier job with this id left (P:job:<id>, P:done:<id>, a cancel in
+-- P:cancels) is deleted first, so that it cannot answer a waiter or shorten the new
+-- job's retries. With unique = "1" the push happens only if `SET P:unique:<id> q NX
+-- EX ttl` succeeds (the check and the push are this one step); otherwise nothing is
+-- written but {"id", "status": "duplicate"} on P:events. `ttl` is a safety expiry for
+-- a lock nobody releases (the daemons take it over when they claim the job).
+-- Returns 1 pushed, 0 a duplicate of a live unique job.
+if command == 'enqueue' then
+    local p, payload, id, unique, ttl = ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1', ARGV[7]
+    local lock = prefix .. ':unique:' .. id
+    local cancels = prefix .. ':cancels'
+    local targets = {{queue_key(p), 'list'}, {job_key(id), 'hash'}, {done_key(id), 'list'},
+        {cancels, 'zset'}}
+    if unique then targets[#targets + 1] = {lock, 'string'} end
+    local why = check(targets)
+    if why then return redis.error_reply('prioqd: ' .. why) end
+    if unique and not redis.call('SET', lock, 'q', 'NX', 'EX', ttl) then
+        redis.call('PUBLISH', events_key, cjson.encode({id = id, status = 'duplicate'}))
+        return 0
+    end
+    redis.call('DEL', job_key(id), done_key(id))
+    redis.call('ZREM', cancels, id)
+    redis.call('LPUSH', queue_key(p), payload)
+    return 1
+end
+
+-- cancel_queued p raw id ttl unique outcome n k v ...
+-- cancel_scheduled member id ttl unique outcome n k v ...
+-- Cancels a job that waits: removes the exact element `raw` from P:queue:p (one
+-- LREM), or `member` from P:scheduled. If it was there, the job hash gets the fields
+-- (status "cancelled"), the done list and P:events the outcome, and a unique job
+-- (unique = "1") gives up its lock if the lock says "q" (queued, no run). Returns 1,
+-- or 0 if the element was no longer there (a daemon took it meanwhile).
+if command == 'cancel_queued' or command == 'cancel_scheduled' then
+    local queued = command == 'cancel_queued'
+    local i = queued and 4 or 3
+    local id, ttl, unique, outcome = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3] == '1', ARGV[i + 4]
+    local fields = read_list(i + 5)
+    local lock = prefix .. ':unique:' .. id
+    local targets = {{job_key(id), 'hash'}, {done_key(id), 'list'}}
+    if queued then
+        targets[#targets + 1] = {queue_key(ARGV[3]), 'list'}
+    else
+        targets[#targets + 1] = {scheduled_key, 'zset'}
+    end
+    local why = check(targets)
+    if why then return redis.error_reply('prioqd: ' .. why) end
+    local removed
+    if queued then
+        removed = redis.call('LREM', queue_key(ARGV[3]), 1, ARGV[4])
+    else
+        removed = redis.call('ZREM', scheduled_key, ARGV[3])
+    end
+    if removed == 0 then return 0 end
+    write_job(id, ttl, fields, {'result', 'retry_at', 'traceback'})
+    push_done(id, ttl, outcome)
+    redis.call('PUBLISH', events_key, outcome)
+    if unique and unwritable(lock, 'string') == nil and redis.call('GET', lock) == 'q' then
+        redis.call('DEL', lock)
+    end
+    return 1
+end
+
+-- cancel_held id keep_ms
+-- Asks the daemons to cancel a job one of them holds: P:cancels gets id -> expiry
+-- (now + keep_ms, Redis clock; expired entries are pruned here) and P:control the
+-- note {"op": "cancel", "ids": [id]}. The daemon that holds the job kills or drops
+-- it and writes the outcome "cancelled". Returns how many subscribers got the note.
+if command == 'cancel_held' then
+    local id, keep_ms = ARGV[3], tonumber(ARGV[4])
+    local cancels = prefix .. ':cancels'
+    local why = unwritable(cancels, 'zset')
+    if why then return redis.error_reply('prioqd: ' .. why) end
+    local now = now_ms()
+    redis.call('ZREMRANGEBYSCORE', cancels, '-inf', '(' .. now)
+    redis.call('ZADD', cancels, now + keep_ms, id)
+    return redis.call('PUBLISH', prefix .. ':control', cjson.encode({op = 'cancel', ids = {id}}))
+end
+
 return redis.error_reply('prioqd: unknown command ' .. tostring(command))
