@@ -79,11 +79,16 @@ class Heartbeat:
 @dataclass(frozen=True)
 class CycleReply:
     results: list[int]
-    claimed: list[tuple[str, bytes]]
+    #: (priority, payload, attempts it had used before) in claim order.
+    claimed: list[tuple[str, bytes, int]]
     #: Whether our lease was held; if not, nothing was claimed.
     lease_held: bool
     #: Reasons of payloads the claim sent to the dead letters (over max_payload_bytes).
     dropped: list[str]
+    #: Dead letters dropped, oldest first, to keep within dead_letters_max.
+    trimmed: int
+    #: Paused priorities, as the claim saw them (empty if it claimed nothing).
+    paused: list[str]
 
 
 def _text(v: Any) -> str:
@@ -149,6 +154,7 @@ class Broker:
         *,
         next_claim: int,
         max_payload_bytes: int,
+        max_dead: int,
         tokens: int,
         sizes: Sequence[tuple[str, int]],
     ) -> CycleReply:
@@ -157,15 +163,24 @@ class Broker:
         ``sizes`` (highest first)."""
         args: list[str | bytes] = [
             self.keys.prefix, "cycle", daemon_id, str(next_claim), str(max_payload_bytes),
-            str(tokens), str(len(sizes)),
+            str(max_dead), str(tokens), str(len(sizes)),
         ]  # fmt: skip
         for priority, size in sizes:
             args += (priority, str(size))
         for op in ops:
             args.extend(op.args())
-        results, flat, held, dropped = await self._hot.evalsha(args)
-        claimed = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
-        return CycleReply(results, claimed, bool(held), [_text(d) for d in dropped])
+        results, flat, held, dropped, trimmed, paused = await self._hot.evalsha(args)
+        claimed = [
+            (flat[i].decode(), flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)
+        ]
+        return CycleReply(
+            results,
+            claimed,
+            bool(held),
+            [_text(d) for d in dropped],
+            int(trimmed),
+            [_text(p) for p in paused],
+        )
 
     async def heartbeat(
         self,
@@ -174,13 +189,21 @@ class Broker:
         info: dict[str, str],
         *,
         max_recoveries: int,
+        max_dead: int,
         max_recover: int = 10,
     ) -> Heartbeat:
         flat: list[str] = []
         for k, v in info.items():
             flat += [k, v]
         reply = await self._call(
-            "heartbeat", "heartbeat", daemon_id, lease_ms, max_recover, max_recoveries, *flat
+            "heartbeat",
+            "heartbeat",
+            daemon_id,
+            lease_ms,
+            max_recover,
+            max_recoveries,
+            max_dead,
+            *flat,
         )
         registered, lapsed, daemons, jobs, poisoned, due, now = reply
         return Heartbeat(
@@ -194,11 +217,17 @@ class Broker:
         )
 
     async def recover(
-        self, daemon_id: str, priorities: Sequence[str], *, died: bool, max_recoveries: int
+        self,
+        daemon_id: str,
+        priorities: Sequence[str],
+        *,
+        died: bool,
+        max_recoveries: int,
+        max_dead: int,
     ) -> tuple[int, int]:
         """Put back every job ``daemon_id`` holds; (jobs put back, jobs dead as poison)."""
         queued, dead = await self._call(
-            "recover", "recover", daemon_id, int(died), max_recoveries, *priorities
+            "recover", "recover", daemon_id, int(died), max_recoveries, max_dead, *priorities
         )
         return int(queued), int(dead)
 
@@ -214,9 +243,9 @@ class Broker:
     async def purge_dead(self) -> int:
         return int(await self._call("purge dead letters", "purge"))
 
-    async def promote(self, max_jobs: int = 1000) -> tuple[int, int, int | None]:
+    async def promote(self, max_dead: int, max_jobs: int = 1000) -> tuple[int, int, int | None]:
         """(moved to their queues, dead-lettered, ms until the next due job or None)."""
-        moved, dead, due = await self._call("promote", "promote", max_jobs)
+        moved, dead, due = await self._call("promote", "promote", max_jobs, max_dead)
         return int(moved), int(dead), None if int(due) < 0 else int(due)
 
     async def queues(self) -> dict[str, int]:

@@ -136,6 +136,8 @@ class JobsConfig:
     # A payload whose daemon died this many times while holding it is poison: the next
     # recovery sends it to the dead letters instead of back to the head of its queue.
     max_recoveries: int = field(default=3, metadata=_check(_non_negative))
+    # The dead-letter list keeps at most this many, dropping the oldest (0: no bound).
+    dead_letters_max: int = field(default=10_000, metadata=_check(_non_negative))
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,21 @@ class LogConfig:
     )
 
 
+def _listen(v: str) -> str | None:
+    if not v:
+        return None
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return 'must be empty (off) or "host:port", e.g. "127.0.0.1:9464"'
+    return None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # Where /metrics is served for Prometheus; empty: no metrics at all.
+    listen: str = field(default="", metadata=_check(_listen))
+
+
 @dataclass(frozen=True)
 class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -167,6 +184,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     path: str = "<defaults>"
 
     def replace(self, **sections: Any) -> Config:

@@ -34,6 +34,8 @@ ALLOWED_FIELDS = (
     "delay_s",
     "eta",
     "meta",
+    "enqueued_at",
+    "unique",
 )
 _ALLOWED = frozenset(ALLOWED_FIELDS)
 MAX_ID_LENGTH = 200
@@ -75,9 +77,14 @@ class Job:
     timeout_s: float | None = None
     max_retries: int | None = None
     due_ms: int = 0  # > 0: not due yet; goes to the schedule until then (Redis clock)
+    enqueued_at: float | None = None  # Unix time, as the producer stated it
+    unique: bool = False  # never runs twice at the same time (see ops.Lock)
+    meta: dict[str, Any] | None = None
     claim: int = 0  # our claim number: the key of its inflight entry
     state: JobState = JobState.CLAIMED
-    attempt: int = 0  # valid once state is STARTED
+    #: The attempt this run is: predicted by the claim (from the payload's history in
+    #: Redis), confirmed by the start record, if one is written.
+    attempt: int = 1
     started_at: float = 0.0  # wall clock, when dispatched
     dispatched_at: float = 0.0  # monotonic
 
@@ -228,8 +235,19 @@ def _parse(
         and 0 <= max_retries <= MAX_RETRIES
     ):
         return reject(f"'max_retries' must be a whole number from 0 to {MAX_RETRIES}")
-    if "meta" in obj and not isinstance(obj["meta"], dict):
+    meta = obj.get("meta")
+    if meta is not None and not isinstance(meta, dict):
         return reject("'meta' must be an object")
+    enqueued_at = None
+    if "enqueued_at" in obj:
+        enqueued_at = _number(obj["enqueued_at"])
+        if enqueued_at is None:
+            return reject("'enqueued_at' must be a number (Unix time in seconds)")
+    unique = obj.get("unique", False)
+    if not isinstance(unique, bool):
+        return reject("'unique' must be true or false")
+    if unique and "id" not in obj:
+        return reject("'unique' needs an 'id': it is what makes two jobs the same")
     if "delay_s" in obj and "eta" in obj:
         return reject("give 'delay_s' or 'eta', not both")
     due_s = 0.0
@@ -271,6 +289,9 @@ def _parse(
         timeout_s=timeout_s,
         max_retries=max_retries,
         due_ms=due_ms,
+        enqueued_at=enqueued_at,
+        unique=unique,
+        meta=meta,
     )
 
 
@@ -322,6 +343,10 @@ def payload_field(raw: bytes) -> dict[str, str]:
         return {"payload_b64": base64.b64encode(raw).decode("ascii")}
 
 
+def cancelled_run(now: float) -> RunResult:
+    return RunResult("cancelled", error="cancelled", started_at=now, finished_at=now)
+
+
 # --- outcomes of a run -------------------------------------------------------------
 
 RunStatus = Literal[
@@ -349,7 +374,7 @@ _PERMANENT: frozenset[str] = frozenset({"rejected", "bad_result", "cancelled"})
 class Ending:
     """How a started run ended, as decided by policy."""
 
-    status: Literal["succeeded", "failed", "dead"]
+    status: Literal["succeeded", "failed", "dead", "cancelled"]
     retry_in_s: float = 0.0
 
 
@@ -454,16 +479,11 @@ def _with_result(outcome_json: str, result_json: str) -> str:
     return outcome_json.replace('"result":null', '"result":' + result_json, 1)
 
 
-#: A job whose start was never written is finished in one step on the guess that
-#: this is its first attempt; the script refuses the guess otherwise (a retry, a
-#: rerun after a crash) and the job takes the slow path: start, then end.
-FINISH_ATTEMPT = 1
-
-
 def finish_op(job: Job, run: RunResult, *, daemon_id: str, ttl_s: int) -> Finish:
     """A success recorded in one step, for a job that ended before its start was
-    written: the claim goes straight to ``succeeded``."""
-    job.attempt = FINISH_ATTEMPT
+    written: the claim goes straight to ``succeeded``. ``job.attempt`` is the claim's
+    prediction; the script refuses it if the job hash counts otherwise, and the job
+    then takes the slow path: start, then end."""
     outcome, fields = _run_record(job, run, daemon_id)
     outcome["status"] = fields["status"] = "succeeded"
     fields.update(task=job.task, priority=job.priority, result=run.result_json)
@@ -508,6 +528,10 @@ def end_op(
             dels=dels, member=schedule_member(job, daemon_id), due_ms=due_ms,
         )  # fmt: skip
     dels.append("retry_at")
+    if run.status == "cancelled":
+        # An operator's decision, not a failure: no dead letter, no retry.
+        outcome["status"] = fields["status"] = "cancelled"
+        return End(job, run, Ending("cancelled"), policy.ttl_s, dumps(outcome), fields, dels=dels)
     if run.status in _PERMANENT:
         reason = run.error
     else:
@@ -523,12 +547,8 @@ def end_op(
         "daemon": daemon_id,
         "dead_at": round(run.finished_at, 6),
     }
-    status: Literal["dead"] = "dead"
-    if run.status == "cancelled":
-        outcome["status"] = fields["status"] = "cancelled"
-    else:
-        outcome["status"] = fields["status"] = status
+    outcome["status"] = fields["status"] = "dead"
     return End(
-        job, run, Ending(status), policy.ttl_s, dumps(outcome), fields,
-        dels=dels, dead_letter="" if run.status == "cancelled" else dumps(letter),
+        job, run, Ending("dead"), policy.ttl_s, dumps(outcome), fields,
+        dels=dels, dead_letter=dumps(letter),
     )  # fmt: skip

@@ -71,6 +71,11 @@ class Keys:
         return f"{self.prefix}:control"
 
     @property
+    def paused(self) -> str:
+        """SET of priorities no daemon claims from."""
+        return f"{self.prefix}:paused"
+
+    @property
     def cancels(self) -> str:
         """ZSET job id -> expiry ms: cancels asked for jobs held by a daemon."""
         return f"{self.prefix}:cancels"

@@ -40,6 +40,12 @@ def _list(items: Sequence[Arg]) -> list[Arg]:
     return [str(len(items)), *items]
 
 
+def _flags(job: Job, run: RunResult) -> str:
+    """What the script must settle when the job ends: "u" a unique job's lock, "c" a
+    cancel asked for it."""
+    return ("u" if job.unique else "") + ("c" if run.status == "cancelled" else "")
+
+
 @dataclass(frozen=True, slots=True)
 class Adopt:
     """A payload the blocking wait put in our landing list becomes claim ``claim``."""
@@ -62,6 +68,18 @@ class Drop:
 
     def args(self) -> list[Arg]:
         return ["drop", self.priority, str(self.nbytes), self.reason]
+
+
+@dataclass(frozen=True, slots=True)
+class Lock:
+    """A unique job takes its lock before it runs; 0 if a live run of its id holds
+    it (the claim is then dropped as a duplicate)."""
+
+    job: Job
+    ttl_s: int
+
+    def args(self) -> list[Arg]:
+        return ["lock", str(self.job.claim), self.job.id, str(self.ttl_s)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +113,8 @@ class Finish:
             str(job.claim),
             job.id,
             str(self.ttl_s),
+            _flags(job, self.run),
+            str(job.attempt),
             self.outcome,
             *_flat(self.fields),
         ]
@@ -120,8 +140,9 @@ class End:
         job = self.job
         terminal = "0" if self.member else "1"
         return [
-            "end", str(job.claim), job.id, str(self.ttl_s), terminal, self.dead_letter,
-            self.member, str(self.due_ms), self.outcome, *_list(self.dels), *_flat(self.fields),
+            "end", str(job.claim), job.id, str(self.ttl_s), _flags(job, self.run), terminal,
+            self.dead_letter, self.member, str(self.due_ms), self.outcome, *_list(self.dels),
+            *_flat(self.fields),
         ]  # fmt: skip
 
 
@@ -210,4 +231,6 @@ class Unland:
         return ["unland", self.priority]
 
 
-Op = Union[Adopt, Drop, Start, Finish, End, Reject, Schedule, Release, Bury, Restore, Unland]  # noqa: UP007
+Op = Union[  # noqa: UP007
+    Adopt, Drop, Lock, Start, Finish, End, Reject, Schedule, Release, Bury, Restore, Unland
+]

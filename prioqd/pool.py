@@ -170,6 +170,8 @@ class Pool:
         # FIFO within a rank. A higher-priority batch overtakes a prefetched lower one.
         self._pending: list[tuple[int, int, list[_Running], bytes]] = []
         self._seq = 0
+        #: Ids to cancel when their worker hands them back unstarted.
+        self._cancelled: set[str] = set()
         self._next_index = 0
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -304,6 +306,8 @@ class Pool:
                 result = RunResult("timeout", error=f"timed out after {timeout:g}s")
             elif reason == "shutdown":
                 result = RunResult("not_run", error="stopped by shutdown")
+            elif reason == "cancelled":
+                result = RunResult("cancelled", error="cancelled")
             else:
                 result = RunResult("crashed", error=_describe_exit(returncode))
             result.started_at, result.finished_at = head.started_wall, now
@@ -311,10 +315,11 @@ class Pool:
             # The rest of the batch never started: they go back without charge.
             while worker.batch:
                 self._resolve(worker.batch.popleft(), RunResult("not_run"))
-            if reason not in ("timeout", "shutdown"):
+            if reason not in ("timeout", "shutdown", "cancelled"):
                 exit_text = _describe_exit(returncode)
                 self._on_event("worker_died", pid=worker.pid, exit=exit_text, job_id=head.job.id)
         if not self._closing and len(self._workers) < self.size:
+            self._on_event("worker_restart", reason=reason or "crashed")
             self._track(asyncio.ensure_future(self._replace()))
         self._idle_event.set()
 
@@ -400,7 +405,11 @@ class Pool:
         while worker.batch and worker.batch[-1].seq in seqs:
             back.append(worker.batch.pop())
         for r in reversed(back):
-            self._resolve(r, RunResult("not_run", error="preempted"))
+            if r.job.id in self._cancelled:
+                self._cancelled.discard(r.job.id)
+                self._resolve(r, RunResult("cancelled", error="cancelled"))
+            else:
+                self._resolve(r, RunResult("not_run", error="preempted"))
         if not worker.batch:
             self._make_idle(worker)
 
@@ -521,6 +530,37 @@ class Pool:
         while self.busy_count:
             self._idle_event.clear()
             await self._idle_event.wait()
+
+    def cancel(self, job_id: str) -> int:
+        """Stop every job of this id held here: a running one by killing its worker
+        (the worker is replaced), one not started by giving it up. Each ends as
+        ``cancelled``. Returns how many."""
+        n = 0
+        pending = []
+        for rank, seq, batch, frame in self._pending:
+            keep = [r for r in batch if r.job.id != job_id]
+            for r in batch:
+                if r.job.id == job_id:
+                    self._resolve(r, RunResult("cancelled", error="cancelled"))
+                    n += 1
+            if keep:
+                pending.append(
+                    (rank, seq, keep, frame if len(keep) == len(batch) else self._frame(keep))
+                )
+        if n:
+            heapq.heapify(pending)
+            self._pending = pending
+        for w in list(self._workers):
+            if any(r.job.id == job_id for r in w.batch):
+                if w.batch[0].job.id == job_id:
+                    w.kill("cancelled")  # the rest of its batch goes back unrun
+                else:
+                    # Not started: take it out of the batch the worker holds (it is
+                    # handed back with the rest, see _on_preempted).
+                    self._cancelled.add(job_id)
+                    w.preempt()
+                n += 1
+        return n
 
     def kill_busy(self, reason: str = "shutdown") -> int:
         """Kill every worker that is running something; their jobs end as not_run."""

@@ -52,18 +52,18 @@ class Script:
         max_bytes: int = 10_000,
         daemon: str = D,
     ) -> tuple[list[int], list[tuple[str, bytes]], bool]:
-        args: list[Any] = ["cycle", daemon, next_claim, max_bytes, tokens, len(SIZES)]
+        args: list[Any] = ["cycle", daemon, next_claim, max_bytes, 0, tokens, len(SIZES)]
         for p, size in SIZES:
             args += [p, size]
         for op in op_list:
             args += op.args()
-        results, flat, held, _dropped = self.call(*args)
-        claimed = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 2)]
+        results, flat, held, _dropped, _trimmed, _paused = self.call(*args)
+        claimed = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 3)]
         return results, claimed, bool(held)
 
     def beat(self, daemon: str = D, lease_ms: int = 60_000) -> list[Any]:
         return self.call(  # type: ignore[no-any-return]
-            "heartbeat", daemon, lease_ms, 10, 3, "priorities", ",".join(PRIORITIES)
+            "heartbeat", daemon, lease_ms, 10, 3, 0, "priorities", ",".join(PRIORITIES)
         )
 
 
@@ -140,7 +140,7 @@ def test_claim_takes_the_highest_priority_first_per_token_and_numbers_each(lua: 
     # high: 1 payload, 1 token; low: the token left takes up to its size (2).
     assert claimed == [("high", b"h0"), ("low", b"l0"), ("low", b"l1")]
     assert sorted(inflight(lua)) == [b"10", b"11", b"12"]
-    assert inflight(lua)[b"10"] == b"high\nc\n0\nh0"
+    assert inflight(lua)[b"10"] == b"high\nc0\n0\nh0"
 
 
 def test_no_claims_without_a_lease(lua: Script) -> None:
@@ -152,7 +152,7 @@ def test_no_claims_without_a_lease(lua: Script) -> None:
 
 def test_adopt(lua: Script) -> None:
     lua.r.lpush(f"{P}:landing:{D}:high", b"x", b"x")  # two equal payloads landed
-    assert twice(lua, ops.Adopt(b"x", "high", 5)) == (1, 1)
+    assert twice(lua, ops.Adopt(b"x", "high", 5)) == (1, 1)  # first attempts
     assert lua.r.llen(f"{P}:landing:{D}:high") == 1 and list(inflight(lua)) == [b"5"]
     assert twice(lua, ops.Adopt(b"x", "high", 6)) == (1, 1)
     assert lua.r.llen(f"{P}:landing:{D}:high") == 0 and sorted(inflight(lua)) == [b"5", b"6"]
@@ -263,7 +263,7 @@ def test_restore_puts_back_unseen_claims_only(lua: Script) -> None:
         lua.r.lpush(f"{P}:queue:high", x)
     lua.cycle(next_claim=20, tokens=2)  # claims 20..22: the reply is "lost"
     seen = parsed(b'{"id":"s","task":"t"}', 30)
-    lua.r.hset(f"{P}:inflight:{D}", "30", b"high\nc\n0\n" + seen.raw)
+    lua.r.hset(f"{P}:inflight:{D}", "30", b"high\nc0\n0\n" + seen.raw)
     assert twice(lua, ops.Restore(20, 29)) == (3, 0)
     assert lua.r.lrange(f"{P}:queue:high", 0, -1) == [b"c", b"b", b"a"]
     assert list(inflight(lua)) == [b"30"]
@@ -421,7 +421,7 @@ class ClaimMachine(RuleBasedStateMachine):
 
     @rule()
     def promote(self) -> None:
-        self.lua.call("promote", 100)
+        self.lua.call("promote", 100, 0)
 
     @rule()
     def recovered_by_another_daemon(self) -> None:

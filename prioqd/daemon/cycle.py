@@ -74,6 +74,10 @@ class Cycle:
         self._on_idle = on_idle
         self._on_unlanded = on_unlanded
         self._force = force
+        #: What the last claim saw as paused, and whom to tell when it changes.
+        self.paused: set[str] = set()
+        self.on_paused: Callable[[set[str]], None] = lambda paused: None
+        self.on_trimmed: Callable[[int], None] = lambda n: None
         #: Claim numbers are ours to give; each claim reserves its whole range first.
         self._next_claim = 1
         #: Put-backs owed after lost replies, sent with the next cycle.
@@ -156,6 +160,7 @@ class Cycle:
                     [*ops, *repairs],
                     next_claim=lo,
                     max_payload_bytes=self.config.jobs.max_payload_bytes,
+                    max_dead=self.config.jobs.dead_letters_max,
                     tokens=tokens,
                     sizes=sizes,
                 )
@@ -180,11 +185,20 @@ class Cycle:
             self._apply([*ops, *repairs], reply.results)
             for reason in reply.dropped:
                 self.log.warning("job rejected", reason=reason)
+            if reply.trimmed:
+                self.log.warning(
+                    "dead letters dropped, oldest first, to keep within dead_letters_max",
+                    dropped=reply.trimmed,
+                    dead_letters_max=self.config.jobs.dead_letters_max,
+                )
+                self.on_trimmed(reply.trimmed)
+            if tokens and set(reply.paused) != self.paused:
+                self.on_paused(set(reply.paused))
             if not reply.lease_held:
                 self.lease.lost()
             if tokens:
                 if reply.claimed:
-                    claimed = [(lo + i, p, raw) for i, (p, raw) in enumerate(reply.claimed)]
+                    claimed = [(lo + i, *c) for i, c in enumerate(reply.claimed)]
                     self.dispatch.take(claimed, tokens)
                 else:
                     self.slots.release(tokens)
@@ -208,7 +222,13 @@ class Cycle:
         for k, op in enumerate(ops):
             try:
                 reply = await self.broker.cycle(
-                    self.lease.id, [op], next_claim=0, max_payload_bytes=0, tokens=0, sizes=[]
+                    self.lease.id,
+                    [op],
+                    next_claim=0,
+                    max_payload_bytes=0,
+                    max_dead=self.config.jobs.dead_letters_max,
+                    tokens=0,
+                    sizes=[],
                 )
             except ScriptError as refused:
                 await self._bury(op, str(refused))
@@ -233,7 +253,13 @@ class Cycle:
             bury = Bury(claim, f"redis refused to record it: {reason}"[:1000])
             try:
                 await self.broker.cycle(
-                    self.lease.id, [bury], next_claim=0, max_payload_bytes=0, tokens=0, sizes=[]
+                    self.lease.id,
+                    [bury],
+                    next_claim=0,
+                    max_payload_bytes=0,
+                    max_dead=self.config.jobs.dead_letters_max,
+                    tokens=0,
+                    sizes=[],
                 )
             except ScriptError as again:
                 raise InternalError(

@@ -22,6 +22,7 @@ from prioqd import jobs
 from prioqd.config import Config
 from prioqd.daemon.slots import BatchSlot, Slots
 from prioqd.jobs import Job, JobState, RunResult
+from prioqd.metrics import NO_METRICS, Metrics
 from prioqd.ops import (
     FAILED,
     LOST,
@@ -32,6 +33,7 @@ from prioqd.ops import (
     Drop,
     End,
     Finish,
+    Lock,
     Op,
     Reject,
     Release,
@@ -99,6 +101,12 @@ class Dispatcher:
         #: Dispatched jobs whose start is not written yet, in dispatch order.
         self._unrecorded: dict[int, Job] = {}
         self._start_timer: asyncio.TimerHandle | None = None
+        #: Landed jobs whose Adopt has not come back yet (it tells their attempt).
+        self._adopting: dict[int, Job | None] = {}
+        #: Unique jobs waiting for their lock (see ops.Lock) before they run.
+        self._locking: dict[int, Job] = {}
+        #: Ids of jobs an operator cancelled that may still come our way.
+        self.cancels: set[str] = set()
         self._task_s: dict[str, Ewma] = {}
         self._priority_s: dict[str, Ewma] = {}
         #: Round trip of a cycle, for the prefetch lead.
@@ -108,6 +116,7 @@ class Dispatcher:
         self.running = 0
         self.jobs_done = 0
         self.last_error = ""
+        self.metrics: Metrics = NO_METRICS
 
     @property
     def policy(self) -> jobs.Policy:
@@ -122,7 +131,7 @@ class Dispatcher:
     @property
     def pending(self) -> bool:
         """Whether anything waits to be written."""
-        return bool(self._outbox or self._finished or self._unrecorded)
+        return bool(self._outbox or self._finished or self._unrecorded or self._locking)
 
     # --- claims in ---------------------------------------------------------------------
 
@@ -151,7 +160,8 @@ class Dispatcher:
             self._wake()
             return
         self._outbox.append(Adopt(raw, priority, claim))
-        self.take([(claim, priority, raw)], 1)
+        self._adopting[claim] = None
+        self.take([(claim, priority, raw, 0)], 1)
 
     def land_back(self, claim: int, priority: str, raw: bytes) -> None:
         """A payload that landed while its wait was being called off: adopt it and put
@@ -164,13 +174,14 @@ class Dispatcher:
         self._outbox.append(Release([claim], why="race"))
         self._wake()
 
-    def take(self, claimed: list[tuple[int, str, bytes]], tokens: int) -> None:
-        """Parse claimed payloads and hand the runnable ones to workers in batches (one
-        slot token each); the rest become ops for the next cycle."""
+    def take(self, claimed: list[tuple[int, str, bytes, int]], tokens: int) -> None:
+        """Parse claimed payloads (claim number, priority, payload, attempts used
+        before) and hand the runnable ones to workers in batches (one slot token each);
+        the rest become ops for the next cycle."""
         cfg = self.config.jobs
         now = self._redis_time()
         runnable: list[Job] = []
-        for claim, priority, raw in claimed:
+        for claim, priority, raw, used in claimed:
             item = jobs.parse(
                 raw,
                 priority,
@@ -187,10 +198,19 @@ class Dispatcher:
                 )
                 continue
             item.claim = claim
-            if item.due_ms:
+            item.attempt = used + 1
+            if claim in self._adopting:
+                self._adopting[claim] = item
+            if item.id in self.cancels:
+                self._cancelled(item)
+            elif item.due_ms:
                 self._outbox.append(
                     jobs.schedule_op(item, daemon_id=self.daemon_id, ttl_s=cfg.result_ttl_s)
                 )
+            elif item.unique:
+                # Runs only once it holds its lock: never twice at the same time.
+                self._locking[claim] = item
+                self._outbox.append(Lock(item, cfg.result_ttl_s))
             else:
                 runnable.append(item)
         batches, spill = self._batches(runnable, tokens)
@@ -265,6 +285,8 @@ class Dispatcher:
         for job in batch:
             job.started_at = now
             job.dispatched_at = mono
+            if job.enqueued_at is not None:
+                self.metrics.job_started(job.priority, now - job.enqueued_at)
         try:
             futures = self.pool.submit(batch, on_start, self._rank.get(batch[0].priority, 0))
         except Exception as exc:  # the arguments cannot be sent to a worker
@@ -302,6 +324,26 @@ class Dispatcher:
             self._task_s.setdefault(job.task, Ewma()).add(took)
             self._priority_s.setdefault(job.priority, Ewma()).add(took)
         self._finish(job, run)
+
+    def _cancelled(self, job: Job) -> None:
+        """A job cancelled before it ran: it ends as such, and is not retried."""
+        now = time.time()
+        job.started_at = now
+        self._unrecorded[job.claim] = job
+        self._finish(job, jobs.cancelled_run(now))
+
+    def cancel(self, ids: set[str]) -> None:
+        """Operators cancelled these jobs: stop any we run, drop any we hold."""
+        self.cancels |= ids
+        for job_id in ids:
+            stopped = self.pool.cancel(job_id)
+            for claim, job in list(self._locking.items()):
+                if job.id == job_id:
+                    del self._locking[claim]
+                    self._cancelled(job)
+                    stopped += 1
+            if stopped:
+                self.log.info("job cancelled by an operator", job_id=job_id, jobs=stopped)
 
     def _finish(self, job: Job, run: RunResult) -> None:
         self._finished.append((job, run))
@@ -384,6 +426,22 @@ class Dispatcher:
     def applied(self, op: Op, result: int) -> None:
         """Act on the result of one op of a cycle."""
         match op:
+            case Lock(job=job):
+                if self._locking.pop(job.claim, None) is None:
+                    return  # cancelled meanwhile
+                if result == 1:
+                    self.slots.take_one()
+                    self._submit([job])
+                    self._arm_start_timer(time.monotonic() + START_RECORD_AFTER_S)
+                    self.on_change()
+                elif result == 0:
+                    job.state = JobState.LOST
+                    self.log.warning(
+                        "job dropped: a run of this unique job is live", job_id=job.id,
+                        task=job.task, queue=job.priority, outcome="duplicate",
+                    )  # fmt: skip
+                else:
+                    self._claim_gone(job, result, "claimed")
             case Start(job=job):
                 self._started(job, result)
             case Finish(job=job, run=run):
@@ -399,11 +457,14 @@ class Dispatcher:
                     self._log_started(job)
                     self._log_ending(job, run, jobs.Ending("succeeded"))
             case End(job=job, run=run, ending=ending):
+                if run.status == "cancelled":
+                    self.cancels.discard(job.id)
                 if not self._claim_gone(job, result, "finished"):
                     self._log_ending(job, run, ending)
                     if ending.retry_in_s:
                         self._due_in_ms(int(ending.retry_in_s * 1000))
             case Reject(rejected=rej):
+                self.metrics.job_ended(rej.task or "-", rej.priority, "dead", None)
                 self.log.warning(
                     "job rejected", job_id=rej.id or None, task=rej.task or None,
                     queue=rej.priority, reason=rej.reason,
@@ -417,6 +478,7 @@ class Dispatcher:
                 self._due_in_ms(delay_ms)
             case Release(jobs=released, why=why) if result:
                 for job in released:
+                    self.metrics.job_ended(job.task, job.priority, "requeued", None)
                     self.log.info(
                         "job finished", job_id=job.id, task=job.task, queue=job.priority,
                         outcome="requeued", reason=why,
@@ -425,7 +487,11 @@ class Dispatcher:
                 self.log.info(
                     "put back payloads of a lost reply", op=type(op).__name__, jobs=result
                 )
-            case Adopt() | Drop() | Schedule() | Release() | Bury() | Restore() | Unland():
+            case Adopt(claim=claim):
+                landed = self._adopting.pop(claim, None)
+                if landed is not None and result >= 1 and landed.state is JobState.CLAIMED:
+                    landed.attempt = result
+            case Drop() | Schedule() | Release() | Bury() | Restore() | Unland():
                 pass
 
     def _claim_gone(self, job: Job, result: int, what: str) -> bool:
@@ -465,6 +531,7 @@ class Dispatcher:
             "duration_s": round(max(0.0, run.finished_at - run.started_at), 6),
         }
         self.jobs_done += 1
+        self.metrics.job_ended(job.task, job.priority, ending.status, fields["duration_s"])
         if ending.status == "succeeded":
             self.log.info("job finished", **fields)
             return

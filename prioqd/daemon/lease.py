@@ -148,6 +148,7 @@ class Lease:
                     self.config.queues.priorities,
                     died=True,
                     max_recoveries=self.config.jobs.max_recoveries,
+                    max_dead=self.config.jobs.dead_letters_max,
                 )
                 self.log.warning(
                     "recovered a dead daemon's jobs", dead_daemon=other, jobs=queued, poison=dead
@@ -156,7 +157,11 @@ class Lease:
     async def beat(self) -> Heartbeat:
         sent = time.time()
         beat = await self.broker.heartbeat(
-            self.id, self.lease_ms, self.info(), max_recoveries=self.config.jobs.max_recoveries
+            self.id,
+            self.lease_ms,
+            self.info(),
+            max_recoveries=self.config.jobs.max_recoveries,
+            max_dead=self.config.jobs.dead_letters_max,
         )
         self.clock_offset_s = beat.redis_now_ms / 1000 - (sent + time.time()) / 2
         if self.held and beat.registered:
@@ -217,5 +222,6 @@ class Lease:
             self.config.queues.priorities,
             died=False,
             max_recoveries=self.config.jobs.max_recoveries,
+            max_dead=self.config.jobs.dead_letters_max,
         )
         return queued

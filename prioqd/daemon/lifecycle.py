@@ -7,6 +7,7 @@
     Watch      the blocking waits: every queue while idle, the higher ones while
                busy (watch.py)
     Scheduler  retries and delayed jobs, promoted when due (scheduler.py)
+    Remote     operators' pause, resume and cancel, heard on a channel (remote.py)
     Control    watchdog, STATUS, reload (control.py)
 
 Signal handlers only set events; ``run`` takes a ``shutdown_trigger`` so tests stop
@@ -30,12 +31,14 @@ from prioqd.daemon.control import Control
 from prioqd.daemon.cycle import Cycle
 from prioqd.daemon.dispatch import Dispatcher
 from prioqd.daemon.lease import Lease, default_daemon_id
+from prioqd.daemon.remote import Remote
 from prioqd.daemon.scheduler import Scheduler
 from prioqd.daemon.slots import Slots
 from prioqd.daemon.watch import Watch
-from prioqd.errors import BrokerError, WorkerStartError
+from prioqd.errors import BrokerError, ConfigError, WorkerStartError
 from prioqd.keys import Keys
 from prioqd.log import get_logger
+from prioqd.metrics import NO_METRICS, Metrics, PrometheusMetrics
 from prioqd.pool import Pool
 from prioqd.systemd import Notifier, redis_password, watchdog_interval_s
 from prioqd.timing import Backoff, wait_event
@@ -71,7 +74,9 @@ class Daemon:
         self.id = daemon_id or default_daemon_id()
         self.log = get_logger(daemon_id=self.id)
         self._force = asyncio.Event()
-        self.scheduler = Scheduler(self.broker, log=self.log, on_redis_down=self._redis_down)
+        self.scheduler = Scheduler(
+            self.broker, config, log=self.log, on_redis_down=self._redis_down
+        )
         self.lease = Lease(
             self.broker,
             config,
@@ -114,6 +119,14 @@ class Daemon:
             on_redis_down=self._redis_down,
         )
         self.dispatch.on_change = self.watch.reconcile
+        self.remote = Remote(
+            self.broker,
+            log=self.log,
+            on_paused=self._set_paused,
+            on_cancel=self.dispatch.cancel,
+            on_redis_down=self._redis_down,
+        )
+        self.cycle.on_paused = self._set_paused
         self.control = Control(
             self.notifier,
             status_text=self._status_text,
@@ -121,6 +134,7 @@ class Daemon:
             current=lambda: self.config,
             log=lambda: self.log,
         )
+        self.metrics: Metrics = NO_METRICS
         self.last_error = ""
         self.exit_code = EXIT_OK
         self._stop = asyncio.Event()
@@ -157,6 +171,7 @@ class Daemon:
         )
         registered = False
         try:
+            self._start_metrics()
             registered = await self._start_up(shutdown_trigger)
             if registered:
                 await self._serve()
@@ -166,10 +181,44 @@ class Daemon:
             await self.watch.close()
             await self.pool.close()
             await self.broker.close()
+            self.metrics.close()
         self.log.info("daemon stopped", jobs_done=self.dispatch.jobs_done, exit_code=self.exit_code)
         return self.exit_code
 
     # --- phases ----------------------------------------------------------------------
+
+    def _start_metrics(self) -> None:
+        listen = self.config.metrics.listen
+        if not listen:
+            return
+        cfg = self.config
+
+        def client() -> Any:
+            import redis
+
+            return redis.Redis.from_url(
+                cfg.redis.url,
+                password=redis_password(),
+                socket_timeout=cfg.redis.socket_timeout_s,
+                socket_connect_timeout=cfg.redis.connect_timeout_s,
+                client_name="prioqd-metrics",
+            )
+
+        try:
+            self.metrics = PrometheusMetrics(
+                listen,
+                client_factory=client,
+                keys=self.keys,
+                priorities=self.priorities,
+                slots=lambda: (self.slots.busy, self.slots.total),
+            )
+        except OSError as exc:
+            raise ConfigError(
+                cfg.path, "metrics.listen", f"cannot listen on {listen}: {exc}"
+            ) from exc
+        self.dispatch.metrics = self.metrics
+        self.cycle.on_trimmed = self.metrics.dead_letters_dropped
+        self.log.info("metrics served", url=f"http://{listen}/metrics")
 
     async def _start_up(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None) -> bool:
         """Workers up, Redis answering, lease taken, READY=1. False if stopped first."""
@@ -187,6 +236,10 @@ class Daemon:
         await self._until_redis_answers()
         if self._stop.is_set() or not await self.lease.register(self._stop):
             return False
+        try:
+            await self.remote.refresh()  # paused before we claim anything
+        except BrokerError as exc:
+            self.log.warning("could not read the paused priorities", error=str(exc))
         await self._report_unserved_queues()
         self.log.info(
             "daemon ready", tasks=sorted(self.pool.task_names), worker_pids=self.pool.pids
@@ -206,6 +259,7 @@ class Daemon:
             self._spawn(self.cycle.run()),
             self._spawn(self.scheduler.run()),
             self._spawn(self.control.reload_loop()),
+            self._spawn(self.remote.run()),
         ]
         if self.notifier.enabled:
             self._loops.append(self._spawn(self.control.status_loop()))
@@ -253,6 +307,7 @@ class Daemon:
         self.cycle.close()
         self.scheduler.close()
         self.control.close()
+        self.remote.close()
         await self._end(self._loops)
         self.lease.close()
         await self._end(self._heartbeat)
@@ -287,6 +342,11 @@ class Daemon:
     def _idle(self) -> None:
         self.watch.idle()
 
+    def _set_paused(self, paused: set[str]) -> None:
+        self.remote.paused = self.cycle.paused = paused
+        self.watch.set_paused(paused)
+        self.cycle.wake()  # a resumed priority may have jobs to claim
+
     def _unlanded(self, priority: str) -> None:
         self.watch.unlanded(priority)
 
@@ -310,6 +370,7 @@ class Daemon:
 
     def _redis_down(self, what: str, exc: BrokerError, backoff: Backoff) -> float:
         delay = backoff.next_delay()
+        self.metrics.redis_error()
         self.last_error = str(exc)
         self.log.warning(
             "redis unavailable",
@@ -356,6 +417,8 @@ class Daemon:
             self.last_error = str(fields.get("error", ""))
             self.log.error("worker process failed to start", **fields)
             self.control.status_changed()
+        elif event == "worker_restart":
+            self.metrics.worker_restarted(str(fields.get("reason", "")))
         elif event == "tasks_changed":
             self.log.error("a new worker process has a different set of tasks", **fields)
         else:
@@ -396,7 +459,7 @@ class Daemon:
         self.pool.max_jobs_per_worker = new.workers.max_jobs_per_worker
         self.pool.max_result_bytes = new.jobs.max_result_bytes
         self.config = new
-        for part in (self.dispatch, self.cycle, self.lease):
+        for part in (self.dispatch, self.cycle, self.lease, self.scheduler):
             part.config = new
         return None
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prioqd.broker import Broker
+from prioqd.config import Config
 from prioqd.errors import BrokerError
 from prioqd.timing import Backoff, wait_event
 
@@ -20,11 +21,13 @@ class Scheduler:
     def __init__(
         self,
         broker: Broker,
+        config: Config,
         *,
         log: Any,
         on_redis_down: Callable[[str, BrokerError, Backoff], float],
     ) -> None:
         self.broker = broker
+        self.config = config
         self.log = log
         self._on_redis_down = on_redis_down
         self._next_at: float | None = None  # monotonic
@@ -51,7 +54,7 @@ class Scheduler:
                 continue
             self._next_at = None
             try:
-                moved, dead, next_due = await self.broker.promote()
+                moved, dead, next_due = await self.broker.promote(self.config.jobs.dead_letters_max)
                 backoff.reset()
             except BrokerError as exc:
                 self.due_in(int(self._on_redis_down("promote", exc, backoff) * 1000))

@@ -68,6 +68,8 @@ class Watch:
         self._race: list[tuple[int, str, bytes]] | None = None
         self._background: set[asyncio.Future[None]] = set()
         self._backoff = Backoff()
+        #: Priorities an operator paused: never waited on.
+        self.paused: set[str] = set()
         self._closing = False
 
     # --- which queues to wait on -------------------------------------------------------
@@ -80,9 +82,23 @@ class Watch:
         for p in self.priorities:
             self._arm(p)
 
+    def set_paused(self, paused: set[str]) -> None:
+        """Operators paused or resumed priorities."""
+        self.paused = set(paused)
+        stop = [p for p in self._tasks if p in self.paused and p not in self._leaving]
+        if stop:
+            self._call_off(stop)
+        if self.cycle.waiting:
+            for p in self.priorities:
+                self._arm(p)
+        else:
+            self.reconcile()
+
     def _busy_targets(self) -> list[str]:
         lowest = self.dispatch.lowest_waiting()
-        return [] if lowest is None else self.priorities[:lowest]
+        if lowest is None:
+            return []
+        return [p for p in self.priorities[:lowest] if p not in self.paused]
 
     def reconcile(self) -> None:
         """Busy mode: wait on exactly the priorities above the lowest job held here
@@ -97,7 +113,12 @@ class Watch:
             self._call_off(extra)
 
     def _arm(self, p: str) -> None:
-        if p not in self._tasks and p not in self._dirty and not self._closing:
+        if (
+            p not in self._tasks
+            and p not in self._dirty
+            and p not in self.paused
+            and not self._closing
+        ):
             self._tasks[p] = asyncio.ensure_future(self._wait(p))
 
     def _call_off(self, priorities: list[str]) -> None:
@@ -138,7 +159,7 @@ class Watch:
         if raw is not None:
             self._landed(p, raw)
         elif self.cycle.waiting and self._race is None:
-            self._arm(p)  # called off, but we went back to idle meanwhile
+            self._arm(p)  # called off, but we went back to idle meanwhile (or resumed)
         else:
             self.reconcile()
 
@@ -150,7 +171,7 @@ class Watch:
         claim = self.cycle.new_claim()
         if self._race is not None:
             self._race.append((claim, p, raw))  # settled by _settle
-        elif self._closing:
+        elif self._closing or p in self.paused:
             self.dispatch.land_back(claim, p, raw)
         elif self.cycle.waiting:
             others = [q for q in self._tasks if q != p]

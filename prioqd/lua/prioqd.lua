@@ -22,7 +22,8 @@
 --   P:inflight:D     HASH   C -> "p\nS\nR\n<payload>" for every job D holds. C is D's
 --                           claim counter (decimal), unique within D and increasing in
 --                           claim order, so sorting by C restores FIFO order. S is "c"
---                           while the start is not recorded, else the attempt number.
+--                           (or "c<A>": A attempts used before, see P:history) while
+--                           the start is not recorded, else the attempt number.
 --                           R counts how often a daemon died while holding this
 --                           payload. <payload> is the producer's bytes until the start
 --                           is recorded, then the job JSON with its id pinned.
@@ -40,9 +41,23 @@
 --                           names this key in "payload_key" instead.
 --   P:scheduled      ZSET   "p\nU\n<job json>" -> due time in ms (retries, delayed jobs);
 --                           U ("D/C") keeps two equal payloads from collapsing into one.
---   P:recovered      HASH   sha1(payload) -> R, for a recovered payload back in its queue
---                           (the claim that takes it moves R into its inflight entry).
---   P:events         pub/sub channel: the outcome JSON of every attempt.
+--   P:history        HASH   sha1(payload) -> "R:A" for a payload back in its queue that
+--                           has a past: R as above, A the attempts it has used (a retry,
+--                           or a started job put back). The claim that takes it moves R
+--                           into its inflight entry and returns A, so the daemon knows
+--                           the attempt number before the start is written. Expires 30
+--                           days after its last write.
+--   P:paused         SET    priorities no daemon claims from (`prioqd pause`).
+--   P:cancels        ZSET   job id -> expiry ms: cancels asked for jobs held by a daemon;
+--                           the daemon that ends such a job as cancelled removes it.
+--   P:unique:<id>    STRING the lock of a unique job: "q" while it is queued or scheduled
+--                           (set by the push, `enqueue`), "D/C" while claim C of daemon D
+--                           runs it. The push gives it a safety expiry of result_ttl_s
+--                           plus the job's delay, for a lock nobody releases.
+--   P:events         pub/sub channel: the outcome JSON of every attempt, and
+--                           {"id", "status": "duplicate"} for a unique job pushed twice.
+--   P:control        pub/sub channel: operators' commands to the daemons (pause,
+--                           resume, cancel), as JSON.
 --
 -- Invariant: a job is always in exactly one of P:queue:p, P:landing:D:p,
 -- P:inflight:D, P:scheduled or P:dead (or it has ended), and every move between them
@@ -63,8 +78,30 @@ local function payload_key(sha) return prefix .. ':payload:' .. sha end
 local daemons_key = prefix .. ':daemons'
 local dead_key = prefix .. ':dead'
 local scheduled_key = prefix .. ':scheduled'
-local recovered_key = prefix .. ':recovered'
+local history_key = prefix .. ':history'
+local paused_key = prefix .. ':paused'
+local cancels_key = prefix .. ':cancels'
 local events_key = prefix .. ':events'
+local function unique_key(id) return prefix .. ':unique:' .. id end
+
+-- Dead letters kept at most (0: no bound); set by each command that may add one.
+local max_dead = 0
+-- Dead letters dropped (oldest first) to keep within max_dead by this call.
+local trimmed = 0
+
+-- Adds a dead letter, dropping the oldest ones past max_dead (with the payload keys
+-- they name).
+local function push_dead(letter)
+    redis.call('LPUSH', dead_key, letter)
+    while max_dead > 0 and redis.call('LLEN', dead_key) > max_dead do
+        local old = redis.call('RPOP', dead_key)
+        local ok, obj = pcall(cjson.decode, old)
+        if ok and type(obj) == 'table' and type(obj.payload_key) == 'string' then
+            redis.call('DEL', obj.payload_key)
+        end
+        trimmed = trimmed + 1
+    end
+end
 
 local function now_ms()
     local t = redis.call('TIME')
@@ -88,6 +125,16 @@ end
 
 local function make_entry(p, state, recoveries, payload)
     return p .. '\n' .. state .. '\n' .. recoveries .. '\n' .. payload
+end
+
+-- An entry's state is "c<A>" while claimed (A: attempts the job had used before, from
+-- P:history; "c" alone means none) and the attempt number once started.
+local function is_claimed(state) return string.sub(state, 1, 1) == 'c' end
+
+-- Attempts a job has used, as far as its entry knows.
+local function used(state)
+    if is_claimed(state) then return tonumber(string.sub(state, 2)) or 0 end
+    return tonumber(state)
 end
 
 -- "p\nU\n<json>" -> p, json
@@ -138,7 +185,7 @@ local function dead_by_reference(p, payload, reason, fields)
     local letter = {reason = reason, priority = p, payload_key = payload_key(sha),
         bytes = string.len(payload), dead_at = now_ms() / 1000}
     for k, v in pairs(fields or {}) do letter[k] = v end
-    redis.call('LPUSH', dead_key, cjson.encode(letter))
+    push_dead(cjson.encode(letter))
 end
 
 -- Moves everything in D's landing list for p back to the head of P:queue:p, newest
@@ -151,13 +198,21 @@ local function restore_landing(d, p)
     return n
 end
 
+-- Notes a payload's past before it goes back to a queue or to the schedule.
+local function remember(payload, recoveries, attempts)
+    if recoveries > 0 or attempts > 0 then
+        redis.call('HSET', history_key, redis.sha1hex(payload), recoveries .. ':' .. attempts)
+        redis.call('EXPIRE', history_key, 30 * 86400)
+    end
+end
+
 -- Puts one inflight entry back at the head of its queue, or (a poison payload that
 -- has now been held by max_recoveries + 1 daemons that died) into the dead letters.
 -- `died`: whether its daemon died (counted) or let it go (a stop, a lost claim).
 local function put_back(v, died, max_recoveries)
     local p, state, recoveries, payload = parse_entry(v)
     local id = nil
-    if state ~= 'c' then
+    if not is_claimed(state) then
         -- Started: its JSON carries the id whose hash says "running".
         local ok, job = pcall(cjson.decode, payload)
         if ok and type(job) == 'table' and type(job.id) == 'string' then id = job.id end
@@ -176,15 +231,23 @@ local function put_back(v, died, max_recoveries)
         return 'dead'
     end
     redis.call('RPUSH', queue_key(p), payload)
-    if recoveries > 0 then
-        redis.call('HSET', recovered_key, redis.sha1hex(payload), recoveries)
-    end
+    remember(payload, recoveries, used(state))
     if id and unwritable(job_key(id), 'hash') == nil then
         if redis.call('HGET', job_key(id), 'status') == 'running' then
             redis.call('HSET', job_key(id), 'status', 'queued')
         end
     end
     return 'queued'
+end
+
+-- A claimed payload's past, taken out of P:history: recoveries, attempts used.
+local function recall(payload)
+    local sha = redis.sha1hex(payload)
+    local past = redis.call('HGET', history_key, sha)
+    if not past then return 0, 0 end
+    redis.call('HDEL', history_key, sha)
+    local r, a = string.match(past, '^(%d+):(%d+)$')
+    return tonumber(r) or 0, tonumber(a) or 0
 end
 
 -- Inflight claim numbers of D, highest (newest) first.
@@ -242,16 +305,18 @@ end
 -- ---------------------------------------------------------------------------------
 -- cycle: the daemon's one round trip.
 --
---   cycle D next_claim max_payload_bytes tokens n p1 size1 .. pn sizen op args... ...
+--   cycle D next_claim max_payload_bytes max_dead tokens n p1 size1 .. pn sizen op args...
 --
 -- Applies a batch of ops in order, then (if D's lease is held) claims payloads into
 -- P:inflight:D, highest priority first: from priority p up to `size` payloads per
 -- slot token left. Claim numbers are next_claim, next_claim + 1, ... in the order
 -- returned. A payload over max_payload_bytes never leaves Redis: it goes to the dead
--- letters by reference and only its reason is returned.
+-- letters by reference and only its reason is returned. Paused priorities
+-- (P:paused) are skipped. Dead letters are kept to max_dead (0: no bound).
 --
--- Returns {{one integer per op}, {p, payload, p, payload, ...}, lease_held (1/0),
---          {reasons of payloads dead-lettered by the claim}}.
+-- Returns {{one integer per op}, {p, payload, attempts used before, p, ...}, lease_held,
+--          {reasons of payloads dead-lettered by the claim}, dead letters trimmed,
+--          {paused priorities}}.
 --
 -- Op results: >= 0 the op applied (or had applied before); -1 the claim is gone
 -- (recovered by another daemon: nothing was written); -2 the op could not apply
@@ -277,14 +342,53 @@ end
 
 local ops = {}
 
+-- Claim C's job ended (or went to the schedule, with `scheduled`): what it held as
+-- a unique job, and a cancel asked for it, go. `flags` holds "u" for a unique job,
+-- "c" for one that ended cancelled (so jobs that are neither pay nothing here).
+local function settled(id, c, flags, ttl, scheduled)
+    if string.find(flags, 'u', 1, true) then
+        local key = unique_key(id)
+        if redis.call('GET', key) == D .. '/' .. c then
+            if scheduled then redis.call('SET', key, 'q', 'EX', ttl) else redis.call('DEL', key) end
+        end
+    end
+    if string.find(flags, 'c', 1, true) then redis.call('ZREM', cancels_key, id) end
+end
+
+-- lock C id ttl: claim C is a unique job: it takes the job's lock, unless a live
+-- run of the same id holds it, in which case this claim is a duplicate: it is
+-- dropped (not run, not dead-lettered) and "duplicate" is published. 1 locked, 0
+-- dropped as a duplicate, -1 the claim is gone.
+ops.lock = function(i)
+    local c, id, ttl = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+    local v = entry(c)
+    if not v then return -1, i + 4 end
+    local key, me = unique_key(id), D .. '/' .. c
+    local why = unwritable(key, 'string')
+    if why then return fail_op(c, v, why), i + 4 end
+    local cur = redis.call('GET', key)
+    if cur and cur ~= 'q' and cur ~= me then
+        local d2, c2 = string.match(cur, '^(.*)/(%d+)$')
+        if d2 and redis.call('HEXISTS', inflight_key(d2), c2) == 1 then
+            redis.call('HDEL', inflight, c)
+            redis.call('PUBLISH', events_key, cjson.encode({id = id, status = 'duplicate'}))
+            return 0, i + 4
+        end
+    end
+    redis.call('SET', key, me, 'EX', ttl)
+    return 1, i + 4
+end
+
 -- adopt p C raw: the payload `raw` that D's BLMOVE put in P:landing:D:p becomes
--- claim C. 1; -1 if it is no longer there (recovered meanwhile).
+-- claim C. Returns the attempt number it runs as (1 unless it has a past, see
+-- P:history); -1 if it is no longer there (recovered meanwhile).
 ops.adopt = function(i)
     local p, c, raw = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     if redis.call('HEXISTS', inflight, c) == 1 then return 1, i + 4 end
     if redis.call('LREM', landing_key(D, p), 1, raw) == 0 then return -1, i + 4 end
-    redis.call('HSET', inflight, c, make_entry(p, 'c', 0, raw))
-    return 1, i + 4
+    local recoveries, attempts = recall(raw)
+    redis.call('HSET', inflight, c, make_entry(p, 'c' .. attempts, recoveries, raw))
+    return attempts + 1, i + 4
 end
 
 -- drop p nbytes reason: a landed payload of nbytes over max_payload_bytes goes from
@@ -311,7 +415,7 @@ ops.start = function(i)
     local v = entry(c)
     if not v then return -1, nxt end
     local p, state, recoveries, payload = parse_entry(v)
-    if state ~= 'c' then return tonumber(state), nxt end
+    if not is_claimed(state) then return tonumber(state), nxt end
     local why = unwritable(job_key(id), 'hash')
     if why then return fail_op(c, v, why), nxt end
     local attempt = redis.call('HINCRBY', job_key(id), 'attempts', 1)
@@ -326,14 +430,16 @@ ops.start = function(i)
     return attempt, nxt
 end
 
--- finish C id ttl outcome n k v ...: a success recorded in one step, for a job that
--- ended before its start was recorded: claim -> succeeded. The daemon wrote the
--- outcome and fields for a first attempt; if the job has run before (a retry, a
--- rerun after a crash) nothing is written and -4 tells the daemon to record its start
--- and then its end instead. Returns the attempt number (1).
+-- finish C id ttl flags attempt outcome n k v ...: a success recorded in one step, for
+-- a job that ended before its start was recorded: claim -> succeeded. The daemon wrote
+-- the outcome and fields for attempt number `attempt` (from what the claim returned);
+-- if the job hash counts otherwise (a producer reused the id, say) nothing is written
+-- and -4 tells the daemon to record its start and then its end instead. Returns the
+-- attempt number.
 ops.finish = function(i)
-    local c, id, ttl, outcome = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-    local fields, nxt = read_list(i + 5)
+    local c, id, ttl, flags, attempt, outcome =
+        ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
+    local fields, nxt = read_list(i + 7)
     local v = entry(c)
     if not v then
         -- Applied already (a lost reply, now repeated), or the claim was taken.
@@ -344,29 +450,32 @@ ops.finish = function(i)
     local why = check({{job_key(id), 'hash'}, {done_key(id), 'list'}})
     if why then return fail_op(c, v, why), nxt end
     local _, state = parse_entry(v)
-    if state ~= 'c' or tonumber(redis.call('HGET', job_key(id), 'attempts') or '0') > 0 then
+    local so_far = tonumber(redis.call('HGET', job_key(id), 'attempts') or '0')
+    if not is_claimed(state) or so_far + 1 ~= attempt then
         return -4, nxt
     end
     redis.call('HDEL', inflight, c)
     fields[#fields + 1] = 'claim'
     fields[#fields + 1] = D .. '/' .. c
-    write_job(id, ttl, fields, nil)
+    -- A rerun that succeeds: what the failed attempts left is not this one's.
+    write_job(id, ttl, fields, attempt > 1 and {'error', 'traceback', 'retry_at'} or nil)
     push_done(id, ttl, outcome)
     redis.call('PUBLISH', events_key, outcome)
-    return 1, nxt
+    settled(id, c, flags, ttl, false)
+    return attempt, nxt
 end
 
--- end C id ttl done dead member due_ms outcome ndel k... n k v ...: a started run
+-- end C id ttl flags done dead member due_ms outcome ndel k... n k v ...: a started run
 -- ended: the job hash gets the fields (and loses the ndel ones); the done list the
 -- outcome if done = "1"; the dead letters `dead` if not empty; the schedule `member`
 -- at due_ms (Redis clock) if not empty. 1 (also when repeated: the job hash still
 -- names this claim and no longer says queued or running); -1 if the claim is gone.
 ops['end'] = function(i)
-    local c, id, ttl, done, dead, member, due_ms, outcome =
+    local c, id, ttl, flags, done, dead, member, due_ms, outcome =
         ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
-        ARGV[i + 7], ARGV[i + 8]
+        ARGV[i + 7], ARGV[i + 8], ARGV[i + 9]
     local dels, fields, nxt
-    dels, nxt = read_list(i + 9)
+    dels, nxt = read_list(i + 10)
     fields, nxt = read_list(nxt)
     local v = entry(c)
     if not v then
@@ -385,9 +494,15 @@ ops['end'] = function(i)
     redis.call('HDEL', inflight, c)
     write_job(id, ttl, fields, dels)
     if done == '1' then push_done(id, ttl, outcome) end
-    if dead ~= '' then redis.call('LPUSH', dead_key, dead) end
-    if member ~= '' then redis.call('ZADD', scheduled_key, tonumber(due_ms), member) end
+    if dead ~= '' then push_dead(dead) end
+    if member ~= '' then
+        redis.call('ZADD', scheduled_key, tonumber(due_ms), member)
+        local _, json = parse_member(member)
+        local _, state, recoveries = parse_entry(v)
+        remember(json, recoveries, used(state))
+    end
     redis.call('PUBLISH', events_key, outcome)
+    settled(id, c, flags, ttl, member ~= '')
     return 1, nxt
 end
 
@@ -407,7 +522,7 @@ ops.reject = function(i)
     local why = check(targets)
     if why then return fail_op(c, v, why), nxt end
     redis.call('HDEL', inflight, c)
-    redis.call('LPUSH', dead_key, dead)
+    push_dead(dead)
     if id ~= '' then
         write_job(id, ttl, fields, nil)
         push_done(id, ttl, outcome)
@@ -451,10 +566,11 @@ ops.release = function(i)
             else
                 redis.call('HDEL', inflight, c)
                 redis.call('RPUSH', queue_key(p), payload)
-                if recoveries > 0 then
-                    redis.call('HSET', recovered_key, redis.sha1hex(payload), recoveries)
-                end
-                if state ~= 'c' then
+                -- Uncharged: a started one's attempt is taken back.
+                local before = used(state)
+                if not is_claimed(state) then before = before - 1 end
+                remember(payload, recoveries, math.max(0, before))
+                if not is_claimed(state) then
                     local ok, job = pcall(cjson.decode, payload)
                     if ok and type(job) == 'table' and type(job.id) == 'string'
                         and unwritable(job_key(job.id), 'hash') == nil then
@@ -491,10 +607,11 @@ ops.restore = function(i)
     for c = hi, lo, -1 do
         local v = entry(tostring(c))
         if v then
-            local p, state, _, payload = parse_entry(v)
-            if state == 'c' and unwritable(queue_key(p), 'list') == nil then
+            local p, state, recoveries, payload = parse_entry(v)
+            if is_claimed(state) and unwritable(queue_key(p), 'list') == nil then
                 redis.call('HDEL', inflight, tostring(c))
                 redis.call('RPUSH', queue_key(p), payload)
+                remember(payload, recoveries, used(state))
                 n = n + 1
             end
         end
@@ -515,9 +632,10 @@ if command == 'cycle' then
     inflight = inflight_key(D)
     local next_claim = tonumber(ARGV[4])
     local max_bytes = tonumber(ARGV[5])
-    local tokens = tonumber(ARGV[6])
-    local nprio = tonumber(ARGV[7])
-    local i = 8 + 2 * nprio
+    max_dead = tonumber(ARGV[6])
+    local tokens = tonumber(ARGV[7])
+    local nprio = tonumber(ARGV[8])
+    local i = 9 + 2 * nprio
     local results = {}
     while i <= #ARGV do
         local op = ops[ARGV[i]]
@@ -528,14 +646,17 @@ if command == 'cycle' then
     end
     local score = redis.call('ZSCORE', daemons_key, D)
     local held = score and tonumber(score) > now_ms()
-    local claimed, dropped = {}, {}
+    local claimed, dropped, paused = {}, {}, {}
     if held and tokens > 0 then
-        local recovered = redis.call('EXISTS', recovered_key) == 1
+        paused = redis.call('SMEMBERS', paused_key)
+        local skip = {}
+        for _, p in ipairs(paused) do skip[p] = true end
+        local history = redis.call('EXISTS', history_key) == 1
         for k = 0, nprio - 1 do
             if tokens <= 0 then break end
-            local p, size = ARGV[8 + 2 * k], tonumber(ARGV[9 + 2 * k])
+            local p, size = ARGV[9 + 2 * k], tonumber(ARGV[10 + 2 * k])
             local queue = queue_key(p)
-            if unwritable(queue, 'list') == nil then
+            if not skip[p] and unwritable(queue, 'list') == nil then
                 local cap, n = tokens * size, 0
                 while n < cap do
                     local v = redis.call('RPOP', queue)
@@ -546,17 +667,14 @@ if command == 'cycle' then
                         dead_by_reference(p, v, reason)
                         dropped[#dropped + 1] = p .. ': ' .. reason
                     else
-                        local recoveries = 0
-                        if recovered then
-                            local sha = redis.sha1hex(v)
-                            recoveries = tonumber(redis.call('HGET', recovered_key, sha) or '0')
-                            if recoveries > 0 then redis.call('HDEL', recovered_key, sha) end
-                        end
+                        local recoveries, attempts = 0, 0
+                        if history then recoveries, attempts = recall(v) end
                         redis.call('HSET', inflight, tostring(next_claim),
-                            make_entry(p, 'c', recoveries, v))
+                            make_entry(p, 'c' .. attempts, recoveries, v))
                         next_claim = next_claim + 1
                         claimed[#claimed + 1] = p
                         claimed[#claimed + 1] = v
+                        claimed[#claimed + 1] = attempts
                         n = n + 1
                     end
                 end
@@ -564,10 +682,10 @@ if command == 'cycle' then
             end
         end
     end
-    return {results, claimed, held and 1 or 0, dropped}
+    return {results, claimed, held and 1 or 0, dropped, trimmed, paused}
 end
 
--- heartbeat D lease_ms max_recover max_recoveries field value field value ...
+-- heartbeat D lease_ms max_recover max_recoveries max_dead field value field value ...
 -- Extends D's lease (registering it, with the given info fields, if it has none).
 -- Only if D's own lease was unbroken (it had not expired) does it then recover up to
 -- max_recover daemons whose lease has run out: after a stall of Redis every lease
@@ -581,13 +699,14 @@ if command == 'heartbeat' then
     local lease_ms = tonumber(ARGV[4])
     local max_recover = tonumber(ARGV[5])
     local max_recoveries = tonumber(ARGV[6])
+    max_dead = tonumber(ARGV[7])
     local now = now_ms()
     local own = redis.call('ZSCORE', daemons_key, d)
     local held = own and tonumber(own) >= now
     redis.call('ZADD', daemons_key, now + lease_ms, d)
-    if (not own) and #ARGV >= 7 then
+    if (not own) and #ARGV >= 8 then
         redis.call('DEL', daemon_key(d))
-        redis.call('HSET', daemon_key(d), unpack(ARGV, 7))
+        redis.call('HSET', daemon_key(d), unpack(ARGV, 8))
     end
     local expired = {}
     local queued, dead = 0, 0
@@ -608,13 +727,14 @@ if command == 'heartbeat' then
         queued, dead, next_due_in(now), now}
 end
 
--- recover D died max_recoveries p1 p2 ...
+-- recover D died max_recoveries max_dead p1 p2 ...
 -- Puts everything D holds back at the head of its queues and forgets D. Used by a
 -- daemon on a clean stop (for itself: died = 0) and at start-up for a dead
 -- predecessor on the same host (died = 1). The priorities are a fallback for a D
 -- with no info hash. Returns {jobs put back, jobs dead-lettered as poison}.
 if command == 'recover' then
-    return recover(ARGV[3], {unpack(ARGV, 6)}, ARGV[4] == '1', tonumber(ARGV[5]))
+    max_dead = tonumber(ARGV[6])
+    return recover(ARGV[3], {unpack(ARGV, 7)}, ARGV[4] == '1', tonumber(ARGV[5]))
 end
 
 -- undead entry p payload id payload_key
@@ -652,12 +772,13 @@ if command == 'purge' then
     return #letters
 end
 
--- promote max
+-- promote max max_dead
 -- Moves up to max due jobs from the schedule to the tail of their queues, in due
 -- order. A due job for a priority no registered daemon serves goes to the dead
 -- letters instead (it would otherwise wait forever in a queue nobody reads).
 -- Returns {moved, dead-lettered, ms until the next scheduled job or -1}.
 if command == 'promote' then
+    max_dead = tonumber(ARGV[4])
     local now = now_ms()
     local due = redis.call('ZRANGEBYSCORE', scheduled_key, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
     if #due == 0 then return {0, 0, next_due_in(now)} end
@@ -701,10 +822,9 @@ end
 -- Returns 1 pushed, 0 a duplicate of a live unique job.
 if command == 'enqueue' then
     local p, payload, id, unique, ttl = ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1', ARGV[7]
-    local lock = prefix .. ':unique:' .. id
-    local cancels = prefix .. ':cancels'
+    local lock = unique_key(id)
     local targets = {{queue_key(p), 'list'}, {job_key(id), 'hash'}, {done_key(id), 'list'},
-        {cancels, 'zset'}}
+        {cancels_key, 'zset'}}
     if unique then targets[#targets + 1] = {lock, 'string'} end
     local why = check(targets)
     if why then return redis.error_reply('prioqd: ' .. why) end
@@ -713,7 +833,7 @@ if command == 'enqueue' then
         return 0
     end
     redis.call('DEL', job_key(id), done_key(id))
-    redis.call('ZREM', cancels, id)
+    redis.call('ZREM', cancels_key, id)
     redis.call('LPUSH', queue_key(p), payload)
     return 1
 end
@@ -730,7 +850,7 @@ if command == 'cancel_queued' or command == 'cancel_scheduled' then
     local i = queued and 4 or 3
     local id, ttl, unique, outcome = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3] == '1', ARGV[i + 4]
     local fields = read_list(i + 5)
-    local lock = prefix .. ':unique:' .. id
+    local lock = unique_key(id)
     local targets = {{job_key(id), 'hash'}, {done_key(id), 'list'}}
     if queued then
         targets[#targets + 1] = {queue_key(ARGV[3]), 'list'}
@@ -762,12 +882,11 @@ end
 -- it and writes the outcome "cancelled". Returns how many subscribers got the note.
 if command == 'cancel_held' then
     local id, keep_ms = ARGV[3], tonumber(ARGV[4])
-    local cancels = prefix .. ':cancels'
-    local why = unwritable(cancels, 'zset')
+    local why = unwritable(cancels_key, 'zset')
     if why then return redis.error_reply('prioqd: ' .. why) end
     local now = now_ms()
-    redis.call('ZREMRANGEBYSCORE', cancels, '-inf', '(' .. now)
-    redis.call('ZADD', cancels, now + keep_ms, id)
+    redis.call('ZREMRANGEBYSCORE', cancels_key, '-inf', '(' .. now)
+    redis.call('ZADD', cancels_key, now + keep_ms, id)
     return redis.call('PUBLISH', prefix .. ':control', cjson.encode({op = 'cancel', ids = {id}}))
 end
 

@@ -1,0 +1,80 @@
+"""Operators' commands, heard without polling: pause, resume, cancel.
+
+``prioqd pause/resume/cancel`` (and the web dashboard) write the state to Redis
+(``<prefix>:paused``, ``<prefix>:cancels``) and publish a note on
+``<prefix>:control``. This part subscribes to that channel and, on every note (and
+after every reconnection, since notes sent meanwhile are lost), reads the state
+afresh: the state in Redis is the truth, the note only says "look now".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prioqd.broker import Broker, wrap_errors
+from prioqd.errors import BrokerError
+from prioqd.timing import Backoff, wait_event
+
+
+class Remote:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        log: Any,
+        on_paused: Callable[[set[str]], None],
+        on_cancel: Callable[[set[str]], None],
+        on_redis_down: Callable[[str, BrokerError, Backoff], float],
+    ) -> None:
+        self.broker = broker
+        self.log = log
+        self._on_paused = on_paused
+        self._on_cancel = on_cancel
+        self._on_redis_down = on_redis_down
+        self._closing = asyncio.Event()
+        self.paused: set[str] = set()
+
+    async def refresh(self) -> None:
+        """Read the paused priorities and the pending cancels."""
+        keys = self.broker.keys
+        r: Any = self.broker.redis
+        with wrap_errors("read operator commands"):
+            paused = {p.decode() for p in await r.smembers(keys.paused)}
+            now_ms = int(time.time() * 1000)
+            cancels = {c.decode() for c in await r.zrangebyscore(keys.cancels, now_ms, "+inf")}
+        if paused != self.paused:
+            self.log.info("paused priorities", paused=sorted(paused))
+            self.paused = paused
+            self._on_paused(paused)
+        if cancels:
+            self._on_cancel(cancels)
+
+    async def run(self) -> None:
+        backoff = Backoff()
+        while not self._closing.is_set():
+            pubsub = self.broker.redis.pubsub()
+            try:
+                with wrap_errors("subscribe to the control channel"):
+                    await pubsub.subscribe(self.broker.keys.control)
+                # Subscribed first, then read: a note sent in between is not lost.
+                await self.refresh()
+                backoff.reset()
+                while not self._closing.is_set():
+                    with wrap_errors("control channel"):
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is not None:
+                        await self.refresh()
+            except BrokerError as exc:
+                await wait_event(
+                    self._closing, self._on_redis_down("control channel", exc, backoff)
+                )
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        self._closing.set()
