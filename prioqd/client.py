@@ -105,6 +105,10 @@ OPTION_NAMES = frozenset(
 SLICE_S = 2.0
 #: How long ``cancel()`` waits for a daemon to report a running job cancelled.
 CANCEL_WAIT_S = 5.0
+#: How long a cancel asked of the daemons stays in ``<prefix>:cancels``: the daemon
+#: that holds the job hears of it at once on ``<prefix>:control``; the entry is for a
+#: daemon that missed the note (reconnecting) or takes the job in a race.
+CANCEL_KEEP_S = 600
 #: Statuses after which a job does not run again.
 ENDED = frozenset(("succeeded", "dead", "cancelled"))
 #: Queue and schedule entries read per command when looking for a job by id.
@@ -134,9 +138,14 @@ class _Push:
 
     priority: str
     payload: str
+    job: dict[str, Any]  # the payload's JSON
     id: str
     unique: bool
     lock_ttl_s: int
+
+    def where(self) -> _Where:
+        """Where the job is once pushed, until a daemon takes it."""
+        return _Where("queued", self.priority, self.payload.encode("utf-8"), self.job)
 
 
 def _json_problem(value: Any, where: str) -> str | None:
@@ -402,6 +411,7 @@ class _Protocol:
         return _Push(
             priority=priority,
             payload=payload,
+            job=job,
             id=job["id"],
             unique=o.unique,
             # The lock outlives a delay, and then the result TTL, unless released.
@@ -546,7 +556,7 @@ class _Protocol:
             if where is None:
                 continue
             if where.kind == "held":
-                yield _Lua(("cancel_held", job_id, str(self.result_ttl_s * 1000)))
+                yield _Lua(("cancel_held", job_id, str(CANCEL_KEEP_S * 1000)))
                 outcome = yield from self.outcome(job_id, wait_s)
                 return outcome is not None and outcome.get("status") == "cancelled"
             args = self._cancel_args(job_id, where, _text(attempts))
@@ -780,7 +790,7 @@ class Client:
     ) -> JobHandle[Any]:
         push = self._p.prepare(task, args, kwargs, options)
         pushed = self._run(self._p.push(push))
-        hint = _Where("queued", push.priority, push.payload.encode("utf-8")) if pushed else None
+        hint = push.where() if pushed else None
         return JobHandle(self, push.id, priority=push.priority, hint=hint, duplicate=not pushed)
 
     def options(
@@ -1033,7 +1043,7 @@ class AsyncClient:
     ) -> AsyncJobHandle[Any]:
         push = self._p.prepare(task, args, kwargs, options)
         pushed = await self._run(self._p.push(push))
-        hint = _Where("queued", push.priority, push.payload.encode("utf-8")) if pushed else None
+        hint = push.where() if pushed else None
         return AsyncJobHandle(
             self, push.id, priority=push.priority, hint=hint, duplicate=not pushed
         )
