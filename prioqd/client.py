@@ -653,7 +653,9 @@ class Client:
 
     ``priorities`` (highest first) are the ones ``enqueue`` accepts; the default is the
     middle one. Without a config they are ``high``, ``normal``, ``low``, like the
-    daemon's defaults. Thread-safe as ``redis.Redis`` is.
+    daemon's defaults; ``result_ttl_s`` and ``max_payload_bytes`` default to the
+    daemon's defaults too. ``socket_timeout_s`` and ``connect_timeout_s`` apply to the
+    connections the client makes. Thread-safe as ``redis.Redis`` is.
     """
 
     def __init__(

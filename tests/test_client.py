@@ -183,6 +183,15 @@ def test_unique_push_is_one_atomic_step(
         c.close()
 
 
+def test_a_key_of_the_wrong_type_fails_the_push_and_writes_nothing(
+    r: redis.Redis, client: Client
+) -> None:
+    r.set("prioqd:queue:normal", "not a list")
+    with pytest.raises(BrokerError, match="WRONGTYPE: prioqd:queue:normal holds a string"):
+        client.enqueue("square", 1, id="w-1", unique=True)
+    assert sorted(r.keys("*")) == [b"prioqd:queue:normal"]  # no lock left behind
+
+
 # --- following a job without a daemon ------------------------------------------------
 
 
