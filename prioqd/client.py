@@ -372,7 +372,8 @@ class _Protocol:
             raise ValueError("unique=True needs an id: the id is what makes two jobs the same job")
         if o.meta is not None and not isinstance(o.meta, Mapping):
             raise ValueError(f"meta must be a mapping (a JSON object), got {o.meta!r}")
-        for value, where in ((args, "args"), (kwargs, "kwargs"), (o.meta, "meta")):
+        meta = None if o.meta is None else dict(o.meta)
+        for value, where in ((args, "args"), (kwargs, "kwargs"), (meta, "meta")):
             if (problem := _json_problem(value, where)) is not None:
                 raise ValueError(f"task {name!r}: {problem}")
         now = time.time()
@@ -386,8 +387,8 @@ class _Protocol:
             value = getattr(o, field)
             if value is not None:
                 job[field] = value
-        if o.meta is not None:
-            job["meta"] = dict(o.meta)
+        if meta is not None:
+            job["meta"] = meta
         job["enqueued_at"] = round(now, 6)
         if o.unique:
             job["unique"] = True
@@ -472,16 +473,23 @@ class _Protocol:
         reading the queues), then what daemons hold, then the schedule: the order in
         which a job moves, so one that moves meanwhile is usually still found.
         """
-        keys = self.keys
+        match = _IdMatch(job_id)
+        where = yield from self._in_queues(match, hint)
+        if where is None:
+            where = yield from self._held(match)
+        if where is None:
+            where = yield from self._scheduled(match)
+        return where
+
+    def _in_queues(self, match: _IdMatch, hint: _Where | None) -> _Steps[_Where | None]:
         if hint is not None:
-            pos = yield _Cmd(("LPOS", keys.queue(hint.priority), hint.element))
+            pos = yield _Cmd(("LPOS", self.keys.queue(hint.priority), hint.element))
             if pos is not None:
                 return hint
-        match = _IdMatch(job_id)
         for p in self.priorities:
             start = 0
             while True:
-                chunk = yield _Cmd(("LRANGE", keys.queue(p), start, start + _CHUNK - 1))
+                chunk = yield _Cmd(("LRANGE", self.keys.queue(p), start, start + _CHUNK - 1))
                 for el in chunk:
                     found = match(_bytes(el))
                     if found is not None:
@@ -489,7 +497,11 @@ class _Protocol:
                 if len(chunk) < _CHUNK:
                     break
                 start += _CHUNK
-        # Held by a daemon but not started (the layout is in prioqd.lua's header).
+        return None
+
+    def _held(self, match: _IdMatch) -> _Steps[_Where | None]:
+        """Claimed by a daemon, start not recorded (the layout: prioqd.lua's header)."""
+        keys = self.keys
         for d in (yield _Cmd(("ZRANGE", keys.daemons, 0, -1))):
             daemon = _text(d) or ""
             replies = yield _Batch(
@@ -504,9 +516,12 @@ class _Protocol:
                 found = match(payload)
                 if found is not None:
                     return _Where("held", "", payload, found)
+        return None
+
+    def _scheduled(self, match: _IdMatch) -> _Steps[_Where | None]:
         start = 0
         while True:
-            members = yield _Cmd(("ZRANGE", keys.scheduled, start, start + _CHUNK - 1))
+            members = yield _Cmd(("ZRANGE", self.keys.scheduled, start, start + _CHUNK - 1))
             for m in members:
                 parts = _bytes(m).split(b"\n", 2)
                 if len(parts) == 3:
@@ -548,11 +563,15 @@ class _Protocol:
                 )
             )
             status, lock_text = _text(status), _text(lock)
+            where: _Where | None = None
             if status in ENDED:
                 return False
-            where = yield from self.locate(job_id, hint)
-            if where is None and (status == "running" or lock_text not in (None, "q")):
-                where = _Where("held")
+            if status == "running" or lock_text not in (None, "q"):
+                where = _Where("held")  # a live run, started or not: no need to look
+            elif status in ("scheduled", "failed"):  # waits in the schedule for its time
+                where = yield from self._scheduled(_IdMatch(job_id))
+            if where is None:
+                where = yield from self.locate(job_id, hint)
             if where is None:
                 continue
             if where.kind == "held":
@@ -793,7 +812,8 @@ class Client:
         push = self._p.prepare(task, args, kwargs, options)
         pushed = self._run(self._p.push(push))
         hint = push.where() if pushed else None
-        return JobHandle(self, push.id, priority=push.priority, hint=hint, duplicate=not pushed)
+        priority = push.priority if pushed else None
+        return JobHandle(self, push.id, priority=priority, hint=hint, duplicate=not pushed)
 
     def options(
         self,
@@ -841,6 +861,7 @@ class Enqueuer:
 class JobHandle(Generic[R]):
     """A job pushed (or looked up) by a :class:`Client`.
 
+    ``priority`` is the queue it was pushed onto (None if this handle did not push it).
     ``duplicate`` is true when ``enqueue(..., unique=True)`` found a live job of the
     same id and pushed nothing: this handle then follows that job.
     """
@@ -1046,9 +1067,8 @@ class AsyncClient:
         push = self._p.prepare(task, args, kwargs, options)
         pushed = await self._run(self._p.push(push))
         hint = push.where() if pushed else None
-        return AsyncJobHandle(
-            self, push.id, priority=push.priority, hint=hint, duplicate=not pushed
-        )
+        priority = push.priority if pushed else None
+        return AsyncJobHandle(self, push.id, priority=priority, hint=hint, duplicate=not pushed)
 
     def options(
         self,
