@@ -9,13 +9,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from prioqd.context import JobContext, NotInTaskError, current_job, set_progress
 from prioqd.errors import JobFailed
 from prioqd.registry import Task, task
 
 if TYPE_CHECKING:
     from prioqd.client import AsyncClient, AsyncJobHandle, Client, JobHandle
 
-__all__ = ["AsyncClient", "AsyncJobHandle", "Client", "JobFailed", "JobHandle", "Task", "task"]
+__all__ = [
+    "AsyncClient",
+    "AsyncJobHandle",
+    "Client",
+    "JobContext",
+    "JobFailed",
+    "JobHandle",
+    "NotInTaskError",
+    "Task",
+    "current_job",
+    "set_progress",
+    "task",
+]
 __version__ = "0.1.0"
 
 # The client (and redis-py with it) is imported on first use: worker processes import

@@ -268,6 +268,16 @@ class Broker:
     async def unserved_queues(self, priorities: Sequence[str]) -> dict[str, int]:
         return {p: n for p, n in (await self.queues()).items() if p not in priorities}
 
+    async def periodic(
+        self, name: str, tick_ms: int, priority: str, payload: str, *, catch_up: bool
+    ) -> bool:
+        """Enqueue a schedule's tick unless some daemon did; True if this call did."""
+        return bool(
+            await self._call(
+                "periodic job", "periodic", name, tick_ms, priority, payload, int(catch_up)
+            )
+        )
+
     async def update_daemon_info(self, daemon_id: str, info: dict[str, str]) -> None:
         with wrap_errors("update daemon info"):
             r: Any = self.redis

@@ -348,6 +348,56 @@ def _dead_list(entries: list[dict[str, Any]], as_json: bool) -> int:
     return EXIT_OK
 
 
+# --- periodic jobs ----------------------------------------------------------------------
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    cfg = _config(args, must_exist=True)
+    return _run_async(_schedule_list(cfg, args.json))
+
+
+async def _schedule_list(cfg: Config, as_json: bool) -> int:
+    from prioqd import periodic
+    from prioqd.broker import wrap_errors
+
+    keys = Keys(cfg.queues.prefix)
+    broker = _broker(cfg)
+    try:
+        with wrap_errors("schedule list"):
+            r: Any = broker.redis
+            now_s, now_us = await r.time()
+            last = await r.hgetall(keys.periodic)
+    finally:
+        await broker.close()
+    now = now_s + now_us / 1e6
+    rows = []
+    for entry in cfg.schedule:
+        done = last.get(entry.name.encode())
+        rows.append(
+            {
+                "name": entry.name,
+                "when": periodic.describe(entry),
+                "task": entry.task,
+                "priority": entry.priority,
+                "catch_up": entry.catch_up,
+                "next_run": periodic.iso(periodic.next_tick(entry, now)),
+                "last_enqueued": periodic.iso(int(done) / 1000) if done else None,
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"no [[schedule]] entries in {clean(cfg.path)}")
+    for row in rows:
+        print(
+            f"{clean(row['name'])}: {clean(row['when'])} -> {clean(row['task'])} "
+            f"(queue {clean(row['priority'])}, catch_up {row['catch_up']})"
+        )
+        print(f"    next run {row['next_run']}, last enqueued {row['last_enqueued'] or 'never'}")
+    return EXIT_OK
+
+
 # --- parser ------------------------------------------------------------------------
 
 
@@ -393,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[client], help="queue depths, jobs in flight, daemons")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("schedule", help="periodic jobs ([[schedule]] in the config)")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = ssub.add_parser("list", parents=[client], help="entries, next run, last enqueued tick")
+    s.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_schedule)
 
     p = sub.add_parser("dead", help="list, requeue or purge dead letters")
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -176,6 +176,25 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """One ``[[schedule]]`` table: a job enqueued on every tick, exactly once."""
+
+    name: str = field(default="", metadata=_check(_name))
+    # Exactly one of: a cron expression (5 fields, or @hourly and the like) ...
+    cron: str = ""
+    # ... or a period: ticks fall on multiples of it since the Unix epoch.
+    every_s: float = field(default=0.0, metadata=_check(_non_negative))
+    task: str = ""
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Empty: the middle configured priority, as for `prioqd submit`.
+    priority: str = ""
+    timezone: str = "UTC"
+    # After an outage: "last" enqueues the most recent missed tick once; "none" none.
+    catch_up: str = field(default="last", metadata=_check(_one_of("none", "last")))
+
+
+@dataclass(frozen=True)
 class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     queues: QueuesConfig = field(default_factory=QueuesConfig)
@@ -185,6 +204,7 @@ class Config:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    schedule: tuple[ScheduleConfig, ...] = ()
     path: str = "<defaults>"
 
     def replace(self, **sections: Any) -> Config:
@@ -195,7 +215,7 @@ class Config:
 _SECTIONS: dict[str, type] = {
     f.name: f.type if isinstance(f.type, type) else globals()[str(f.type)]
     for f in dataclasses.fields(Config)
-    if f.name != "path"
+    if f.name not in ("path", "schedule")
 }
 
 
@@ -245,6 +265,14 @@ def _coerce(path: str, key: str, annotation: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
             raise bad("an array of strings")
         return list(value)
+    if annotation == "list[Any]":
+        if not isinstance(value, list):
+            raise bad("an array")
+        return list(value)
+    if annotation == "dict[str, Any]":
+        if not isinstance(value, dict):
+            raise bad("a table")
+        return dict(value)
     raise AssertionError(f"unhandled annotation {annotation}")  # pragma: no cover
 
 
@@ -269,15 +297,49 @@ def _build_section(path: str, name: str, cls: type, raw: Any) -> Any:
     return cls(**values)
 
 
+def _schedules(path: str, raw: Any, priorities: list[str]) -> tuple[ScheduleConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(path, "schedule", "expected an array of tables: [[schedule]]")
+    out = []
+    names: set[str] = set()
+    for k, table in enumerate(raw):
+        where = f"schedule[{k}]"
+        entry = _build_section(path, where, ScheduleConfig, table)
+        if not entry.name:
+            raise ConfigError(path, f"{where}.name", "missing: every [[schedule]] needs a name")
+        if entry.name in names:
+            raise ConfigError(path, f"{where}.name", f"{entry.name!r} is used twice")
+        names.add(entry.name)
+        if not entry.task:
+            raise ConfigError(path, f"{where}.task", "missing")
+        if bool(entry.cron) == bool(entry.every_s):
+            raise ConfigError(path, where, "give exactly one of cron and every_s")
+        priority = entry.priority or priorities[len(priorities) // 2]
+        if priority not in priorities:
+            raise ConfigError(
+                path, f"{where}.priority", f"{priority!r} is not in queues.priorities"
+            )
+        entry = dataclasses.replace(entry, priority=priority)
+        from prioqd.periodic import ScheduleError, check_entry
+
+        try:
+            check_entry(entry)
+        except ScheduleError as exc:
+            raise ConfigError(path, f"{where}.{exc.key}", str(exc)) from None
+        out.append(entry)
+    return tuple(out)
+
+
 def from_mapping(data: Mapping[str, Any], path: str = "<defaults>") -> Config:
     for name in data:
-        if name not in _SECTIONS:
-            known = ", ".join(_SECTIONS)
+        if name not in _SECTIONS and name != "schedule":
+            known = ", ".join([*_SECTIONS, "schedule"])
             raise ConfigError(path, name, f"unknown table (known tables: {known})")
     sections = {
         name: _build_section(path, name, cls, data.get(name, {})) for name, cls in _SECTIONS.items()
     }
-    cfg = Config(path=path, **sections)
+    schedule = _schedules(path, data.get("schedule", []), sections["queues"].priorities)
+    cfg = Config(path=path, schedule=schedule, **sections)
     if cfg.jobs.retry_backoff_max_s < cfg.jobs.retry_backoff_s:
         raise ConfigError(
             path, "jobs.retry_backoff_max_s", "must not be smaller than jobs.retry_backoff_s"
@@ -292,6 +354,7 @@ LIVE_KEYS = (
     "workers.max_jobs_per_worker",
     "jobs.",
     "daemon.",
+    "schedule",
 )
 
 
@@ -303,6 +366,8 @@ def changed_keys(old: Config, new: Config) -> list[str]:
         for f in dataclasses.fields(a):
             if getattr(a, f.name) != getattr(b, f.name):
                 out.append(f"{name}.{f.name}")
+    if old.schedule != new.schedule:
+        out.append("schedule")
     return out
 
 
@@ -314,7 +379,8 @@ def reloadable(old: Config, new: Config) -> tuple[Config, list[str], list[str]]:
     changed = changed_keys(old, new)
     applied = [k for k in changed if k.startswith(LIVE_KEYS)]
     pending = [k for k in changed if k not in applied]
-    merged = {name: getattr(new, name) for name in ("log", "jobs", "daemon")}
+    merged: dict[str, Any] = {name: getattr(new, name) for name in ("log", "jobs", "daemon")}
+    merged["schedule"] = new.schedule
     merged["workers"] = dataclasses.replace(
         old.workers, slots=new.workers.slots, max_jobs_per_worker=new.workers.max_jobs_per_worker
     )

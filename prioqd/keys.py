@@ -80,6 +80,11 @@ class Keys:
         """ZSET job id -> expiry ms: cancels asked for jobs held by a daemon."""
         return f"{self.prefix}:cancels"
 
+    @property
+    def periodic(self) -> str:
+        """HASH schedule name -> the last tick (ms) enqueued for it."""
+        return f"{self.prefix}:periodic"
+
     def unique(self, job_id: str) -> str:
         """STRING: the lock of a unique job ("q" queued, "<daemon>/<claim>" running)."""
         return f"{self.prefix}:unique:{job_id}"

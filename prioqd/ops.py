@@ -71,6 +71,19 @@ class Drop:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """A running job's progress (JSON) -> its job hash."""
+
+    job: Job
+    value: str
+    ttl_s: int
+
+    def args(self) -> list[Arg]:
+        job = self.job
+        return ["progress", str(job.claim), job.id, self.value, str(self.ttl_s)]
+
+
+@dataclass(frozen=True, slots=True)
 class Lock:
     """A unique job takes its lock before it runs; 0 if a live run of its id holds
     it (the claim is then dropped as a duplicate)."""
@@ -232,5 +245,17 @@ class Unland:
 
 
 Op = Union[  # noqa: UP007
-    Adopt, Drop, Lock, Start, Finish, End, Reject, Schedule, Release, Bury, Restore, Unland
+    Adopt,
+    Drop,
+    Progress,
+    Lock,
+    Start,
+    Finish,
+    End,
+    Reject,
+    Schedule,
+    Release,
+    Bury,
+    Restore,
+    Unland,
 ]

@@ -131,6 +131,11 @@ class _Worker:
                 self.pool._on_done(self, result)
         elif kind == "preempted":
             self.pool._on_preempted(self, frame[1])
+        elif kind == "progress":
+            for r in self.batch:
+                if r.seq == frame[1]:
+                    self.pool.on_progress(r.job, frame[2])
+                    break
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
@@ -155,6 +160,7 @@ class Pool:
         default_timeout_s: float,
         max_jobs_per_worker: int = 0,
         max_result_bytes: int = 1024 * 1024,
+        default_max_retries: int = 3,
         on_event: Callable[..., None] | None = None,
     ) -> None:
         self.size = size
@@ -162,6 +168,9 @@ class Pool:
         self.default_timeout_s = default_timeout_s
         self.max_jobs_per_worker = max_jobs_per_worker
         self.max_result_bytes = max_result_bytes
+        self.default_max_retries = default_max_retries
+        #: Called with (job, progress JSON) when a task reports progress.
+        self.on_progress: Callable[[Job, str], None] = lambda job, text: None
         self.task_names: frozenset[str] = frozenset()
         self._on_event = on_event or (lambda *a, **k: None)
         self._workers: set[_Worker] = set()
@@ -368,8 +377,16 @@ class Pool:
         return [r.future for r in batch]
 
     def _frame(self, batch: list[_Running]) -> bytes:
-        work = [(r.seq, r.job.task, r.job.args, r.job.kwargs) for r in batch]
+        work = [(r.seq, r.job.task, r.job.args, r.job.kwargs, self._context(r.job)) for r in batch]
         return pickle.dumps(("run", self.max_result_bytes, work), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _context(self, job: Job) -> tuple[Any, ...]:
+        """What ``prioqd.current_job()`` tells the task (see prioqd.context)."""
+        max_retries = job.max_retries if job.max_retries is not None else self.default_max_retries
+        return (
+            job.id, job.priority, job.attempt, max_retries, job.meta, job.enqueued_at,
+            job.timeout_s or self.default_timeout_s,
+        )  # fmt: skip
 
     def evict(self, rank: int) -> int:
         """Give up every job of a lower priority (a higher ``rank``) that has not

@@ -4,11 +4,11 @@ Started by ``prioqd.pool`` as ``python -m prioqd.worker CMD_FD RESULT_FD AREA_FD
 A fresh interpreter (not a fork of the daemon, which holds an event loop and Redis
 sockets) imports the task modules and then serves frames on two pipes:
 
-    daemon -> worker   ("run", max_result_bytes, [(seq, task, args, kwargs), ...])
+    daemon -> worker   ("run", max_result_bytes, [(seq, task, args, kwargs, context), ...])
     worker -> daemon   ("ready", pid, [task names]) | ("error", message)
                        ("done", [(seq, status, result_json, error, traceback,
                                   started_at, finished_at)])
-                       ("preempted", [seq, ...])
+                       ("preempted", [seq, ...]) | ("progress", seq, json)
 
 AREA_FD is 16 bytes of memory shared with the daemon: two seqs, lo and hi. Before
 each job, the worker checks whether its seq lies in [lo, hi]; if so, the daemon wants
@@ -38,6 +38,8 @@ import time
 import traceback
 from collections.abc import Callable
 from typing import Any
+
+from prioqd import context
 
 _HEADER = struct.Struct("!I")
 _PREEMPT = struct.Struct("=qq")
@@ -90,9 +92,22 @@ def _error_line(exc: BaseException) -> str:
 
 
 class Runner:
-    def __init__(self, tasks: dict[str, Callable[..., Any]]) -> None:
+    def __init__(
+        self, tasks: dict[str, Callable[..., Any]], send: Callable[[Any], None] | None = None
+    ) -> None:
         self.tasks = tasks
+        self._send = send or (lambda frame: None)
         self._signatures: dict[str, inspect.Signature | None] = {}
+        self._loop: Any = None
+
+    def _await(self, awaitable: Any) -> Any:
+        """Run an ``async def`` task to its end on this worker's own event loop (uvloop).
+        A timeout or a cancel kills the whole process, as for a sync task."""
+        if self._loop is None:
+            import uvloop
+
+            self._loop = uvloop.new_event_loop()
+        return self._loop.run_until_complete(awaitable)
 
     def _signature(self, name: str, fn: Callable[..., Any]) -> inspect.Signature | None:
         if name not in self._signatures:
@@ -108,6 +123,7 @@ class Runner:
         name: str,
         args: list[Any],
         kwargs: dict[str, Any],
+        ctx: tuple[Any, ...] | None = None,
         max_result_bytes: int = 1 << 62,
     ) -> tuple[Any, ...]:
         started = time.time()
@@ -126,10 +142,23 @@ class Runner:
                 sig.bind(*args, **kwargs)
             except TypeError as exc:
                 return out("rejected", error=f"task {name!r} rejected its arguments: {exc}")
+        token = None
+        if ctx is not None:
+            job_id, priority, attempt, max_retries, meta, enqueued_at, timeout_s = ctx
+            job = context.JobContext(
+                job_id, name, priority, attempt, max_retries, meta or {}, enqueued_at,
+                started + timeout_s,
+            )  # fmt: skip
+            token = context.enter(job, lambda text: self._send(("progress", seq, text)))
         try:
             value = fn(*args, **kwargs)
+            if inspect.isawaitable(value):
+                value = self._await(value)
         except BaseException as exc:  # a task's SystemExit must not end the worker
             return out("error", error=_error_line(exc), tb=traceback.format_exc())
+        finally:
+            if token is not None:
+                context.leave(token)
         try:
             result = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
             try:
@@ -170,20 +199,20 @@ def main(argv: list[str]) -> int:
         write_frame(result_fd, ("error", str(exc)))
         return 3
     write_frame(result_fd, ("ready", os.getpid(), sorted(tasks)))
-    runner = Runner(tasks)
+    runner = Runner(tasks, lambda frame: write_frame(result_fd, frame))
     while True:
         msg = read_frame(cmd_fd)
         if msg is None:
             return 0
         if msg[0] == "run":
             _, max_result_bytes, batch = msg
-            for i, (seq, name, args, kwargs) in enumerate(batch):
+            for i, (seq, name, args, kwargs, ctx) in enumerate(batch):
                 if i:
                     lo, hi = _PREEMPT.unpack_from(area)
                     if lo <= seq <= hi:
                         write_frame(result_fd, ("preempted", [b[0] for b in batch[i:]]))
                         break
-                result = runner.run(seq, name, args, kwargs, max_result_bytes)
+                result = runner.run(seq, name, args, kwargs, ctx, max_result_bytes)
                 write_frame(result_fd, ("done", [result]))
 
 

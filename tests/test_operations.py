@@ -183,3 +183,65 @@ def test_metrics_for_prometheus(
     assert value(m, "prioqd_worker_restarts_total", reason="crashed") == 1
     assert next(lab for lab, _ in m["prioqd_build_info"])["version"]
     assert value(m, "prioqd_redis_errors_total") == 0
+
+
+# --- what a task knows and says ---------------------------------------------------------
+
+
+def test_a_task_knows_its_job_and_a_retry_its_attempt(
+    r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
+) -> None:
+    from prioqd import NotInTaskError, current_job
+
+    daemon(config(jobs={"timeout_s": 60, "max_retries": 4}))
+    sent = time.time()
+    push(r, "high", {"id": "who", "task": "whoami", "meta": {"k": 1}, "enqueued_at": sent})
+    ctx = json.loads(wait_status(r, ["who"])["who"]["result"])
+    assert ctx["id"] == "who" and ctx["task"] == "whoami" and ctx["priority"] == "high"
+    assert ctx["attempt"] == 1 and ctx["max_retries"] == 4 and ctx["meta"] == {"k": 1}
+    assert ctx["enqueued_at"] == sent and 55 < ctx["deadline"] - time.time() <= 60
+    # A retry knows it is one: attempt 3 after two failures (and its hash says 3).
+    counter = tmp_path / "n"
+    push(r, "normal", {"id": "again", "task": "async_flaky", "args": [str(counter), 2]})
+    h = wait_status(r, ["again"], timeout_s=30)["again"]
+    assert h["status"] == "succeeded" and h["attempts"] == "3" and h["result"] == "3"
+    try:
+        current_job()
+    except NotInTaskError as exc:
+        assert "inside a running prioqd task" in str(exc)
+    else:
+        raise AssertionError("current_job() outside a task must raise")
+
+
+def test_progress_reaches_the_job_hash_at_most_twice_a_second(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    daemon(config())
+    push(r, "normal", {"id": "p", "task": "progressing", "args": [40, 50]})  # 2 s, 40 steps
+    seen: list[str] = []
+
+    def sample() -> bool:
+        value = job_hash(r, "p").get("progress")
+        if value and (not seen or seen[-1] != value):
+            seen.append(value)
+        return job_hash(r, "p").get("status") == "succeeded"
+
+    wait_for(sample, 20, 0.02)
+    assert json.loads(job_hash(r, "p")["progress"]) == {"done": 40, "of": 40}
+    assert 2 <= len(seen) <= 6, seen  # ~2 s at two a second, not 40 writes
+    steps = [json.loads(v)["done"] for v in seen]
+    assert steps == sorted(steps)
+
+
+def test_async_tasks_run_fail_retry_and_time_out_like_sync_ones(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    daemon(config(jobs={"max_retries": 0}))
+    push(r, "normal", {"id": "a1", "task": "async_square", "args": [7]})
+    push(r, "normal", {"id": "a2", "task": "async_fail", "args": ["boom"]})
+    push(r, "normal", {"id": "a3", "task": "async_square", "args": [2, 30], "timeout_s": 1})
+    h = wait_status(r, ["a1", "a2", "a3"], timeout_s=30)
+    assert h["a1"]["status"] == "succeeded" and h["a1"]["result"] == "49"
+    assert h["a2"]["status"] == "dead" and "RuntimeError: boom" in h["a2"]["error"]
+    assert "raise RuntimeError(message)" in h["a2"]["traceback"]
+    assert h["a3"]["status"] == "dead" and "timed out after 1s" in h["a3"]["error"]

@@ -35,6 +35,7 @@ from prioqd.ops import (
     Finish,
     Lock,
     Op,
+    Progress,
     Reject,
     Release,
     Restore,
@@ -101,6 +102,8 @@ class Dispatcher:
         #: Dispatched jobs whose start is not written yet, in dispatch order.
         self._unrecorded: dict[int, Job] = {}
         self._start_timer: asyncio.TimerHandle | None = None
+        #: The latest progress of running jobs, not written yet, by claim.
+        self._progress: dict[int, Progress] = {}
         #: Landed jobs whose Adopt has not come back yet (it tells their attempt).
         self._adopting: dict[int, Job | None] = {}
         #: Unique jobs waiting for their lock (see ops.Lock) before they run.
@@ -131,7 +134,9 @@ class Dispatcher:
     @property
     def pending(self) -> bool:
         """Whether anything waits to be written."""
-        return bool(self._outbox or self._finished or self._unrecorded or self._locking)
+        return bool(
+            self._outbox or self._finished or self._unrecorded or self._locking or self._progress
+        )
 
     # --- claims in ---------------------------------------------------------------------
 
@@ -345,6 +350,11 @@ class Dispatcher:
             if stopped:
                 self.log.info("job cancelled by an operator", job_id=job_id, jobs=stopped)
 
+    def progress(self, job: Job, value: str) -> None:
+        """A task reported progress (at most twice a second, see prioqd.context)."""
+        self._progress[job.claim] = Progress(job, value, self.config.jobs.result_ttl_s)
+        self._wake()
+
     def _finish(self, job: Job, run: RunResult) -> None:
         self._finished.append((job, run))
         self._wake()
@@ -371,6 +381,10 @@ class Dispatcher:
         """Every op waiting to be written: made outside a cycle, for runs that ended,
         and the start records that are due (see START_RECORD_AFTER_S)."""
         ops, self._outbox = self._outbox, []
+        if self._progress:
+            # Before the ops that end those jobs: a claim's progress needs it held.
+            ops.extend(self._progress.values())
+            self._progress.clear()
         ttl = self.config.jobs.result_ttl_s
         waiting: deque[tuple[Job, RunResult]] = deque()
         released: list[Job] = []
@@ -491,7 +505,7 @@ class Dispatcher:
                 landed = self._adopting.pop(claim, None)
                 if landed is not None and result >= 1 and landed.state is JobState.CLAIMED:
                     landed.attempt = result
-            case Drop() | Schedule() | Release() | Bury() | Restore() | Unland():
+            case Drop() | Progress() | Schedule() | Release() | Bury() | Restore() | Unland():
                 pass
 
     def _claim_gone(self, job: Job, result: int, what: str) -> bool:

@@ -8,6 +8,7 @@
                busy (watch.py)
     Scheduler  retries and delayed jobs, promoted when due (scheduler.py)
     Remote     operators' pause, resume and cancel, heard on a channel (remote.py)
+    Ticks      periodic jobs ([[schedule]]), each tick enqueued once (ticks.py)
     Control    watchdog, STATUS, reload (control.py)
 
 Signal handlers only set events; ``run`` takes a ``shutdown_trigger`` so tests stop
@@ -34,6 +35,7 @@ from prioqd.daemon.lease import Lease, default_daemon_id
 from prioqd.daemon.remote import Remote
 from prioqd.daemon.scheduler import Scheduler
 from prioqd.daemon.slots import Slots
+from prioqd.daemon.ticks import Ticks
 from prioqd.daemon.watch import Watch
 from prioqd.errors import BrokerError, ConfigError, WorkerStartError
 from prioqd.keys import Keys
@@ -69,6 +71,7 @@ class Daemon:
             default_timeout_s=config.jobs.timeout_s,
             max_jobs_per_worker=config.workers.max_jobs_per_worker,
             max_result_bytes=config.jobs.max_result_bytes,
+            default_max_retries=config.jobs.max_retries,
             on_event=self._pool_event,
         )
         self.id = daemon_id or default_daemon_id()
@@ -119,6 +122,7 @@ class Daemon:
             on_redis_down=self._redis_down,
         )
         self.dispatch.on_change = self.watch.reconcile
+        self.pool.on_progress = self.dispatch.progress
         self.remote = Remote(
             self.broker,
             log=self.log,
@@ -127,6 +131,13 @@ class Daemon:
             on_redis_down=self._redis_down,
         )
         self.cycle.on_paused = self._set_paused
+        self.ticks = Ticks(
+            self.broker,
+            config,
+            redis_time=self.lease.redis_time,
+            log=self.log,
+            on_redis_down=self._redis_down,
+        )
         self.control = Control(
             self.notifier,
             status_text=self._status_text,
@@ -260,6 +271,7 @@ class Daemon:
             self._spawn(self.scheduler.run()),
             self._spawn(self.control.reload_loop()),
             self._spawn(self.remote.run()),
+            self._spawn(self.ticks.run()),
         ]
         if self.notifier.enabled:
             self._loops.append(self._spawn(self.control.status_loop()))
@@ -308,6 +320,7 @@ class Daemon:
         self.scheduler.close()
         self.control.close()
         self.remote.close()
+        self.ticks.close()
         await self._end(self._loops)
         self.lease.close()
         await self._end(self._heartbeat)
@@ -343,6 +356,11 @@ class Daemon:
         self.watch.idle()
 
     def _set_paused(self, paused: set[str]) -> None:
+        """Operators paused or resumed priorities (heard on the channel, or seen by a
+        claim when a note was missed)."""
+        if paused == self.remote.paused:
+            return
+        self.log.info("paused priorities", paused=sorted(paused))
         self.remote.paused = self.cycle.paused = paused
         self.watch.set_paused(paused)
         self.cycle.wake()  # a resumed priority may have jobs to claim
@@ -458,9 +476,11 @@ class Daemon:
         self.pool.default_timeout_s = new.jobs.timeout_s
         self.pool.max_jobs_per_worker = new.workers.max_jobs_per_worker
         self.pool.max_result_bytes = new.jobs.max_result_bytes
+        self.pool.default_max_retries = new.jobs.max_retries
         self.config = new
-        for part in (self.dispatch, self.cycle, self.lease, self.scheduler):
+        for part in (self.dispatch, self.cycle, self.lease, self.scheduler, self.ticks):
             part.config = new
+        self.ticks.reconfigured()
         return None
 
 

@@ -47,8 +47,6 @@ class Remote:
             now_ms = int(time.time() * 1000)
             cancels = {c.decode() for c in await r.zrangebyscore(keys.cancels, now_ms, "+inf")}
         if paused != self.paused:
-            self.log.info("paused priorities", paused=sorted(paused))
-            self.paused = paused
             self._on_paused(paused)
         if cancels:
             self._on_cancel(cancels)

@@ -33,8 +33,8 @@
 --                           slots, started_at, version.
 --   P:job:<id>       HASH   status, task, priority, attempts, claim ("D/C" of the run
 --                           that wrote it), daemon, result, error, traceback, started_at,
---                           finished_at, duration_s, retry_at. Expires result_ttl_s after
---                           its last write.
+--                           finished_at, duration_s, retry_at, progress (JSON the task
+--                           reported). Expires result_ttl_s after its last write.
 --   P:done:<id>      LIST   the outcome JSON of a job that has ended (for BLPOP).
 --   P:dead           LIST   dead-letter JSON, newest on the left.
 --   P:payload:<sha1> STRING a payload too large to copy into its dead letter, which
@@ -54,6 +54,7 @@
 --                           (set by the push, `enqueue`), "D/C" while claim C of daemon D
 --                           runs it. The push gives it a safety expiry of result_ttl_s
 --                           plus the job's delay, for a lock nobody releases.
+--   P:periodic       HASH   schedule name -> the last tick (ms) enqueued for it.
 --   P:events         pub/sub channel: the outcome JSON of every attempt, and
 --                           {"id", "status": "duplicate"} for a unique job pushed twice.
 --   P:control        pub/sub channel: operators' commands to the daemons (pause,
@@ -391,6 +392,17 @@ ops.adopt = function(i)
     return attempts + 1, i + 4
 end
 
+-- progress C id value ttl: a running job's progress (JSON) -> its job hash. 1; 0 if the
+-- hash key has the wrong type; -1 if the claim is gone.
+ops.progress = function(i)
+    local c, id, value, ttl = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    if not entry(c) then return -1, i + 5 end
+    if unwritable(job_key(id), 'hash') then return 0, i + 5 end
+    redis.call('HSET', job_key(id), 'progress', value)
+    redis.call('EXPIRE', job_key(id), ttl)
+    return 1, i + 5
+end
+
 -- drop p nbytes reason: a landed payload of nbytes over max_payload_bytes goes from
 -- P:landing:D:p to the dead letters by reference (the daemon does not send it back).
 ops.drop = function(i)
@@ -425,7 +437,7 @@ ops.start = function(i)
     fields[#fields + 1] = D .. '/' .. c
     -- A rerun: what the last attempt left is not this one's.
     local stale = nil
-    if attempt > 1 then stale = {'finished_at', 'duration_s', 'retry_at', 'result'} end
+    if attempt > 1 then stale = {'finished_at', 'duration_s', 'retry_at', 'result', 'progress'} end
     write_job(id, ttl, fields, stale)
     return attempt, nxt
 end
@@ -804,6 +816,23 @@ if command == 'promote' then
     end
     redis.call('ZREM', scheduled_key, unpack(due))
     return {moved, dead, next_due_in(now)}
+end
+
+-- periodic name tick_ms p payload catch_up
+-- Enqueues a [[schedule]] tick exactly once, whichever daemons offer it: only if no
+-- tick of that name as late or later was enqueued. A catch-up (catch_up = 1: the
+-- tick is long past) for a name never seen before is only recorded, not enqueued:
+-- nothing was missed, the schedule is new. Returns 1 enqueued, 0 already done.
+if command == 'periodic' then
+    local name, tick, p, payload, catch_up = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+    local key = prefix .. ':periodic'
+    local last = redis.call('HGET', key, name)
+    if last and tonumber(last) >= tick then return 0 end
+    redis.call('HSET', key, name, tick)
+    if catch_up == '1' and not last then return 0 end
+    if unwritable(queue_key(p), 'list') then return 0 end
+    redis.call('LPUSH', queue_key(p), payload)
+    return 1
 end
 
 -- ---------------------------------------------------------------------------------

@@ -76,3 +76,48 @@ def logrun(path: str, tag: str, ms: float = 0.0) -> str:
     if ms:
         time.sleep(ms / 1000)
     return tag
+
+
+@task
+def whoami() -> dict[str, object]:
+    """The job's own context, as the task sees it."""
+    from dataclasses import asdict
+
+    from prioqd import current_job
+
+    return asdict(current_job())
+
+
+@task
+def progressing(steps: int, ms: float) -> int:
+    """Reports progress on every step; the daemon writes at most two a second."""
+    from prioqd import set_progress
+
+    for i in range(1, steps + 1):
+        set_progress({"done": i, "of": steps})
+        time.sleep(ms / 1000)
+    return steps
+
+
+@task
+async def async_square(x: float, delay_s: float = 0.0) -> float:
+    import asyncio
+
+    from prioqd import current_job
+
+    await asyncio.sleep(delay_s)
+    assert current_job().task == "async_square"
+    return x * x
+
+
+@task
+async def async_fail(message: str) -> None:
+    import asyncio
+
+    await asyncio.sleep(0)
+    raise RuntimeError(message)
+
+
+@task
+async def async_flaky(counter_path: str, failures: int) -> int:
+    return flaky(counter_path, failures)
