@@ -548,6 +548,15 @@ class _Protocol:
             return "unknown"
         return "scheduled" if where.kind == "scheduled" else "queued"
 
+    def progress(self, job_id: str) -> _Steps[Any]:
+        raw = _text((yield _Cmd(("HGET", self.keys.job(job_id), "progress"))))
+        if raw is None:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+
     # -- cancelling --
 
     def cancel(self, job_id: str, hint: _Where | None, wait_s: float) -> _Steps[bool]:
@@ -894,6 +903,11 @@ class JobHandle(Generic[R]):
         or its record expired)."""
         return self._client._run(self._client._p.status(self.id, self._hint))
 
+    def progress(self) -> Any:
+        """What the task last reported with ``prioqd.set_progress()`` (a number or a
+        JSON object), or None. The daemon writes it at most twice a second."""
+        return self._client._run(self._client._p.progress(self.id))
+
     def outcome(self, timeout_s: float | None = None) -> dict[str, Any]:
         """The outcome JSON once the job has ended (``succeeded``, ``dead`` or
         ``cancelled``), without raising for a failed job. ``TimeoutError`` after
@@ -1143,6 +1157,10 @@ class AsyncJobHandle(Generic[R]):
     async def status(self) -> str:
         """As :meth:`JobHandle.status`."""
         return await self._client._run(self._client._p.status(self.id, self._hint))
+
+    async def progress(self) -> Any:
+        """As :meth:`JobHandle.progress`."""
+        return await self._client._run(self._client._p.progress(self.id))
 
     async def outcome(self, timeout_s: float | None = None) -> dict[str, Any]:
         """As :meth:`JobHandle.outcome`."""

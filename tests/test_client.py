@@ -18,11 +18,23 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import PRIOQD, ROOT, Config, Daemon, RedisServer, env_with_taskmods, wait_for
+from helpers import (
+    PRIOQD,
+    ROOT,
+    TASKMODS,
+    Config,
+    Daemon,
+    RedisServer,
+    env_with_taskmods,
+    wait_for,
+)
 
-from prioqd import AsyncClient, Client, JobFailed, jobs
+from prioqd import AsyncClient, Client, JobFailed, jobs, task
 from prioqd.errors import BrokerError
 from prioqd.examples import echo, square
+
+sys.path.insert(0, str(TASKMODS))  # a producer imports its task modules (never runs them)
+from testtasks import async_square
 
 TYPECHECK = Path(__file__).resolve().parent / "typecheck"
 
@@ -79,6 +91,17 @@ def test_payload_is_exactly_the_documented_json(r: redis.Redis, client: Client) 
         "task": "square", "args": [7], "kwargs": {}, "id": typed.id,
         "enqueued_at": job2["enqueued_at"],
     }  # fmt: skip
+
+    # The client only reads a task function's name: it never runs it.
+    calls: list[int] = []
+
+    @task(name="tests.not_here")
+    def not_here(x: int) -> int:
+        calls.append(x)
+        return x
+
+    client.enqueue(not_here, 1)
+    assert calls == [] and queued(r, "normal")[0]["task"] == "tests.not_here"
 
     # unique only when true; eta instead of delay_s. The lock outlives the delay.
     eta = round(time.time() + 30, 3)
@@ -253,6 +276,12 @@ def test_sync_client_gets_results(r: redis.Redis, config: Config, daemon: Daemon
         assert r.llen(f"prioqd:done:{handle.id}") == 1
         by_name = client.enqueue("echo", [1, 2], k="v", priority="high")
         assert by_name.result(timeout_s=30) == {"args": [[1, 2]], "kwargs": {"k": "v"}}
+        assert client.enqueue(async_square, 1.5).result(timeout_s=30) == 2.25  # awaited
+        assert client.enqueue(square, 1).progress() is None  # never reported
+        steps = client.enqueue("progressing", 20, 100)
+        first = wait_for(steps.progress, 20, 0.05, what="progress")
+        assert first["of"] == 20 and 1 <= first["done"] < 20
+        assert steps.result(timeout_s=30) == 20 and steps.progress() == {"done": 20, "of": 20}
         outcome = client.enqueue(square, 3).outcome(timeout_s=30)
         assert (outcome["status"], outcome["result"], outcome["attempts"]) == ("succeeded", 9, 1)
 

@@ -32,10 +32,11 @@ def produce(client: Client) -> None:
     anything: Any = client.enqueue("square", 7, priority="high", id="sq-8", delay_s=1.5).result()
     client.options(timeout_s=60, meta={"who": "me"}).enqueue("echo", priority=1)
     status: str = handle.status()
+    progress: object = handle.progress()
     cancelled: bool = handle.cancel(wait_s=1)
     outcome: dict[str, Any] = handle.outcome(timeout_s=1)
     again: JobHandle[Any] = client.job(handle.id)
-    print(n, m, body, p, anything, status, cancelled, outcome, again, square(3))
+    print(n, m, body, p, anything, status, progress, cancelled, outcome, again, square(3))
 
 
 async def produce_async(client: AsyncClient) -> None:
