@@ -308,6 +308,8 @@ class Dispatcher:
             self._finish(batch[0], run)
             return
         self.running += len(batch)
+        for job in batch:
+            self.log.debug("job dispatched", job_id=job.id, queue=job.priority)
         for job, future in zip(batch, futures, strict=True):
             self._unrecorded[job.claim] = job
             future.add_done_callback(functools.partial(self._on_done, job, slot))

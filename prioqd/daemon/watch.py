@@ -9,12 +9,12 @@ One ``BLMOVE queue:p -> landing:D:p`` per priority, each on its own connection
   highest payload that landed in that race runs; the rest go back to the head of
   their queues, so the next claim takes jobs in strict priority order.
 - **Busy** (the cycle claims as slot tokens free up): wait only on the priorities
-  higher than the lowest one running here. Such a payload is taken at once, on a
-  token lent if none is free (``Slots.take_one``), and goes to the pool ahead of
-  every lower job; the workers hand back the lower jobs they have not started
-  (``Pool.preempt``). So a higher job waits for one running job at most, never for
-  a lower job that has not started. While the lent token is not paid back, the
-  waits are not renewed: the rest of a burst is claimed in batches by the cycle.
+  above the lowest job held here that has not started. Such a payload is taken at
+  once, on a token lent if none is free (``Slots.take_one``), and goes to the pool,
+  which sends every lower job not started back to its queue (``Pool.evict``). So a
+  higher job waits for one running job at most, never for a lower job that has not
+  started. With nothing lower left unstarted the waits end by themselves, and the
+  rest of a burst is claimed in batches by the cycle.
 
 A payload that lands on a wait being called off, or that is no longer higher than
 what runs, is adopted and put back at the head of its queue. Idle, all this costs no
