@@ -603,9 +603,10 @@ class Admin:
                 state = info.where.state
                 job = _json_obj(info.payload) if info.payload else None
                 outcome = self._cancel_outcome(job_id, info.fields, job, info.where.priority)
+                unique = bool(job and job.get("unique") is True)
                 if state == "queued" and info.raw is not None and info.where.priority:
                     if await self.broker.cancel_queued(
-                        info.where.priority, info.raw, job_id, ttl, outcome
+                        info.where.priority, info.raw, job_id, ttl, outcome, unique=unique
                     ):
                         results[job_id] = CancelResult(
                             job_id, "cancelled", f"removed from queue {info.where.priority}"
@@ -613,7 +614,9 @@ class Admin:
                         break
                     continue  # taken meanwhile: look again
                 if state == "scheduled" and info.raw is not None:
-                    if await self.broker.cancel_scheduled(info.raw, job_id, ttl, outcome):
+                    if await self.broker.cancel_scheduled(
+                        info.raw, job_id, ttl, outcome, unique=unique
+                    ):
                         results[job_id] = CancelResult(
                             job_id, "cancelled", "removed from the schedule"
                         )

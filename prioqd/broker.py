@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import socket
 import urllib.parse
@@ -89,6 +90,21 @@ class CycleReply:
     trimmed: int
     #: Paused priorities, as the claim saw them (empty if it claimed nothing).
     paused: list[str]
+
+
+def _cancel_args(job_id: str, ttl_s: int, outcome: str, unique: bool) -> list[Any]:
+    """The arguments the cancel_queued / cancel_scheduled commands share: the job
+    hash's fields are taken from the outcome JSON."""
+    o = json.loads(outcome)
+    fields = {
+        "status": "cancelled",
+        "task": o.get("task") or "",
+        "priority": o.get("priority") or "",
+        "error": o.get("error") or "cancelled",
+        "finished_at": f"{o.get('finished_at') or 0:.6f}",
+    }
+    flat = [x for kv in fields.items() for x in kv]
+    return [job_id, ttl_s, "1" if unique else "0", outcome, len(flat), *flat]
 
 
 def _text(v: Any) -> str:
@@ -260,21 +276,25 @@ class Broker:
         return int(await self._call("purge dead letters", "purge"))
 
     async def cancel_queued(
-        self, priority: str, raw: bytes, job_id: str, ttl_s: int, outcome: str
+        self, priority: str, raw: bytes, job_id: str, ttl_s: int, outcome: str, *, unique: bool
     ) -> bool:
         """Remove the payload ``raw`` from its queue and record the job as cancelled,
         atomically; False if it was no longer queued."""
         reply = await self._call(
-            "cancel queued job", "cancel_queued", priority, raw, job_id, ttl_s, outcome
-        )
+            "cancel queued job", "cancel_queued", priority, raw,
+            *_cancel_args(job_id, ttl_s, outcome, unique),
+        )  # fmt: skip
         return int(reply) == 1
 
-    async def cancel_scheduled(self, member: bytes, job_id: str, ttl_s: int, outcome: str) -> bool:
+    async def cancel_scheduled(
+        self, member: bytes, job_id: str, ttl_s: int, outcome: str, *, unique: bool
+    ) -> bool:
         """Remove ``member`` from the schedule and record the job as cancelled,
         atomically; False if it was no longer scheduled."""
         reply = await self._call(
-            "cancel scheduled job", "cancel_scheduled", member, job_id, ttl_s, outcome
-        )
+            "cancel scheduled job", "cancel_scheduled", member,
+            *_cancel_args(job_id, ttl_s, outcome, unique),
+        )  # fmt: skip
         return int(reply) == 1
 
     async def promote(self, max_dead: int, max_jobs: int = 1000) -> tuple[int, int, int | None]:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -118,27 +117,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     cfg = _config(args, must_exist=False)
-    priorities = cfg.queues.priorities
-    priority = args.priority or priorities[len(priorities) // 2]
-    if priority not in priorities:
-        print(
-            f"prioqd: unknown priority {priority!r}; configured: {', '.join(priorities)}",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
-    from prioqd.jobs import MAX_ID_LENGTH, valid_id
-
-    if args.id is not None and not valid_id(args.id):
-        print(
-            f"prioqd: --id must be 1-{MAX_ID_LENGTH} printable characters without spaces",
-            file=sys.stderr,
-        )
-        return EXIT_CONFIG
-    job: dict[str, Any] = {
-        "id": args.id or os.urandom(16).hex(),
-        "task": args.task,
-        "args": [_arg_value(a) for a in args.args],
-    }
+    kwargs: Any = {}
     if args.kwargs is not None:
         try:
             kwargs = json.loads(args.kwargs)
@@ -148,39 +127,59 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if not isinstance(kwargs, dict):
             print("prioqd: --kwargs must be a JSON object", file=sys.stderr)
             return EXIT_CONFIG
-        job["kwargs"] = kwargs
-    for name in ("timeout_s", "max_retries", "delay_s"):
-        value = getattr(args, name)
-        if value is not None:
-            job[name] = value
-    # When it was pushed: the queue's oldest-job age and the wait metrics use it.
-    job["enqueued_at"] = round(time.time(), 6)
-    return _run_async(_submit(cfg, priority, job, args.wait, args.wait_timeout_s))
+    if args.unique and args.id is None:
+        print(
+            "prioqd: --unique needs --id: the id is what makes two jobs the same job",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    return _run_async(_submit(cfg, args, [_arg_value(a) for a in args.args], kwargs))
 
 
 async def _submit(
-    cfg: Config, priority: str, job: dict[str, Any], wait: bool, wait_timeout_s: float
+    cfg: Config, args: argparse.Namespace, values: list[Any], kwargs: dict[str, Any]
 ) -> int:
-    from prioqd.broker import wrap_errors
+    """Push the job as ``prioqd.AsyncClient`` does (the same checks, the same Lua
+    ``enqueue``: for --unique, the check and the push are one step)."""
+    from prioqd.client import AsyncClient
 
-    keys = Keys(cfg.queues.prefix)
-    broker = _broker(cfg, socket_timeout_s=max(wait_timeout_s + 5, 10))
+    broker = _broker(cfg, socket_timeout_s=max(args.wait_timeout_s + 5, 10))
+    client = AsyncClient(
+        redis=broker.redis,
+        prefix=cfg.queues.prefix,
+        priorities=cfg.queues.priorities,
+        result_ttl_s=cfg.jobs.result_ttl_s,
+        max_payload_bytes=cfg.jobs.max_payload_bytes,
+    )
     try:
-        with wrap_errors("submit"):
-            async with broker.redis.pipeline(transaction=True) as pipe:
-                # An outcome left by an earlier job with this id must not answer --wait.
-                pipe.delete(keys.done(job["id"]))
-                # Exactly what `redis-cli LPUSH <prefix>:queue:<p> '<json>'` would push.
-                pipe.lpush(keys.queue(priority), json.dumps(job))
-                await pipe.execute()
-            print(job["id"], flush=True)
-            if not wait:
-                return EXIT_OK
-            reply = await broker.redis.blpop([keys.done(job["id"])], timeout=wait_timeout_s)
-        if reply is None:
-            print(f"prioqd: no outcome within {wait_timeout_s:g}s", file=sys.stderr)
+        options = client.options(
+            priority=args.priority,
+            id=args.id,
+            timeout_s=args.timeout_s,
+            max_retries=args.max_retries,
+            delay_s=args.delay_s,
+            unique=args.unique,
+        )
+        try:
+            # Every keyword here is the task's: --kwargs '{"priority": 1}' is an argument.
+            handle = await options.enqueue(args.task, *values, **kwargs)
+        except ValueError as exc:
+            print(f"prioqd: {clean(exc)}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(handle.id, flush=True)
+        if handle.duplicate:
+            print(
+                f"prioqd: duplicate: unique job {clean(handle.id)} is already queued or "
+                "running; nothing was pushed" + (", waiting for it" if args.wait else ""),
+                file=sys.stderr,
+            )
+        if not args.wait:
+            return EXIT_OK
+        try:
+            outcome = await handle.outcome(args.wait_timeout_s)
+        except TimeoutError:
+            print(f"prioqd: no outcome within {args.wait_timeout_s:g}s", file=sys.stderr)
             return EXIT_FAILED
-        outcome = json.loads(reply[1])
         print(json.dumps(outcome, indent=2))
         return EXIT_OK if outcome.get("status") == "succeeded" else EXIT_FAILED
     finally:
@@ -473,6 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", dest="timeout_s", type=float)
     p.add_argument("--max-retries", dest="max_retries", type=int)
     p.add_argument("--delay-s", dest="delay_s", type=float)
+    p.add_argument(
+        "--unique",
+        action="store_true",
+        help="with --id: push only if no job of that id is queued, scheduled or running",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the outcome and print it")
     p.add_argument("--wait-timeout-s", type=float, default=300.0)
     p.set_defaults(func=cmd_submit)

@@ -48,3 +48,34 @@ class WorkerStartError(PrioqdError):
 class ScriptError(BrokerError):
     """Redis refused a script call for good (not "busy" or "out of memory"): an
     argument it cannot take, or a bug. Repeating the same call would fail again."""
+
+
+class JobFailed(PrioqdError):
+    """A job ended without a result: ``status`` is ``"dead"`` (it failed for good:
+    retries used up, or it could never run) or ``"cancelled"``.
+
+    ``error`` is the daemon's one-line reason, ``traceback`` the task's traceback when
+    there is one (it is also attached as a note, so an uncaught ``JobFailed`` prints
+    it), ``outcome`` the outcome JSON as the daemon wrote it.
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        status: str,
+        error: str | None,
+        traceback: str | None = None,
+        outcome: dict[str, object] | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.status = status
+        self.error = error
+        self.traceback = traceback
+        self.outcome = outcome or {}
+        super().__init__(f"job {job_id} {status}: {error or 'no reason given'}")
+        if traceback:
+            self.add_note(f"The job's traceback (in its worker process):\n{traceback.rstrip()}")
+
+    def __reduce__(self) -> tuple[type[JobFailed], tuple[object, ...]]:
+        # Pickled across processes with its fields, not just the message.
+        return (type(self), (self.job_id, self.status, self.error, self.traceback, self.outcome))

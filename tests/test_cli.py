@@ -34,17 +34,34 @@ def prioqd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 def test_submit_pushes_exactly_what_redis_cli_would(r: redis.Redis, config: Config) -> None:
     cfg = str(config())
+    before = time.time()
     out = prioqd("submit", "--config", cfg, "echo", "7", "hello", "[1,2]", "--priority", "low",
                  "--kwargs", '{"k": true}', "--timeout-s", "9", "--max-retries", "1")  # fmt: skip
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip()
     (raw,) = r.lrange("prioqd:queue:low", 0, -1)
     job = json.loads(raw)
-    assert abs(job.pop("enqueued_at") - time.time()) < 30
+    assert before <= job.pop("enqueued_at") <= time.time()
     assert job == {
         "id": job_id, "task": "echo", "args": [7, "hello", [1, 2]], "kwargs": {"k": True},
         "timeout_s": 9.0, "max_retries": 1,
     }  # fmt: skip
+
+
+def test_submit_unique_pushes_once_and_checks_locally(r: redis.Redis, config: Config) -> None:
+    cfg = str(config())
+    first = prioqd("submit", "--config", cfg, "square", "3", "--id", "nightly", "--unique")
+    assert first.returncode == 0 and first.stdout == "nightly\n", first.stderr
+    second = prioqd("submit", "--config", cfg, "square", "3", "--id", "nightly", "--unique")
+    assert second.returncode == 0 and second.stdout == "nightly\n"
+    assert "duplicate: unique job nightly is already queued or running" in second.stderr
+    (raw,) = r.lrange("prioqd:queue:normal", 0, -1)
+    assert json.loads(raw)["unique"] is True
+    no_id = prioqd("submit", "--config", cfg, "square", "3", "--unique")
+    assert no_id.returncode == 2 and "--unique needs --id" in no_id.stderr
+    bad = prioqd("submit", "--config", cfg, "square", "3", "--timeout-s", "-1")
+    assert bad.returncode == 2 and "'timeout_s' must be a number greater than 0" in bad.stderr
+    assert r.llen("prioqd:queue:normal") == 1
 
 
 def test_submit_default_priority_is_the_middle_one_and_unknown_is_refused(

@@ -51,7 +51,9 @@
 --   P:cancels        ZSET   job id -> expiry ms: cancels asked for jobs held by a daemon;
 --                           the daemon that ends such a job as cancelled removes it.
 --   P:unique:<id>    STRING the lock of a unique job: "q" while it is queued or scheduled
---                           (set by the push), "D/C" while claim C of daemon D runs it.
+--                           (set by the push, `enqueue`), "D/C" while claim C of daemon D
+--                           runs it. The push gives it a safety expiry of result_ttl_s
+--                           plus the job's delay, for a lock nobody releases.
 --   P:periodic       HASH   schedule name -> the last tick (ms) enqueued for it.
 --   P:events         pub/sub channel: the outcome JSON of every attempt (and of every
 --                           cancel: `cancel_queued`, `cancel_scheduled`), and
@@ -818,59 +820,6 @@ if command == 'promote' then
     return {moved, dead, next_due_in(now)}
 end
 
--- A job cancelled before any daemon took it: its hash says "cancelled" (with the task,
--- priority and finished_at of `outcome`, the outcome JSON the caller made), its done
--- list holds `outcome` (so a waiter's BLPOP wakes), and `outcome` is published.
-local function write_cancelled(id, ttl, outcome)
-    local fields = {'status', 'cancelled', 'error', 'cancelled'}
-    local ok, o = pcall(cjson.decode, outcome)
-    if ok and type(o) == 'table' then
-        for _, k in ipairs({'task', 'priority'}) do
-            if type(o[k]) == 'string' then
-                fields[#fields + 1] = k
-                fields[#fields + 1] = o[k]
-            end
-        end
-        if type(o.finished_at) == 'number' then
-            fields[#fields + 1] = 'finished_at'
-            fields[#fields + 1] = string.format('%.6f', o.finished_at)
-        end
-    end
-    write_job(id, tonumber(ttl), fields, {'retry_at', 'result'})
-    push_done(id, tonumber(ttl), outcome)
-    redis.call('PUBLISH', events_key, outcome)
-    -- A unique job's lock says "q" while it waits; it waits no more.
-    if redis.call('GET', unique_key(id)) == 'q' then redis.call('DEL', unique_key(id)) end
-end
-
--- cancel_queued p raw id ttl outcome
--- Removes one element `raw` (the exact payload text, found by the caller) from
--- P:queue:p and, if it was there, records job `id` as cancelled (`write_cancelled`).
--- Returns 1, or 0 if the payload is no longer in the queue (a daemon took it).
-if command == 'cancel_queued' then
-    local p, raw, id, ttl, outcome = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-    local why = check({{queue_key(p), 'list'}, {job_key(id), 'hash'}, {done_key(id), 'list'},
-        {unique_key(id), 'string'}})
-    if why then return redis.error_reply('prioqd: ' .. why) end
-    if redis.call('LREM', queue_key(p), 1, raw) == 0 then return 0 end
-    write_cancelled(id, ttl, outcome)
-    return 1
-end
-
--- cancel_scheduled member id ttl outcome
--- Removes `member` ("p\nU\n<job json>") from P:scheduled and, if it was there,
--- records job `id` as cancelled. Returns 1, or 0 if it is no longer scheduled (it
--- came due and went to its queue).
-if command == 'cancel_scheduled' then
-    local member, id, ttl, outcome = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-    local why = check({{scheduled_key, 'zset'}, {job_key(id), 'hash'}, {done_key(id), 'list'},
-        {unique_key(id), 'string'}})
-    if why then return redis.error_reply('prioqd: ' .. why) end
-    if redis.call('ZREM', scheduled_key, member) == 0 then return 0 end
-    write_cancelled(id, ttl, outcome)
-    return 1
-end
-
 -- periodic name tick_ms p payload catch_up
 -- Enqueues a [[schedule]] tick exactly once, whichever daemons offer it: only if no
 -- tick of that name as late or later was enqueued. A catch-up (catch_up = 1: the
@@ -886,6 +835,89 @@ if command == 'periodic' then
     if unwritable(queue_key(p), 'list') then return 0 end
     redis.call('LPUSH', queue_key(p), payload)
     return 1
+end
+
+-- ---------------------------------------------------------------------------------
+-- Producers' commands: prioqd.client and `prioqd submit`. A raw LPUSH stays the
+-- contract; these add what one LPUSH cannot do atomically.
+-- ---------------------------------------------------------------------------------
+
+-- enqueue p payload id unique ttl
+-- Pushes `payload` (the job JSON, with its id) onto P:queue:p as a producer's LPUSH
+-- would. What an earlier job with this id left (P:job:<id>, P:done:<id>, a cancel in
+-- P:cancels) is deleted first, so that it cannot answer a waiter or shorten the new
+-- job's retries. With unique = "1" the push happens only if `SET P:unique:<id> q NX
+-- EX ttl` succeeds (the check and the push are this one step); otherwise nothing is
+-- written but {"id", "status": "duplicate"} on P:events. `ttl` is a safety expiry for
+-- a lock nobody releases (the daemons take it over when they claim the job).
+-- Returns 1 pushed, 0 a duplicate of a live unique job.
+if command == 'enqueue' then
+    local p, payload, id, unique, ttl = ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1', ARGV[7]
+    local lock = unique_key(id)
+    local targets = {{queue_key(p), 'list'}, {job_key(id), 'hash'}, {done_key(id), 'list'},
+        {cancels_key, 'zset'}}
+    if unique then targets[#targets + 1] = {lock, 'string'} end
+    local why = check(targets)
+    if why then return redis.error_reply('prioqd: ' .. why) end
+    if unique and not redis.call('SET', lock, 'q', 'NX', 'EX', ttl) then
+        redis.call('PUBLISH', events_key, cjson.encode({id = id, status = 'duplicate'}))
+        return 0
+    end
+    redis.call('DEL', job_key(id), done_key(id))
+    redis.call('ZREM', cancels_key, id)
+    redis.call('LPUSH', queue_key(p), payload)
+    return 1
+end
+
+-- cancel_queued p raw id ttl unique outcome n k v ...
+-- cancel_scheduled member id ttl unique outcome n k v ...
+-- Cancels a job that waits: removes the exact element `raw` from P:queue:p (one
+-- LREM), or `member` from P:scheduled. If it was there, the job hash gets the fields
+-- (status "cancelled"), the done list and P:events the outcome, and a unique job
+-- (unique = "1") gives up its lock if the lock says "q" (queued, no run). Returns 1,
+-- or 0 if the element was no longer there (a daemon took it meanwhile).
+if command == 'cancel_queued' or command == 'cancel_scheduled' then
+    local queued = command == 'cancel_queued'
+    local i = queued and 4 or 3
+    local id, ttl, unique, outcome = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3] == '1', ARGV[i + 4]
+    local fields = read_list(i + 5)
+    local lock = unique_key(id)
+    local targets = {{job_key(id), 'hash'}, {done_key(id), 'list'}}
+    if unique then targets[#targets + 1] = {lock, 'string'} end
+    if queued then
+        targets[#targets + 1] = {queue_key(ARGV[3]), 'list'}
+    else
+        targets[#targets + 1] = {scheduled_key, 'zset'}
+    end
+    local why = check(targets)
+    if why then return redis.error_reply('prioqd: ' .. why) end
+    local removed
+    if queued then
+        removed = redis.call('LREM', queue_key(ARGV[3]), 1, ARGV[4])
+    else
+        removed = redis.call('ZREM', scheduled_key, ARGV[3])
+    end
+    if removed == 0 then return 0 end
+    write_job(id, ttl, fields, {'result', 'retry_at', 'traceback'})
+    push_done(id, ttl, outcome)
+    redis.call('PUBLISH', events_key, outcome)
+    if unique and redis.call('GET', lock) == 'q' then redis.call('DEL', lock) end
+    return 1
+end
+
+-- cancel_held id keep_ms
+-- Asks the daemons to cancel a job one of them holds: P:cancels gets id -> expiry
+-- (now + keep_ms, Redis clock; expired entries are pruned here) and P:control the
+-- note {"op": "cancel", "ids": [id]}. The daemon that holds the job kills or drops
+-- it and writes the outcome "cancelled". Returns how many subscribers got the note.
+if command == 'cancel_held' then
+    local id, keep_ms = ARGV[3], tonumber(ARGV[4])
+    local why = unwritable(cancels_key, 'zset')
+    if why then return redis.error_reply('prioqd: ' .. why) end
+    local now = now_ms()
+    redis.call('ZREMRANGEBYSCORE', cancels_key, '-inf', '(' .. now)
+    redis.call('ZADD', cancels_key, now + keep_ms, id)
+    return redis.call('PUBLISH', prefix .. ':control', cjson.encode({op = 'cancel', ids = {id}}))
 end
 
 return redis.error_reply('prioqd: unknown command ' .. tostring(command))
