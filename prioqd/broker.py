@@ -360,6 +360,8 @@ class BlockingMove:
     async def _drop(self, p: str) -> None:
         conn = self._conns.pop(p, None)
         self._client_ids.pop(p, None)
+        # Not blocked any more: an unblock during the disconnect below must skip it.
+        self._blocked.discard(p)
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
@@ -392,7 +394,9 @@ class BlockingMove:
             self._blocked.discard(p)
 
     async def unblock(self, priorities: Sequence[str]) -> None:
-        ids = [self._client_ids[p] for p in priorities if p in self._blocked]
+        ids = [
+            self._client_ids[p] for p in priorities if p in self._blocked and p in self._client_ids
+        ]
         if not ids:
             return
         with wrap_errors("unblock"):
