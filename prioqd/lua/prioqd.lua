@@ -176,7 +176,7 @@ local function put_back(v, died, max_recoveries)
         return 'dead'
     end
     redis.call('RPUSH', queue_key(p), payload)
-    if recoveries > 0 then
+    if recoveries > 0 and unwritable(recovered_key, 'hash') == nil then
         redis.call('HSET', recovered_key, redis.sha1hex(payload), recoveries)
     end
     if id and unwritable(job_key(id), 'hash') == nil then
@@ -441,7 +441,7 @@ ops.release = function(i)
             else
                 redis.call('HDEL', inflight, c)
                 redis.call('RPUSH', queue_key(p), payload)
-                if recoveries > 0 then
+                if recoveries > 0 and unwritable(recovered_key, 'hash') == nil then
                     redis.call('HSET', recovered_key, redis.sha1hex(payload), recoveries)
                 end
                 if state ~= 'c' then
@@ -520,7 +520,9 @@ if command == 'cycle' then
     local held = score and tonumber(score) > now_ms()
     local claimed, dropped = {}, {}
     if held and tokens > 0 then
-        local recovered = redis.call('EXISTS', recovered_key) == 1
+        -- (A key of another type there must not fail the claim after its RPOP: the
+        -- payload would be lost. Its recovery counts are then simply not kept.)
+        local recovered = redis.call('TYPE', recovered_key)['ok'] == 'hash'
         for k = 0, nprio - 1 do
             if tokens <= 0 then break end
             local p, size = ARGV[8 + 2 * k], tonumber(ARGV[9 + 2 * k])
