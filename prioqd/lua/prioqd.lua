@@ -226,6 +226,8 @@ local function recover(d, fallback_priorities, died, max_recoveries)
 end
 
 local function next_due_in(now)
+    -- (A key of another type there must not fail every heartbeat: nothing is due.)
+    if unwritable(scheduled_key, 'zset') then return -1 end
     local first = redis.call('ZRANGE', scheduled_key, 0, 0, 'WITHSCORES')
     if #first == 0 then return -1 end
     return math.max(0, tonumber(first[2]) - now)
@@ -651,6 +653,7 @@ end
 -- Returns {moved, dead-lettered, ms until the next scheduled job or -1}.
 if command == 'promote' then
     local now = now_ms()
+    if unwritable(scheduled_key, 'zset') then return {0, 0, -1} end
     local due = redis.call('ZRANGEBYSCORE', scheduled_key, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
     if #due == 0 then return {0, 0, next_due_in(now)} end
     local served = {}
