@@ -1012,6 +1012,30 @@ def test_a_reload_whose_workers_cannot_import_is_rejected_and_serving_goes_on(
     assert not criticals(d)
 
 
+def test_a_replacement_worker_with_fewer_tasks_is_reported_not_silent(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    module = mods / "deploytasks.py"
+    module.write_text(
+        "from prioqd import task\n\n\n@task\ndef deployed(x):\n    return x\n\n\n"
+        "@task\ndef gone(x):\n    return x\n"
+    )
+    modules = {"modules": [*MODULES, "deploytasks"]}
+    cfg = make_config(tmp_path / "c.toml", redis_server.url, workers={"slots": 1}, tasks=modules)
+    d = daemon(cfg, env=env_for(mods))
+    # A deploy removes a task while the daemon runs; then a worker dies and its
+    # replacement imports the new code.
+    module.write_text("from prioqd import task\n\n\n@task\ndef deployed(x):\n    return x\n")
+    shutil.rmtree(mods / "__pycache__", ignore_errors=True)
+    push(r, "normal", {"id": "crash", "task": "crash", "max_retries": 0})
+    assert wait_ended(r, ["crash"], d)["crash"]["status"] == "dead"
+    changed = wait_for(lambda: events_like(d, "different set of tasks"), 15, what="a report")[0]
+    assert changed["level"] == "error" and changed["removed"] == ["gone"]
+    push(r, "normal", {"id": "new_code", "task": "deployed", "args": [5]})
+    assert wait_ended(r, ["new_code"], d)["new_code"]["result"] == "5"
+    alive(d)
+
+
 # --- 10. jobs nobody serves --------------------------------------------------------------
 
 
