@@ -46,11 +46,24 @@ for _name, _value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT"
 #: later (Redis is loading, out of memory, running a slow script, a read-only replica
 #: after a failover...). Anything else from the script is a ``ScriptError``.
 _TRANSIENT = ("OOM", "BUSY", "LOADING", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+#: redis-py strips the code from the errors it has a class for ("OOM command not
+#: allowed..." becomes an OutOfMemoryError "command not allowed..."): those are
+#: recognised by their class.
+_TRANSIENT_CLASSES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,  # MASTERDOWN too
+)
 
 
 def _classify(what: str, exc: BaseException) -> BrokerError:
     text = f"{what}: {type(exc).__name__}: {exc}"
-    if isinstance(exc, redis.exceptions.ResponseError) and not str(exc).startswith(_TRANSIENT):
+    if (
+        isinstance(exc, redis.exceptions.ResponseError)
+        and not isinstance(exc, _TRANSIENT_CLASSES)
+        and not str(exc).startswith(_TRANSIENT)
+    ):
         return ScriptError(text)
     return BrokerError(text)
 
@@ -440,6 +453,8 @@ class BlockingMove:
     async def _drop(self, p: str) -> None:
         conn = self._conns.pop(p, None)
         self._client_ids.pop(p, None)
+        # Not blocked any more: an unblock during the disconnect below must skip it.
+        self._blocked.discard(p)
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
@@ -472,7 +487,9 @@ class BlockingMove:
             self._blocked.discard(p)
 
     async def unblock(self, priorities: Sequence[str]) -> None:
-        ids = [self._client_ids[p] for p in priorities if p in self._blocked]
+        ids = [
+            self._client_ids[p] for p in priorities if p in self._blocked and p in self._client_ids
+        ]
         if not ids:
             return
         with wrap_errors("unblock"):

@@ -276,6 +276,10 @@ class DaemonProcess:
                     out.append(json.loads(line))
         return out
 
+
+    def all_logs(self) -> list[dict[str, Any]]:
+        """The log lines of every run of this daemon (each start is a run)."""
+        return [e for run in range(self.runs) for e in self.logs(run)]
     def stderr(self) -> str:
         return self.log_path.with_suffix(".err").read_text(errors="replace")
 

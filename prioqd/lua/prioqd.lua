@@ -203,7 +203,7 @@ end
 
 -- Notes a payload's past before it goes back to a queue or to the schedule.
 local function remember(payload, recoveries, attempts)
-    if recoveries > 0 or attempts > 0 then
+    if (recoveries > 0 or attempts > 0) and unwritable(history_key, 'hash') == nil then
         redis.call('HSET', history_key, redis.sha1hex(payload), recoveries .. ':' .. attempts)
         redis.call('EXPIRE', history_key, 30 * 86400)
     end
@@ -245,6 +245,7 @@ end
 
 -- A claimed payload's past, taken out of P:history: recoveries, attempts used.
 local function recall(payload)
+    if redis.call('TYPE', history_key)['ok'] ~= 'hash' then return 0, 0 end
     local sha = redis.sha1hex(payload)
     local past = redis.call('HGET', history_key, sha)
     if not past then return 0, 0 end
@@ -292,6 +293,8 @@ local function recover(d, fallback_priorities, died, max_recoveries)
 end
 
 local function next_due_in(now)
+    -- (A key of another type there must not fail every heartbeat: nothing is due.)
+    if unwritable(scheduled_key, 'zset') then return -1 end
     local first = redis.call('ZRANGE', scheduled_key, 0, 0, 'WITHSCORES')
     if #first == 0 then return -1 end
     return math.max(0, tonumber(first[2]) - now)
@@ -665,7 +668,9 @@ if command == 'cycle' then
         paused = redis.call('SMEMBERS', paused_key)
         local skip = {}
         for _, p in ipairs(paused) do skip[p] = true end
-        local history = redis.call('EXISTS', history_key) == 1
+        -- (A key of another type there must not fail the claim after its RPOP: the
+        -- payload would be lost. The payloads' pasts are then simply not known.)
+        local history = redis.call('TYPE', history_key)['ok'] == 'hash'
         for k = 0, nprio - 1 do
             if tokens <= 0 then break end
             local p, size = ARGV[9 + 2 * k], tonumber(ARGV[10 + 2 * k])
@@ -794,6 +799,7 @@ end
 if command == 'promote' then
     max_dead = tonumber(ARGV[4])
     local now = now_ms()
+    if unwritable(scheduled_key, 'zset') then return {0, 0, -1} end
     local due = redis.call('ZRANGEBYSCORE', scheduled_key, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
     if #due == 0 then return {0, 0, next_due_in(now)} end
     local served = {}
