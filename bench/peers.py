@@ -271,6 +271,8 @@ class ProcConsumers(Consumers):
 
 class System:
     name = ""
+    #: ``peerlib/peer_<module>.py``: its tasks and producer
+    module = ""
     python = Path(sys.executable)
     about = ""
     version = ""
@@ -281,6 +283,7 @@ class System:
 
 class Prioqd(System):
     name = "prioqd"
+    module = "prioqd"
 
     def __init__(self) -> None:
         self.about = (
@@ -301,6 +304,7 @@ class Peer(System):
     def __init__(self, spec: PeerSpec, venv: Path, version: str) -> None:
         self.spec = spec
         self.name = spec.name
+        self.module = spec.venv
         self.venv = venv
         self.python = venv / "bin" / "python"
         self.version = version
@@ -332,7 +336,7 @@ class Driver:
                 [
                     str(system.python),
                     str(PEERLIB / "peer_driver.py"),
-                    system.name,
+                    system.module,
                     f"redis://127.0.0.1:{port}/0",
                 ],
                 stdin=subprocess.PIPE,
@@ -356,8 +360,8 @@ class Driver:
             if ready:
                 chunk = os.read(fd, 65536)
                 if not chunk:
-                    err = self.log_path.read_text(errors="replace")[-600:]
-                    raise RuntimeError(f"producer exited: {err}")
+                    err = self.log_path.read_text(errors="replace").strip().splitlines()
+                    raise RuntimeError(f"producer exited: {err[-1] if err else '?'}")
                 self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         reply: dict[str, Any] = json.loads(line)
@@ -525,12 +529,19 @@ def w1(system: System, ctx: Ctx, r: int, n: int = 5000) -> tuple[Figures, str]:
     marks = s.marks.of("a", n)
     first = min(m.start for m in marks)
     took = max(m.end for m in marks) - first
-    per_pid: dict[int, float] = {}
+    return {"W1": n / took}, _spread(marks)
+
+
+def _spread(marks: list[Mark]) -> str:
+    """How the jobs spread over processes, and how late the last process started."""
+    first: dict[int, float] = {}
     for m in marks:
-        per_pid[m.pid] = min(per_pid.get(m.pid, m.start), m.start)
-    skew = (max(per_pid.values()) - first) * 1000
+        first[m.pid] = min(first.get(m.pid, m.start), m.start)
+    if len(first) > 2 * WORKERS:
+        return f"{len(first):,} processes ran jobs (a process per job)"
     shares = sorted(Counter(m.pid for m in marks).values(), reverse=True)
-    return {"W1": n / took}, f"{len(per_pid)} processes ran jobs {shares}, skew {skew:.0f} ms"
+    skew = (max(first.values()) - min(first.values())) * 1000
+    return f"jobs per process {shares}, the last process's first job {skew:.0f} ms after the first"
 
 
 def w2(system: System, ctx: Ctx, r: int, n: int = 400, ms: float = 5.0) -> tuple[Figures, str]:
