@@ -559,9 +559,9 @@ def w2(system: System, ctx: Ctx, r: int, n: int = 400, ms: float = 5.0) -> tuple
     return {"W2": n * ms / 1000 / WORKERS / took}, f"mean job {busy:.2f} ms"
 
 
-def bare(ctx: Ctx, r: int, n: int = 400, ms: float = 5.0) -> float:
+def bare(ctx: Ctx, r: int, tag: str, n: int = 400, ms: float = 5.0) -> float:
     """The same burns run by ``WORKERS`` plain processes, n / WORKERS each, no queue."""
-    d = ctx.work / f"bare-{r}"
+    d = ctx.work / f"bare-{tag}-{r}"
     d.mkdir(parents=True)
     marks = Marks(d / "marks.log")
     env = _clean_env()
@@ -795,7 +795,8 @@ METHOD = [
     "- W1 / W2: the jobs are queued (normal priority), then the consumers started;",
     "  W1 = jobs / (last end - first start); W2 = (400 x 5 ms / 2) / (last end - first",
     "  start). Bare: 2 plain processes run 200 of the same burns each, from one moment,",
-    "  no queue, in every round; W2/bare is each run over its round's bare run.",
+    "  no queue, just before each system's W2 run; W2/bare is that run over its own",
+    "  bare run, and the bare column the median of every bare run.",
     "- W3: 2,000 low burns queued, the consumers started, 0.5 s after the first low job",
     "  started 20 trivial high jobs pushed (a burst: one call after another; or one per",
     "  10 ms). Wait = the high job's start mark - the producer's `time.time()` taken just",
@@ -1020,21 +1021,10 @@ def _round(
         for s in order:
             one("W1", s, lambda s=s: w1(s, ctx, r))
     if "W2" in plan.workloads:
-        bare_eff: list[float] = []
-
-        def run_bare() -> tuple[Figures, str]:
-            bare_eff.append(bare(ctx, r))
-            return {"W2": bare_eff[-1]}, ""
-
-        def run_w2(s: System) -> tuple[Figures, str]:
-            figures, note = w2(s, ctx, r)
-            if bare_eff:  # this round's bare run
-                figures["W2/bare"] = figures["W2"] / bare_eff[-1]
-            return figures, note
-
-        one("W2", None, run_bare)
+        # A bare run just before each system's: the machine's load (shared, noisy)
+        # changes less between the two sides of a ratio than over a whole round.
         for s in order:
-            one("W2", s, lambda s=s: run_w2(s))
+            _w2_pair(s, ctx, r, one)
     if "W3" in plan.workloads:
         for low_ms, pace in plan.w3_variants:
             for s in order:
@@ -1043,3 +1033,26 @@ def _round(
     if "W5" in plan.workloads:
         for s in order:
             one("W5", s, lambda s=s: w5(s, ctx, r))
+
+
+def _w2_pair(
+    s: System,
+    ctx: Ctx,
+    r: int,
+    one: Callable[[str, System | None, Callable[[], tuple[Figures, str]]], None],
+) -> None:
+    """The bare run, then the system's W2 run, and their ratio."""
+    bare_eff: list[float] = []
+
+    def run_bare() -> tuple[Figures, str]:
+        bare_eff.append(bare(ctx, r, s.name))
+        return {"W2": bare_eff[-1]}, ""
+
+    def run_w2() -> tuple[Figures, str]:
+        figures, note = w2(s, ctx, r)
+        if bare_eff:
+            figures["W2/bare"] = figures["W2"] / bare_eff[-1]
+        return figures, note
+
+    one("W2", None, run_bare)
+    one("W2", s, run_w2)
