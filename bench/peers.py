@@ -346,7 +346,11 @@ class Driver:
             )
         self.log_path = log_path
         self._buf = b""
-        self._reply(60)
+        try:
+            self._reply(60)  # {"ready": true}: its client library is imported
+        except BaseException:
+            self.close()
+            raise
 
     def _reply(self, timeout_s: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -422,6 +426,7 @@ class Marks:
         self.jobs: dict[str, Mark] = {}
         self.counts: Counter[str] = Counter()
         self.duplicates = 0
+        self._snapped = False
 
     def poll(self) -> None:
         data = self._fh.read()
@@ -443,6 +448,11 @@ class Marks:
         deadline = time.monotonic() + timeout_s
         while True:
             self.poll()
+            if self.jobs and not self._snapped:
+                # The consumers' processes, now that they run jobs: remembered, by pid,
+                # so that they are stopped even if their parent dies first.
+                consumers.tree()
+                self._snapped = True
             if self.counts[tag] >= n:
                 return
             if not consumers.alive():
