@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast lint demo bench install clean screenshots
+.PHONY: setup test test-fast lint demo bench bench-peers install clean screenshots
 
 $(BIN)/.installed: pyproject.toml
 	./scripts/ensure-deps.sh
@@ -55,6 +55,12 @@ bench: setup
 # docs/img/*.png for the README: the dashboard in headless Chromium.
 screenshots: setup
 	$(BIN)/python scripts/screenshots.py
+
+# prioqd beside Dramatiq and Huey, same workloads, 3 interleaved rounds; the peers are
+# installed from PyPI into venvs under bench/.work/venvs (kept between runs).
+# More: make bench-peers ARGS="--peers dramatiq,huey,rq --write-results"
+bench-peers: setup
+	$(BIN)/python bench/run.py --peers $(ARGS)
 
 # As root: venv under /opt/prioqd, /etc/prioqd/config.toml, the systemd unit.
 install:

@@ -211,12 +211,28 @@ class Daemon:
     (and, if given, the priorities) set. Logs at the default level (info) as JSON
     lines (``format = "auto"`` with stdout to a file) into the workload's directory."""
 
-    def __init__(self, server: RedisServer, name: str, priorities: list[str] | None = None):
+    def __init__(
+        self,
+        server: RedisServer,
+        name: str,
+        priorities: list[str] | None = None,
+        *,
+        modules: list[str] | None = None,
+        path: list[Path] | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        """``modules``: task modules instead of the default ``prioqd.examples``, found
+        on ``path`` (put on PYTHONPATH); ``env``: extra environment (inherited by the
+        workers)."""
         self.server = server
         self.dir = server.dir
         lines = ["[redis]", f'url = "redis://127.0.0.1:{server.port}/0"']
         if priorities is not None:
             lines += ["", "[queues]", f"priorities = {json.dumps(priorities)}"]
+        if modules is not None:
+            lines += ["", "[tasks]", f"modules = {json.dumps(modules)}"]
+        self.path = list(path or [])
+        self.extra_env = dict(env or {})
         self.config = self.dir / f"{name}.toml"
         self.config.write_text("\n".join(lines) + "\n")
         self.log_path = self.dir / f"{name}.log"
@@ -227,10 +243,12 @@ class Daemon:
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV}
-        if CODE_DIR is not None:
-            env["PYTHONPATH"] = str(CODE_DIR)
+        path = [str(p) for p in ([CODE_DIR] if CODE_DIR is not None else []) + self.path]
+        if path:
+            env["PYTHONPATH"] = os.pathsep.join(path)
         else:
             env.pop("PYTHONPATH", None)
+        env.update(self.extra_env)
         with open(self.log_path, "wb") as out:
             # cwd: the workload's dir, so that ``-m`` does not import a prioqd/ that
             # happens to be in the current directory instead of the one meant.
@@ -347,8 +365,10 @@ def task_cpu_ns(pid: int) -> int:
 
 
 @contextmanager
-def daemon(server: RedisServer, name: str, priorities: list[str] | None = None) -> Iterator[Daemon]:
-    d = Daemon(server, name, priorities)
+def daemon(
+    server: RedisServer, name: str, priorities: list[str] | None = None, **kwargs: Any
+) -> Iterator[Daemon]:
+    d = Daemon(server, name, priorities, **kwargs)
     try:
         d.start()
         yield d

@@ -3,12 +3,16 @@
     make bench                            # or: .venv/bin/python bench/run.py
     .venv/bin/python bench/run.py --only W1,W3 --quick
     .venv/bin/python bench/run.py --write-results   # also rewrites bench/RESULTS.md
+    make bench-peers                      # or: .venv/bin/python bench/run.py --peers
+    .venv/bin/python bench/run.py --peers dramatiq,huey,rq --only W3 --quick
 
 Every workload starts throwaway redis-servers of its own on free loopback ports
 (never the shared one on 6379) and the daemon as a real ``prioqd run`` process with
 the default configuration (only the Redis URL, and the priorities for the levels
 runs, are set), exactly as a user runs it. Workloads: CEILING, W1..W5, MEM, SCALE
 (backlogs), LEVELS (3 and 10 priority levels).
+
+``--peers`` runs prioqd beside Dramatiq and Huey (and RQ) instead: see peers.py.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from types import FrameType
 from typing import Any
 
 import harness
+import peers
 import workloads as wl
 from harness import OtherLoad, log
 
@@ -179,7 +184,28 @@ def write_results(
         *METHOD,
         "",
     ]
+    old = path.read_text() if path.exists() else ""
+    if PEERS_BEGIN in old and PEERS_END in old:  # written by --peers: kept as it is
+        section = old[old.index(PEERS_BEGIN) : old.index(PEERS_END) + len(PEERS_END)]
+        lines += [section, ""]
     path.write_text("\n".join(lines))
+
+
+PEERS_BEGIN = "<!-- peers: written by bench/run.py --peers --write-results -->"
+PEERS_END = "<!-- /peers -->"
+
+
+def write_peers_section(path: Path, section: list[str]) -> None:
+    """Put the peers section into RESULTS.md: in place of the last one, or at the end;
+    the rest of the file is left as it is."""
+    block = "\n".join([PEERS_BEGIN, *section, PEERS_END])
+    old = path.read_text() if path.exists() else "# prioqd benchmark results\n"
+    if PEERS_BEGIN in old and PEERS_END in old:
+        head, rest = old.split(PEERS_BEGIN, 1)
+        tail = rest.split(PEERS_END, 1)[1]
+        path.write_text(head + block + tail)
+    else:
+        path.write_text(old.rstrip("\n") + "\n\n" + block + "\n")
 
 
 def _git(*args: str) -> str:
@@ -232,6 +258,133 @@ def _on_term(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+PEER_WORKLOADS = ["W1", "W2", "W3", "W4", "W5"]
+
+
+def _start(args: argparse.Namespace) -> tuple[float, Path, str] | int:
+    """Signals, the --max-minutes alarm, the load of other processes, the work dir and
+    the code measured; or an exit status."""
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.alarm(int(args.max_minutes * 60))
+    log("measuring the load of other processes for 3 s ...")
+    pre = OtherLoad()
+    time.sleep(3)
+    pre_load = pre.stop()
+    work = Path(tempfile.mkdtemp(prefix="prioqd-bench-"))
+    if args.rev:
+        try:
+            code = export_rev(args.rev, work / "code")
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            print(exc, file=sys.stderr)
+            return 2
+    else:
+        code = code_state()
+    return pre_load, work, code
+
+
+def run_peers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``--peers``: prioqd beside its peers, the same workloads, interleaved rounds."""
+    names = [n.strip().lower() for n in str(args.peers).split(",") if n.strip()]
+    unknown = [n for n in names if n not in peers.PEERS]
+    if unknown or not names:
+        parser.error(f"--peers: unknown {unknown}; choose from {list(peers.PEERS)}")
+    selected = PEER_WORKLOADS
+    if args.only:
+        selected = [w.strip() for w in args.only.upper().split(",")]
+        if any(w not in PEER_WORKLOADS for w in selected):
+            parser.error(f"--peers --only: choose from {PEER_WORKLOADS}")
+    plan = peers.Plan(
+        rounds=args.repeat or (1 if args.quick else 3),
+        workloads=selected,
+        peers=names,
+        cache=args.peers_cache,
+    )
+    print(f"prioqd beside {', '.join(names)} on {machine()}", flush=True)
+    log(f"CPU: {cpu_model()}")
+    started_state = _start(args)
+    if isinstance(started_state, int):
+        return started_state
+    pre_load, work, code = started_state
+    started = datetime.datetime.now().astimezone()
+    t_start = time.monotonic()
+    aborted = ""
+    res = peers.Results(["prioqd", *names])
+    log(f"work dir {work}; {plan.rounds} rounds of {','.join(selected)}")
+    try:
+        res = peers.run(plan, work)
+    except (KeyboardInterrupt, Overrun) as exc:
+        aborted = f"{type(exc).__name__} {exc}"
+        log(f"ABORTED: {aborted}")
+        res = peers.PARTIAL or res
+    finally:
+        signal.alarm(0)
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    runtime = time.monotonic() - t_start
+    header = [
+        f"Rounds: {plan.rounds}, interleaved (every workload runs for every system in"
+        " turn, the order rotated by one each round); each figure is the median of the"
+        " rounds",
+        f"Load of other processes before the start: {pre_load:.2f} CPU; load average at"
+        f" the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+    ]
+    if aborted:
+        header.append(f"ABORTED: {aborted}; the table is partial")
+    code_after = code if args.rev else code_state()
+    if code_after != code:
+        header.append(f"THE CODE CHANGED DURING THE RUN: {code} -> {code_after}")
+    head, cells = peers.rows(res)
+    notes = [*res.notes, *peers.detail_notes(res), peers.NOT_INCLUDED]
+    print()
+    print(f"CPU: {cpu_model()}")
+    print(f"prioqd beside {', '.join(names)} on {machine()}")
+    print(f"{started:%Y-%m-%d %H:%M %Z}, runtime {runtime:.0f} s; code {code}")
+    print("\n".join(header))
+    print()
+    print("\n".join(peers.text_table(head, cells)))
+    print(peers.LEGEND)
+    print()
+    print("\n".join(f"- {n}" for n in notes))
+    if args.write_results:
+        command = " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]])
+        section = [
+            "",
+            "## prioqd beside its peers",
+            "",
+            "Written by `bench/run.py --peers --write-results` (`make bench-peers`); the",
+            "sections above by `bench/run.py --write-results`, which keeps this one.",
+            "",
+            f"- Command: `{command}`",
+            f"- Date: {started:%Y-%m-%d %H:%M %Z} (runtime {runtime / 60:.1f} min)",
+            f"- CPU: {cpu_model()}",
+            f"- Machine: {machine()}",
+            *(f"- {h}" for h in header),
+            f"- Code: {code}",
+            "",
+            *peers.md_table(head, cells),
+            "",
+            peers.LEGEND,
+            "",
+            "### Notes",
+            "",
+            *(f"- {n}" for n in notes),
+            "",
+            "### Method",
+            "",
+            *peers.METHOD,
+            "",
+        ]
+        write_peers_section(HERE / "RESULTS.md", section)
+        log(f"wrote the peers section of {HERE / 'RESULTS.md'}")
+    if aborted:
+        return 130
+    return 1 if any("FAILED" in n for n in res.notes) else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=(__doc__ or "").split("\n")[0],
@@ -257,10 +410,29 @@ def main() -> int:
         " archive) instead of the working tree the editable install points at",
     )
     parser.add_argument("--max-minutes", type=float, default=20.0, help="abort past this")
+    parser.add_argument(
+        "--peers",
+        nargs="?",
+        const=",".join(peers.DEFAULT_PEERS),
+        metavar="LIST",
+        help="run prioqd beside its peers instead (default "
+        f"{','.join(peers.DEFAULT_PEERS)}; known: {','.join(peers.PEERS)}): workloads"
+        f" {','.join(PEER_WORKLOADS)}, 3 interleaved rounds (--repeat), each peer in a venv"
+        " of its own under --peers-cache",
+    )
+    parser.add_argument(
+        "--peers-cache",
+        type=Path,
+        default=Path(os.environ.get("PEERBENCH_CACHE", peers.DEFAULT_CACHE)),
+        help="where the peers' venvs are kept between runs (default bench/.work/venvs,"
+        " or $PEERBENCH_CACHE)",
+    )
     args = parser.parse_args()
     if shutil.which("redis-server") is None:
         print("redis-server is required (scripts/ensure-redis.sh)", file=sys.stderr)
         return 1
+    if args.peers is not None:
+        return run_peers(args, parser)
     selected = WORKLOADS
     if args.only:
         selected = [ALIASES.get(w, w) for w in args.only.upper().replace(" ", "").split(",")]
