@@ -87,6 +87,7 @@ class Job:
     attempt: int = 1
     started_at: float = 0.0  # wall clock, when dispatched
     dispatched_at: float = 0.0  # monotonic
+    worker_pid: int = 0  # the worker process its batch went to
 
 
 @dataclass(slots=True)
@@ -396,6 +397,8 @@ def start_op(job: Job, *, daemon_id: str, ttl_s: int) -> Start:
         "started_at": _ts(job.started_at),
         "daemon": daemon_id,
     }
+    if job.worker_pid:
+        fields["worker_pid"] = str(job.worker_pid)
     return Start(job, ttl_s, fields)
 
 

@@ -217,9 +217,10 @@ class Bury:
 
     claim: int
     reason: str
+    job_id: str = ""
 
     def args(self) -> list[Arg]:
-        return ["bury", str(self.claim), self.reason]
+        return ["bury", str(self.claim), self.job_id, self.reason]
 
 
 @dataclass(frozen=True, slots=True)

@@ -433,6 +433,8 @@ class Pool:
             self._make_idle(worker)
 
     def _run(self, worker: _Worker, batch: list[_Running], frame: bytes) -> None:
+        for r in batch:
+            r.job.worker_pid = worker.pid
         worker.batch.extend(batch)
         worker.send(frame)
         self._arm(worker)

@@ -170,10 +170,11 @@ class Runner:
                 "bad_result",
                 error=f"task {name!r} returned a value that is not JSON-serialisable: {exc}",
             )
-        if len(result) > max_result_bytes:
+        # (At most 4 bytes a character: only a long result is worth encoding to count.)
+        if len(result) * 4 > max_result_bytes and len(result.encode()) > max_result_bytes:
             return out(
                 "bad_result",
-                error=f"task {name!r} returned a result of {len(result)} characters of JSON, "
+                error=f"task {name!r} returned {len(result.encode())} bytes of JSON, "
                 f"over max_result_bytes={max_result_bytes}",
             )
         return out("ok", result=result)

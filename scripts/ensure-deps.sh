@@ -5,6 +5,7 @@
 #   systemd-nspawn            the end-to-end tests boot a real systemd in a container
 #   systemd-analyze           the unit file tests (part of systemd itself)
 #   openssl                   a throwaway CA for the rediss:// (TLS) tests
+#   faketime                  a daemon with a skewed clock (eta uses Redis's clock)
 #   chromium, chromium-driver the dashboard's browser tests (Selenium drives them)
 #   promtool                  checks contrib/'s alert rules and dashboard queries
 #                             (Debian's prometheus package; its service is not enabled
@@ -15,6 +16,7 @@ command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing
 command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v faketime >/dev/null || missing+=(faketime)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 command -v promtool >/dev/null || missing+=(prometheus)

@@ -40,6 +40,7 @@ from helpers import (
     dead_letters,
     job_hash,
     push,
+    skip_or_fail,
     wait_for,
     write_config,
 )
@@ -1143,12 +1144,11 @@ LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not LIBFAKETIME.exists(), reason="libfaketime is not installed (apt-get install faketime)"
-)
 def test_eta_is_compared_with_redis_clock_not_the_daemon_hosts(
     r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
 ) -> None:
+    if not LIBFAKETIME.exists():
+        skip_or_fail("libfaketime is not installed (apt-get install faketime)")
     # The daemon's host clock runs an hour ahead of Redis's.
     env = env_for(mods, LD_PRELOAD=str(LIBFAKETIME), FAKETIME="+1h", FAKETIME_NO_CACHE="1")
     d = daemon(make_config(tmp_path / "c.toml", redis_server.url), env=env)

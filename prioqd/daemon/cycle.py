@@ -218,6 +218,9 @@ class Cycle:
     async def _isolate(self, ops: list[Op], exc: ScriptError) -> None:
         """Redis refused a whole cycle for good: find the op it refuses by sending each
         alone, and send that op's jobs to the dead letters with Redis's reason."""
+        if not ops:
+            # A claim alone refused for good: nothing here can fix that (an ACL, a bug).
+            raise InternalError(f"redis refused a claim: {exc}")
         self.log.error("redis refused a cycle; retrying its ops one by one", error=str(exc))
         for k, op in enumerate(ops):
             try:
@@ -239,18 +242,18 @@ class Cycle:
             self._apply([op], reply.results)
 
     async def _bury(self, op: Op, reason: str) -> None:
-        claims: list[int] = []
+        claims: list[tuple[int, str]] = []
         match op:
             case Start(job=job) | Finish(job=job) | End(job=job) | Schedule(job=job):
-                claims = [job.claim]
-            case Reject(claim=claim):
-                claims = [claim]
+                claims = [(job.claim, job.id)]
+            case Reject(claim=claim, rejected=rej):
+                claims = [(claim, rej.id)]
             case Release(claims=released):
-                claims = list(released)
+                claims = [(c, "") for c in released]
             case _:
                 raise InternalError(f"redis refused a {type(op).__name__} op: {reason}")
-        for claim in claims:
-            bury = Bury(claim, f"redis refused to record it: {reason}"[:1000])
+        for claim, job_id in claims:
+            bury = Bury(claim, f"redis refused to record it: {reason}"[:1000], job_id)
             try:
                 await self.broker.cycle(
                     self.lease.id,

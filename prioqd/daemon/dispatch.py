@@ -344,9 +344,13 @@ class Dispatcher:
         self._finish(job, jobs.cancelled_run(now))
 
     def cancel(self, ids: set[str]) -> None:
-        """Operators cancelled these jobs: stop any we run, drop any we hold."""
-        self.cancels |= ids
-        for job_id in ids:
+        """Operators' cancels as they stand in Redis (``<prefix>:cancels``): stop any of
+        these jobs we run, drop any we hold, and stop any claimed later. The set is
+        replaced, not added to: a cancel that was settled or withdrawn (the id pushed
+        again) no longer applies."""
+        new = ids - self.cancels
+        self.cancels = set(ids)
+        for job_id in new:
             stopped = self.pool.cancel(job_id)
             for claim, job in list(self._locking.items()):
                 if job.id == job_id:

@@ -75,6 +75,9 @@ class Lease:
         self._on_redis_down = on_redis_down
         self._on_due_in_ms = on_due_in_ms
         self.slots = 0
+        #: The daemon's last error, as ``prioqd status`` and the dashboard show it.
+        self.last_error: Callable[[], str] = lambda: ""
+        self._error_written = ""
         #: Redis's clock minus ours, in seconds (measured at each beat).
         self.clock_offset_s = 0.0
         #: False once a cycle found our lease gone: claim nothing until a beat renews it.
@@ -186,6 +189,11 @@ class Lease:
             )
         if beat.next_due_ms is not None:
             self._on_due_in_ms(beat.next_due_ms)
+        error = self.last_error()[:500]
+        if error != self._error_written or beat.registered:
+            # Only when it changed: an idle daemon's beat stays one command.
+            await self.broker.update_daemon_info(self.id, {"last_error": error})
+            self._error_written = error
         return beat
 
     def lost(self) -> None:

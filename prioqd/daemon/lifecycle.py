@@ -89,6 +89,7 @@ class Daemon:
             on_due_in_ms=self.scheduler.due_in,
         )
         self.lease.slots = self.slots.total
+        self.lease.last_error = lambda: self.dispatch.last_error or self.last_error
         self.dispatch = Dispatcher(
             config,
             daemon_id=self.id,
@@ -120,6 +121,7 @@ class Daemon:
             slots=self.slots,
             log=self.log,
             on_redis_down=self._redis_down,
+            on_failure=self._internal_failure,
         )
         self.dispatch.on_change = self.watch.reconcile
         self.pool.on_progress = self.dispatch.progress
@@ -377,10 +379,12 @@ class Daemon:
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            self.log.critical("internal failure; stopping", error=repr(exc), exc_info=exc)
-            self.exit_code = EXIT_INTERNAL
-            self.stop(force=True)
+            self._internal_failure(task.exception())  # type: ignore[arg-type]
+
+    def _internal_failure(self, exc: BaseException) -> None:
+        self.log.critical("internal failure; stopping", error=repr(exc), exc_info=exc)
+        self.exit_code = EXIT_INTERNAL
+        self.stop(force=True)
 
     async def _trigger(self, shutdown_trigger: Callable[[], Awaitable[Any]]) -> None:
         await shutdown_trigger()

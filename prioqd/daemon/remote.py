@@ -48,8 +48,7 @@ class Remote:
             cancels = {c.decode() for c in await r.zrangebyscore(keys.cancels, now_ms, "+inf")}
         if paused != self.paused:
             self._on_paused(paused)
-        if cancels:
-            self._on_cancel(cancels)
+        self._on_cancel(cancels)
 
     async def run(self) -> None:
         backoff = Backoff()

@@ -49,8 +49,10 @@ class Watch:
         slots: Slots,
         log: Any,
         on_redis_down: Callable[[str, BrokerError, Backoff], float],
+        on_failure: Callable[[BaseException], None],
     ) -> None:
         self.priorities = priorities
+        self._on_failure = on_failure
         self.cycle = cycle
         self.dispatch = dispatch
         self.slots = slots
@@ -121,7 +123,8 @@ class Watch:
             and p not in self.paused
             and not self._closing
         ):
-            self._tasks[p] = asyncio.ensure_future(self._wait(p))
+            self._tasks[p] = task = asyncio.ensure_future(self._wait(p))
+            task.add_done_callback(self._failed)
 
     def _call_off(self, priorities: list[str]) -> None:
         self._leaving.update(priorities)
@@ -130,8 +133,17 @@ class Watch:
     def _background_task(self, coro: Any) -> asyncio.Future[None]:
         task: asyncio.Future[None] = asyncio.ensure_future(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Future[None]) -> None:
+        self._background.discard(task)
+        self._failed(task)
+
+    def _failed(self, task: asyncio.Future[Any]) -> None:
+        # A failure here would leave the daemon waiting on nothing: an internal failure.
+        if not task.cancelled() and task.exception() is not None:
+            self._on_failure(task.exception())  # type: ignore[arg-type]
 
     async def _unblock(self, priorities: list[str]) -> None:
         try:

@@ -182,6 +182,22 @@ end
 -- A dead letter made here, for a payload that never reached a daemon's parser (too
 -- large) or that killed its daemons. The payload stays in Redis under its own key,
 -- so that the letter is small and `prioqd dead requeue` can put it back.
+-- Whether dead letters can be written (P:dead is a list, or absent). Every caller of
+-- dead_by_reference checks this first: with P:dead of another type, a payload is left
+-- where it is rather than lost between its payload key and a letter that fails.
+local function dead_writable() return unwritable(dead_key, 'list') == nil end
+
+-- A job that could not run records so in its hash and done list, if it has an id and
+-- they can be written, so that a producer waiting on it hears of it.
+local function mark_dead(id, p, reason)
+    if not id or check({{job_key(id), 'hash'}, {done_key(id), 'list'}}) then return end
+    local ttl = redis.call('TTL', job_key(id))
+    if ttl <= 0 then ttl = 86400 end
+    redis.call('HSET', job_key(id), 'status', 'dead', 'error', reason)
+    push_done(id, ttl, cjson.encode(
+        {id = id, priority = p, status = 'dead', result = cjson.null, error = reason}))
+end
+
 local function dead_by_reference(p, payload, reason, fields)
     local sha = redis.sha1hex(payload)
     redis.call('SET', payload_key(sha), payload)
@@ -221,16 +237,10 @@ local function put_back(v, died, max_recoveries)
         if ok and type(job) == 'table' and type(job.id) == 'string' then id = job.id end
     end
     if died then recoveries = recoveries + 1 end
-    if died and recoveries > max_recoveries then
+    if died and recoveries > max_recoveries and dead_writable() then
         local reason = 'poison: its daemon died ' .. recoveries .. ' times while holding it'
         dead_by_reference(p, payload, reason, {id = id or cjson.null})
-        if id and check({{job_key(id), 'hash'}, {done_key(id), 'list'}}) == nil then
-            local ttl = redis.call('TTL', job_key(id))
-            if ttl <= 0 then ttl = 86400 end
-            redis.call('HSET', job_key(id), 'status', 'dead', 'error', reason)
-            push_done(id, ttl, cjson.encode(
-                {id = id, priority = p, status = 'dead', result = cjson.null, error = reason}))
-        end
+        mark_dead(id, p, reason)
         return 'dead'
     end
     redis.call('RPUSH', queue_key(p), payload)
@@ -282,12 +292,15 @@ local function recover(d, fallback_priorities, died, max_recoveries)
         local why = unwritable(queue_key(p), 'list')
         if why == nil then
             if put_back(v, died, max_recoveries) == 'dead' then dead = dead + 1 else queued = queued + 1 end
-        else
+            redis.call('HDEL', inflight, tostring(c))
+        elseif dead_writable() then
             dead_by_reference(p, payload, 'redis error: ' .. why)
             dead = dead + 1
+            redis.call('HDEL', inflight, tostring(c))
         end
+        -- (Neither its queue nor the dead letters writable: it stays in the hash.)
     end
-    redis.call('DEL', inflight, daemon_key(d))
+    redis.call('DEL', daemon_key(d))
     redis.call('ZREM', daemons_key, d)
     return {queued, dead}
 end
@@ -339,7 +352,7 @@ local function entry(c) return redis.call('HGET', inflight, c) end
 
 -- The op on claim c cannot write `why`: move its job to the dead letters instead.
 local function fail_op(c, v, why)
-    if unwritable(dead_key, 'list') then return -3 end
+    if not dead_writable() then return -3 end
     local p, _, _, payload = parse_entry(v)
     redis.call('HDEL', inflight, c)
     dead_by_reference(p, payload, 'redis error: ' .. why)
@@ -415,6 +428,7 @@ ops.drop = function(i)
     local landing = landing_key(D, p)
     for _, v in ipairs(redis.call('LRANGE', landing, 0, -1)) do
         if string.len(v) == nbytes then
+            if not dead_writable() then return -3, i + 4 end
             redis.call('LREM', landing, 1, v)
             dead_by_reference(p, v, reason)
             return 1, i + 4
@@ -602,17 +616,19 @@ ops.release = function(i)
     return n, nxt
 end
 
--- bury C reason: claim C goes to the dead letters by reference, with `reason` (the
--- daemon's last resort for an op that Redis refuses). 1; -1 if the claim is gone.
+-- bury C id reason: claim C goes to the dead letters by reference, with `reason` (the
+-- daemon's last resort for an op that Redis refuses); job `id` (if not empty) is
+-- marked dead in its hash and done list. 1; -1 if the claim is gone.
 ops.bury = function(i)
-    local c, reason = ARGV[i + 1], ARGV[i + 2]
+    local c, id, reason = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local v = entry(c)
-    if not v then return -1, i + 3 end
-    if unwritable(dead_key, 'list') then return -3, i + 3 end
+    if not v then return -1, i + 4 end
+    if not dead_writable() then return -3, i + 4 end
     local p, _, _, payload = parse_entry(v)
     redis.call('HDEL', inflight, c)
-    dead_by_reference(p, payload, reason)
-    return 1, i + 3
+    dead_by_reference(p, payload, reason, {id = id ~= '' and id or cjson.null})
+    if id ~= '' then mark_dead(id, p, reason) end
+    return 1, i + 4
 end
 
 -- restore lo hi: claims lo..hi still held and not started (those of a claim whose
@@ -680,7 +696,10 @@ if command == 'cycle' then
                 while n < cap do
                     local v = redis.call('RPOP', queue)
                     if not v then break end
-                    if string.len(v) > max_bytes then
+                    if string.len(v) > max_bytes and not dead_writable() then
+                        redis.call('RPUSH', queue, v)  -- left at the head: nowhere to put it
+                        break
+                    elseif string.len(v) > max_bytes then
                         local reason = 'payload is ' .. string.len(v) ..
                             ' bytes, over max_payload_bytes=' .. max_bytes
                         dead_by_reference(p, v, reason)
@@ -809,20 +828,24 @@ if command == 'promote' then
             for _, p in ipairs(split_csv(prios)) do served[p] = true end
         end
     end
-    local moved, dead = 0, 0
+    local moved, dead, done = 0, 0, {}
+    local can_bury = dead_writable()
     for _, member in ipairs(due) do
         local p, json = parse_member(member)
         if served[p] and unwritable(queue_key(p), 'list') == nil then
             redis.call('LPUSH', queue_key(p), json)
             moved = moved + 1
-        else
+            done[#done + 1] = member
+        elseif can_bury then
             local reason = 'no daemon serves priority ' .. p
             if served[p] then reason = 'redis error: ' .. unwritable(queue_key(p), 'list') end
             dead_by_reference(p, json, reason)
             dead = dead + 1
+            done[#done + 1] = member
         end
+        -- (Nowhere to go: it stays in the schedule.)
     end
-    redis.call('ZREM', scheduled_key, unpack(due))
+    if #done > 0 then redis.call('ZREM', scheduled_key, unpack(done)) end
     return {moved, dead, next_due_in(now)}
 end
 
