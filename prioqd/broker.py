@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import select
 import socket
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -485,6 +486,29 @@ class BlockingMove:
             raise
         finally:
             self._blocked.discard(p)
+
+    def unread(self, priorities: Sequence[str]) -> bool:
+        """Whether a reply waits unread on the waits of ``priorities``: in the stream's
+        buffer, or in the socket (one ``select`` with no timeout)."""
+        fds = []
+        for p in priorities:
+            conn = self._conns.get(p)
+            if conn is None or p not in self._blocked:
+                continue
+            reader = getattr(conn, "_reader", None)
+            if reader is not None and getattr(reader, "_buffer", None):
+                return True
+            writer = getattr(conn, "_writer", None)
+            sock = writer.transport.get_extra_info("socket") if writer is not None else None
+            if sock is not None:
+                fds.append(sock.fileno())
+        if not fds:
+            return False
+        try:
+            readable, _, _ = select.select(fds, [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
     async def unblock(self, priorities: Sequence[str]) -> None:
         ids = [

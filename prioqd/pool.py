@@ -39,6 +39,8 @@ _HEADER = struct.Struct("!I")
 #: seqs the worker has already run.
 _PREEMPT = struct.Struct("=qq")
 _START_TIMEOUT_S = 120.0
+#: A batch held back because a higher job is arriving is looked at again this soon.
+_RECHECK_S = 0.0005
 
 
 @dataclass(slots=True)
@@ -169,6 +171,10 @@ class Pool:
         self.max_jobs_per_worker = max_jobs_per_worker
         self.max_result_bytes = max_result_bytes
         self.default_max_retries = default_max_retries
+        #: Asked before a waiting batch of this rank starts: False holds it back a moment
+        #: (a higher job is arriving; see Watch.may_start).
+        self.may_start: Callable[[int], bool] = lambda rank: True
+        self._kick_handle: asyncio.TimerHandle | None = None
         #: Called with (job, progress JSON) when a task reports progress.
         self.on_progress: Callable[[Job, str], None] = lambda job, text: None
         self.task_names: frozenset[str] = frozenset()
@@ -366,8 +372,11 @@ class Pool:
         self._seq += len(batch)
         if batch:
             batch[0].on_start = on_start
-        if self._idle:
+        if self._idle and self.may_start(rank):
             self._run(self._idle.popleft(), batch, frame)
+        elif self._idle:
+            heapq.heappush(self._pending, (rank, batch[0].seq, batch, frame))
+            self._kick_later()
         else:
             # Every worker is busy (or being replaced after a crash): wait, and send
             # back every lower job not started yet, so that this one waits for one
@@ -493,12 +502,25 @@ class Pool:
         if len(self._workers) - len(self._retiring()) > self.size:
             self._retire(worker)
             return
-        if self._pending:
+        if self._pending and self.may_start(self._pending[0][0]):
             _, _, batch, frame = heapq.heappop(self._pending)
             self._run(worker, batch, frame)
         else:
             self._idle.append(worker)
             self._idle_event.set()
+            if self._pending:
+                self._kick_later()
+
+    def _kick_later(self) -> None:
+        """Look again in a moment at batches held back by ``may_start``."""
+        if self._kick_handle is None:
+            self._kick_handle = asyncio.get_running_loop().call_later(_RECHECK_S, self._kick)
+
+    def _kick(self) -> None:
+        self._kick_handle = None
+        idle, self._idle = list(self._idle), deque()
+        for worker in idle:
+            self._make_idle(worker)
 
     def _retiring(self) -> list[_Worker]:
         return [w for w in self._workers if w.retiring]

@@ -124,6 +124,7 @@ class Daemon:
             on_failure=self._internal_failure,
         )
         self.dispatch.on_change = self.watch.reconcile
+        self.pool.may_start = self.watch.may_start
         self.pool.on_progress = self.dispatch.progress
         self.remote = Remote(
             self.broker,

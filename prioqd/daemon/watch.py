@@ -96,6 +96,15 @@ class Watch:
         else:
             self.reconcile()
 
+    def may_start(self, rank: int) -> bool:
+        """Whether a job of ``rank`` may start now: not if a payload of a higher
+        priority has landed and waits unread on our connections (it arrived while the
+        worker was finishing; its reply is a fraction of a millisecond from being read).
+        The pool then holds the lower job back briefly, and the higher one takes the
+        worker instead."""
+        higher = [p for p in self.priorities[:rank] if p in self._tasks]
+        return not higher or not self._moves.unread(higher)
+
     def _outranks_held(self, p: str) -> bool:
         lowest = self.dispatch.lowest_held()
         return lowest is not None and self._rank[p] < lowest
