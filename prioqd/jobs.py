@@ -221,7 +221,9 @@ def _parse(
     kwargs = obj.get("kwargs", {})
     if not isinstance(kwargs, dict):
         return reject(f"'kwargs' must be an object, got {_json_type(kwargs)}")
-    if (args or kwargs) and _too_deep([args, kwargs], MAX_DEPTH):
+    # Nesting MAX_DEPTH deep takes at least 2 * MAX_DEPTH bytes of brackets: a short
+    # payload need not be walked.
+    if len(raw) > 2 * MAX_DEPTH and _too_deep([args, kwargs], MAX_DEPTH):
         return reject(f"'args'/'kwargs' nest deeper than {MAX_DEPTH} levels")
     timeout_s = None
     if "timeout_s" in obj:
