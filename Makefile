@@ -17,10 +17,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 # Coverage of subprocesses (daemons, CLI runs, workers): every Python of the venv runs
-# coverage.process_startup() at start, which measures only when COVERAGE_PROCESS_START
-# is set (by `make test`).
+# coverage.process_startup() at start when COVERAGE_PROCESS_START is set (by `make
+# test`); otherwise coverage is not even imported (the benchmark measures memory).
 $(BIN)/.coverage-hook: $(BIN)/.installed
-	echo 'import coverage; coverage.process_startup()' \
+	echo 'import os; os.environ.get("COVERAGE_PROCESS_START") and __import__("coverage").process_startup()' \
 		>"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/prioqd-coverage.pth"
 	touch $@
 

@@ -39,7 +39,7 @@ import workloads as wl
 from harness import OtherLoad, log
 
 HERE = Path(__file__).resolve().parent
-WORKLOADS = ["CEILING", "W1", "W2", "W3", "W4", "W5", "MEM", "SCALE", "LEVELS"]
+WORKLOADS = ["CEILING", "W1", "W2", "W3", "W4", "W5", "STARVE", "MEM", "SCALE", "LEVELS"]
 ALIASES = {"MEMORY": "MEM", "CEIL": "CEILING", "BACKLOG": "SCALE"}
 
 
@@ -480,6 +480,7 @@ def main() -> int:
             ("W3", lambda: wl.w3(work, "sleep")),
             ("W4", lambda: wl.w4(work)),
             ("W5", lambda: wl.w5(work)),
+            ("STARVE", lambda: wl.starve(work)),
             ("MEM", lambda: wl.memory(work, mem_jobs)),
             ("SCALE", lambda: wl.scale(work, flat_reps, backlogs)),
             ("LEVELS", lambda: wl.levels(work, flat_reps, [3, 10])),

@@ -608,6 +608,65 @@ def w5(work: Path, n: int = 200, every_s: float = 0.01) -> Report:
     return rep
 
 
+# --- starvation -------------------------------------------------------------------------
+
+
+def starve(work: Path, loads: tuple[float, ...] = (0.5, 0.9, 1.0), seconds: float = 6.0) -> Report:
+    """Strict priority's cost: how long a low job waits under a sustained stream of high
+    jobs at a share of capacity. High jobs sleep 5 ms (2 slots: capacity 400 jobs/s);
+    a low job is pushed every 0.25 s. Sleeping jobs keep CPU contention out of it."""
+    rep = Report()
+    job_s, slots = 0.005, 2
+    for load in loads:
+        name = f"starve-{int(load * 100)}"
+        with redis_server(work, name) as server:
+            client = server.client
+            assert client is not None
+            rate = load * slots / job_s
+            highs, lows, pushed = 0, [], {}
+            with daemon(server, name) as d:
+                d.wait_ready()
+                t0 = time.time()
+                next_low = t0
+                while time.time() - t0 < seconds:
+                    now = time.time()
+                    due = int((now - t0) * rate) - highs
+                    if due > 0:
+                        pipe = client.pipeline(transaction=False)
+                        for _ in range(due):
+                            pipe.lpush(queue_key("high"), job(f"h{highs}", "sleep", job_s))
+                            highs += 1
+                        pipe.execute()
+                    if now >= next_low:
+                        job_id = f"l{len(lows)}"
+                        pushed[job_id] = time.time()
+                        client.lpush(queue_key("low"), job(job_id, "sleep", job_s))
+                        lows.append(job_id)
+                        next_low += 0.25
+                    time.sleep(0.001)
+                stream_end = time.time()
+                # The stream ends: every low job runs now (bounded wait).
+                deadline = time.time() + WAIT_S
+                while time.time() < deadline:
+                    if all(
+                        s == "succeeded"
+                        for s, _ in job_fields(client, lows, "status", "started_at")
+                    ):
+                        break
+                    time.sleep(0.05)
+            rows = job_fields(client, lows, "status", "started_at")
+        waits = [(float(st or 0) - pushed[j]) * 1000 for j, (_, st) in zip(lows, rows, strict=True)]
+        during = [w for j, w in zip(lows, waits, strict=True) if pushed[j] + w / 1000 < stream_end]
+        p50 = statistics.median(waits)
+        rep.figures[name] = (p50, max(waits), len(during), len(lows))
+        rep.rows.append(Row(
+            "starve", f"low job's wait under a high stream at {load:.0%} of capacity"
+            f" (5 ms jobs, {seconds:g} s): p50 / max ms [lows started during the stream]",
+            f"{p50:,.1f} / {max(waits):,.1f} [{len(during)} of {len(lows)}]",
+        ))  # fmt: skip
+    return rep
+
+
 # --- memory ----------------------------------------------------------------------------
 
 

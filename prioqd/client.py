@@ -61,7 +61,7 @@ import urllib.parse
 from collections.abc import Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Generic, ParamSpec, TypeAlias, TypeVar, cast, overload
+from typing import Any, Generic, ParamSpec, Self, TypeAlias, TypeVar, cast, overload
 
 import redis.asyncio as aioredis
 from redis import Redis as SyncRedis
@@ -669,7 +669,39 @@ def _config(path: str | os.PathLike[str]) -> Config:
 # --- the synchronous client ------------------------------------------------------------
 
 
-class Client:
+class _ClientBase:
+    """What both clients share: built from a config file, and what they know."""
+
+    _p: _Protocol
+
+    def __init__(self, url: str | None = None, **kwargs: Any) -> None:
+        raise NotImplementedError  # pragma: no cover - each client has its own
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Self:
+        """A client for the daemons that run on this config file (``ConfigError`` if
+        it is invalid)."""
+        cfg = _config(path)
+        return cls(
+            cfg.redis.url,
+            prefix=cfg.queues.prefix,
+            priorities=cfg.queues.priorities,
+            result_ttl_s=cfg.jobs.result_ttl_s,
+            max_payload_bytes=cfg.jobs.max_payload_bytes,
+            socket_timeout_s=cfg.redis.socket_timeout_s,
+            connect_timeout_s=cfg.redis.connect_timeout_s,
+        )
+
+    @property
+    def prefix(self) -> str:
+        return self._p.keys.prefix
+
+    @property
+    def priorities(self) -> tuple[str, ...]:
+        return self._p.priorities
+
+
+class Client(_ClientBase):
     """Push jobs and follow them, with blocking calls (``redis.Redis`` underneath).
 
     Build it from the daemon's config file (``Client.from_config(path)``: URL, prefix,
@@ -713,29 +745,6 @@ class Client:
             socket_timeout_s=_socket_timeout(redis),
         )
         self._script = redis.register_script(_SCRIPT)
-
-    @classmethod
-    def from_config(cls, path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Client:
-        """A client for the daemons that run on this config file (``ConfigError`` if
-        it is invalid)."""
-        cfg = _config(path)
-        return cls(
-            cfg.redis.url,
-            prefix=cfg.queues.prefix,
-            priorities=cfg.queues.priorities,
-            result_ttl_s=cfg.jobs.result_ttl_s,
-            max_payload_bytes=cfg.jobs.max_payload_bytes,
-            socket_timeout_s=cfg.redis.socket_timeout_s,
-            connect_timeout_s=cfg.redis.connect_timeout_s,
-        )
-
-    @property
-    def prefix(self) -> str:
-        return self._p.keys.prefix
-
-    @property
-    def priorities(self) -> tuple[str, ...]:
-        return self._p.priorities
 
     def close(self) -> None:
         """Close the connections, if this client made them."""
@@ -951,7 +960,7 @@ def _sync_redis_from_url(url: str, socket_timeout_s: float, connect_timeout_s: f
 # --- the asyncio client ------------------------------------------------------------------
 
 
-class AsyncClient:
+class AsyncClient(_ClientBase):
     """:class:`Client` for asyncio (``redis.asyncio.Redis`` underneath): the same
     constructors and options; ``enqueue`` and every handle method are coroutines."""
 
@@ -986,29 +995,6 @@ class AsyncClient:
             socket_timeout_s=_socket_timeout(redis),
         )
         self._script = redis.register_script(_SCRIPT)
-
-    @classmethod
-    def from_config(cls, path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> AsyncClient:
-        """A client for the daemons that run on this config file (``ConfigError`` if
-        it is invalid)."""
-        cfg = _config(path)
-        return cls(
-            cfg.redis.url,
-            prefix=cfg.queues.prefix,
-            priorities=cfg.queues.priorities,
-            result_ttl_s=cfg.jobs.result_ttl_s,
-            max_payload_bytes=cfg.jobs.max_payload_bytes,
-            socket_timeout_s=cfg.redis.socket_timeout_s,
-            connect_timeout_s=cfg.redis.connect_timeout_s,
-        )
-
-    @property
-    def prefix(self) -> str:
-        return self._p.keys.prefix
-
-    @property
-    def priorities(self) -> tuple[str, ...]:
-        return self._p.priorities
 
     async def aclose(self) -> None:
         """Close the connections, if this client made them."""

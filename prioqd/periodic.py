@@ -12,9 +12,7 @@ import datetime
 import json
 import math
 import zoneinfo
-from typing import TYPE_CHECKING
-
-from croniter import croniter
+from typing import TYPE_CHECKING, Any
 
 from prioqd.errors import PrioqdError
 
@@ -35,8 +33,16 @@ def _zone(entry: ScheduleConfig) -> zoneinfo.ZoneInfo:
         raise ScheduleError("timezone", f"unknown time zone {entry.timezone!r}") from exc
 
 
+def _croniter() -> Any:
+    # Imported when a schedule is used: daemons without one need not carry it.
+    from croniter import croniter
+
+    return croniter
+
+
 def check_entry(entry: ScheduleConfig) -> None:
     """Raise ``ScheduleError`` (naming the key) if the entry cannot tick."""
+    croniter = _croniter()
     _zone(entry)
     if entry.cron and not croniter.is_valid(entry.cron):
         raise ScheduleError("cron", f"not a cron expression: {entry.cron!r}")
@@ -53,7 +59,7 @@ def next_tick(entry: ScheduleConfig, after_s: float) -> float:
     if entry.every_s:
         return (math.floor(after_s / entry.every_s) + 1) * entry.every_s
     start = datetime.datetime.fromtimestamp(after_s, _zone(entry))
-    return float(croniter(entry.cron, start).get_next(float))
+    return float(_croniter()(entry.cron, start).get_next(float))
 
 
 def last_tick(entry: ScheduleConfig, at_s: float) -> float:
@@ -61,7 +67,7 @@ def last_tick(entry: ScheduleConfig, at_s: float) -> float:
     if entry.every_s:
         return math.floor(at_s / entry.every_s) * entry.every_s
     start = datetime.datetime.fromtimestamp(at_s + 0.001, _zone(entry))
-    return float(croniter(entry.cron, start).get_prev(float))
+    return float(_croniter()(entry.cron, start).get_prev(float))
 
 
 def iso(tick_s: float) -> str:

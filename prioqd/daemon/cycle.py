@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prioqd.broker import Broker
+from prioqd.broker import Broker, CycleReply
 from prioqd.config import Config
 from prioqd.daemon.dispatch import Dispatcher
 from prioqd.daemon.lease import Lease
@@ -224,15 +224,7 @@ class Cycle:
         self.log.error("redis refused a cycle; retrying its ops one by one", error=str(exc))
         for k, op in enumerate(ops):
             try:
-                reply = await self.broker.cycle(
-                    self.lease.id,
-                    [op],
-                    next_claim=0,
-                    max_payload_bytes=0,
-                    max_dead=self.config.jobs.dead_letters_max,
-                    tokens=0,
-                    sizes=[],
-                )
+                reply = await self._alone(op)
             except ScriptError as refused:
                 await self._bury(op, str(refused))
                 continue
@@ -240,6 +232,18 @@ class Cycle:
                 self.dispatch.unwrite(ops[k:])  # an outage: the main loop backs off
                 return
             self._apply([op], reply.results)
+
+    async def _alone(self, op: Op) -> CycleReply:
+        """A cycle of this one op, claiming nothing."""
+        return await self.broker.cycle(
+            self.lease.id,
+            [op],
+            next_claim=0,
+            max_payload_bytes=0,
+            max_dead=self.config.jobs.dead_letters_max,
+            tokens=0,
+            sizes=[],
+        )
 
     async def _bury(self, op: Op, reason: str) -> None:
         claims: list[tuple[int, str]] = []
@@ -255,15 +259,7 @@ class Cycle:
         for claim, job_id in claims:
             bury = Bury(claim, f"redis refused to record it: {reason}"[:1000], job_id)
             try:
-                await self.broker.cycle(
-                    self.lease.id,
-                    [bury],
-                    next_claim=0,
-                    max_payload_bytes=0,
-                    max_dead=self.config.jobs.dead_letters_max,
-                    tokens=0,
-                    sizes=[],
-                )
+                await self._alone(bury)
             except ScriptError as again:
                 raise InternalError(
                     f"redis refused to dead-letter claim {claim}: {again}"

@@ -40,7 +40,7 @@ from prioqd.daemon.watch import Watch
 from prioqd.errors import BrokerError, ConfigError, WorkerStartError
 from prioqd.keys import Keys
 from prioqd.log import get_logger
-from prioqd.metrics import NO_METRICS, Metrics, PrometheusMetrics
+from prioqd.metrics import NO_METRICS, Metrics
 from prioqd.pool import Pool
 from prioqd.systemd import Notifier, redis_password, watchdog_interval_s
 from prioqd.timing import Backoff, wait_event
@@ -217,6 +217,8 @@ class Daemon:
                 socket_connect_timeout=cfg.redis.connect_timeout_s,
                 client_name="prioqd-metrics",
             )
+
+        from prioqd.prometheus import PrometheusMetrics
 
         try:
             self.metrics = PrometheusMetrics(

@@ -306,10 +306,10 @@ local function recover(d, fallback_priorities, died, max_recoveries)
 end
 
 local function next_due_in(now)
-    -- (A key of another type there must not fail every heartbeat: nothing is due.)
-    if unwritable(scheduled_key, 'zset') then return -1 end
-    local first = redis.call('ZRANGE', scheduled_key, 0, 0, 'WITHSCORES')
-    if #first == 0 then return -1 end
+    -- (A key of another type there must not fail every heartbeat: nothing is due. A
+    -- pcall, not a TYPE first: an idle daemon's heartbeat is counted in commands.)
+    local first = redis.pcall('ZRANGE', scheduled_key, 0, 0, 'WITHSCORES')
+    if type(first) ~= 'table' or first.err or #first == 0 then return -1 end
     return math.max(0, tonumber(first[2]) - now)
 end
 
@@ -739,17 +739,32 @@ if command == 'heartbeat' then
     local max_recoveries = tonumber(ARGV[6])
     max_dead = tonumber(ARGV[7])
     local now = now_ms()
-    local own = redis.call('ZSCORE', daemons_key, d)
-    local held = own and tonumber(own) >= now
-    redis.call('ZADD', daemons_key, now + lease_ms, d)
-    if (not own) and #ARGV >= 8 then
+    -- One read says both who else's lease ran out and whether ours did (lowest scores
+    -- first: we may be among them); only a long list needs asking about us directly.
+    local expired = redis.call('ZRANGEBYSCORE', daemons_key, '-inf', '(' .. now,
+        'LIMIT', 0, max_recover + 1)
+    local lapsed = false
+    for k, other in ipairs(expired) do
+        if other == d then
+            lapsed = true
+            table.remove(expired, k)
+            break
+        end
+    end
+    if #expired > max_recover then
+        local own = redis.call('ZSCORE', daemons_key, d)
+        lapsed = lapsed or (own ~= false and tonumber(own) < now)
+        expired[#expired] = nil
+    end
+    local registered = redis.call('ZADD', daemons_key, now + lease_ms, d) == 1
+    local held = not registered and not lapsed
+    if registered and #ARGV >= 8 then
         redis.call('DEL', daemon_key(d))
         redis.call('HSET', daemon_key(d), unpack(ARGV, 8))
     end
-    local expired = {}
     local queued, dead = 0, 0
+    if not held then expired = {} end
     if held then
-        expired = redis.call('ZRANGEBYSCORE', daemons_key, '-inf', '(' .. now, 'LIMIT', 0, max_recover)
         if #expired > 0 then
             -- Idle daemons heartbeat forever: only pay for this when someone died.
             local fallback = {}
@@ -761,7 +776,7 @@ if command == 'heartbeat' then
             end
         end
     end
-    return {own and 0 or 1, (own and not held) and 1 or 0, table.concat(expired, ','),
+    return {registered and 1 or 0, lapsed and 1 or 0, table.concat(expired, ','),
         queued, dead, next_due_in(now), now}
 end
 
