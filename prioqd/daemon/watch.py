@@ -198,10 +198,16 @@ class Watch:
             self.dispatch.land_back(claim, p, raw)
         elif self.cycle.waiting:
             others = [q for q in self._tasks if q != p]
-            if p == self.priorities[0] or not others:
-                # Nothing can outrank it: run it now; call off what is not wanted.
+            if not any(self._rank[q] < self._rank[p] for q in others):
+                # Nothing can outrank it: run it now; call off the waits not wanted.
+                # (A lower one cannot run first on an unread reply alone: Redis sends
+                # the replies of one moment to its clients in no set order.)
                 self.cycle.waiting = False
                 self.dispatch.land(claim, p, raw)
+                targets = self._busy_targets()
+                extra = [q for q in others if q not in targets and q not in self._leaving]
+                if extra:
+                    self._call_off(extra)
                 self.reconcile()
             else:
                 # A higher payload may have landed at the same moment: hear every
