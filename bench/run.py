@@ -284,6 +284,22 @@ def _start(args: argparse.Namespace) -> tuple[float, Path, str] | int:
     return pre_load, work, code
 
 
+def _end(args: argparse.Namespace, work: Path) -> None:
+    """The alarm off; the work dir removed unless --keep."""
+    signal.alarm(0)
+    if args.keep:
+        log(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _load_line(pre_load: float) -> str:
+    return (
+        f"Load of other processes before the start: {pre_load:.2f} CPU; load average at"
+        f" the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
+
+
 def run_peers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``--peers``: prioqd beside its peers, the same workloads, interleaved rounds."""
     names = [n.strip().lower() for n in str(args.peers).split(",") if n.strip()]
@@ -319,18 +335,13 @@ def run_peers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         log(f"ABORTED: {aborted}")
         res = peers.PARTIAL or res
     finally:
-        signal.alarm(0)
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        _end(args, work)
     runtime = time.monotonic() - t_start
     header = [
         f"Rounds: {plan.rounds}, interleaved (every workload runs for every system in"
         " turn, the order rotated by one each round); each figure is the median of the"
         " rounds",
-        f"Load of other processes before the start: {pre_load:.2f} CPU; load average at"
-        f" the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        _load_line(pre_load),
     ]
     if aborted:
         header.append(f"ABORTED: {aborted}; the table is partial")
@@ -445,25 +456,12 @@ def main() -> int:
     mem_jobs = 20_000 if args.quick else 100_000
     backlogs = [10, 100_000] if args.quick else [10, 100_000, 1_000_000]
 
-    signal.signal(signal.SIGALRM, _on_alarm)
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.alarm(int(args.max_minutes * 60))
     if "W1" in selected and "CEILING" not in selected:
         selected = ["CEILING", *selected]  # W1 is reported as a fraction of it
-    log("measuring the load of other processes for 3 s ...")
-    pre = OtherLoad()
-    time.sleep(3)
-    pre_load = pre.stop()
-    work = Path(tempfile.mkdtemp(prefix="prioqd-bench-"))
-    if args.rev:
-        try:
-            code = export_rev(args.rev, work / "code")
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            shutil.rmtree(work, ignore_errors=True)
-            print(exc, file=sys.stderr)
-            return 2
-    else:
-        code = code_state()
+    started_state = _start(args)
+    if isinstance(started_state, int):
+        return started_state
+    pre_load, work, code = started_state
     started = datetime.datetime.now().astimezone()
     t_start = time.monotonic()
     rows: list[wl.Row] = []
@@ -507,15 +505,10 @@ def main() -> int:
             notes.extend(rep.notes)
             figures.update(rep.figures)
     finally:
-        signal.alarm(0)
-        if args.keep:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        _end(args, work)
     runtime = time.monotonic() - t_start
     header = [
-        f"Load of other processes before the start: {pre_load:.2f} CPU; load average at"
-        f" the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        _load_line(pre_load),
     ]
     if aborted:
         header.append(f"ABORTED: {aborted}; the table is partial")

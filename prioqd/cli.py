@@ -144,13 +144,7 @@ async def _submit(
     from prioqd.client import AsyncClient
 
     broker = _broker(cfg, socket_timeout_s=max(args.wait_timeout_s + 5, 10))
-    client = AsyncClient(
-        redis=broker.redis,
-        prefix=cfg.queues.prefix,
-        priorities=cfg.queues.priorities,
-        result_ttl_s=cfg.jobs.result_ttl_s,
-        max_payload_bytes=cfg.jobs.max_payload_bytes,
-    )
+    client = AsyncClient.from_config(cfg, redis=broker.redis)
     try:
         options = client.options(
             priority=args.priority,

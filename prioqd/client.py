@@ -91,6 +91,7 @@ __all__ = [
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
+C = TypeVar("C")
 
 _log = logging.getLogger("prioqd.client")
 
@@ -628,15 +629,26 @@ class _Protocol:
         return ("cancel_scheduled", where.element, *common)
 
 
-def _failure(job_id: str, outcome: dict[str, Any], tb: str | None) -> JobFailed:
-    error = outcome.get("error")
-    return JobFailed(
-        job_id,
-        str(outcome.get("status")),
-        None if error is None else str(error),
-        tb,
-        outcome,
-    )
+def _ended(job_id: str, outcome: dict[str, Any] | None, timeout_s: float | None) -> dict[str, Any]:
+    """The outcome a wait brought back; ``TimeoutError`` if it brought none."""
+    if outcome is None:
+        raise TimeoutError(f"job {job_id}: no outcome within {timeout_s:g} s")
+    return outcome
+
+
+def _result(
+    job_id: str, reply: tuple[dict[str, Any] | None, str | None], timeout_s: float | None
+) -> Any:
+    """The task's return value from a wait for its outcome (and traceback);
+    ``JobFailed`` unless it succeeded."""
+    raw, tb = reply
+    outcome = _ended(job_id, raw, timeout_s)
+    if outcome.get("status") != "succeeded":
+        error = outcome.get("error")
+        raise JobFailed(
+            job_id, str(outcome.get("status")), None if error is None else str(error), tb, outcome
+        )
+    return outcome.get("result")
 
 
 def _url_kwargs(url: str, socket_timeout_s: float, connect_timeout_s: float) -> dict[str, Any]:
@@ -678,18 +690,26 @@ class _ClientBase:
         raise NotImplementedError  # pragma: no cover - each client has its own
 
     @classmethod
-    def from_config(cls, path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH) -> Self:
-        """A client for the daemons that run on this config file (``ConfigError`` if
-        it is invalid)."""
-        cfg = _config(path)
+    def from_config(
+        cls, config: str | os.PathLike[str] | Config = DEFAULT_CONFIG_PATH, *, redis: Any = None
+    ) -> Self:
+        """A client for the daemons that run on this config file, or config
+        (``ConfigError`` if it is invalid); on ``redis``, a client of the matching
+        kind you already have, if given, else on the config's URL."""
+        cfg = config if isinstance(config, Config) else _config(config)
+        common: dict[str, Any] = {
+            "prefix": cfg.queues.prefix,
+            "priorities": cfg.queues.priorities,
+            "result_ttl_s": cfg.jobs.result_ttl_s,
+            "max_payload_bytes": cfg.jobs.max_payload_bytes,
+        }
+        if redis is not None:
+            return cls(redis=redis, **common)
         return cls(
             cfg.redis.url,
-            prefix=cfg.queues.prefix,
-            priorities=cfg.queues.priorities,
-            result_ttl_s=cfg.jobs.result_ttl_s,
-            max_payload_bytes=cfg.jobs.max_payload_bytes,
             socket_timeout_s=cfg.redis.socket_timeout_s,
             connect_timeout_s=cfg.redis.connect_timeout_s,
+            **common,
         )
 
     @property
@@ -876,19 +896,14 @@ class Enqueuer:
         return self._client._enqueue(task, args, kwargs, self._options)
 
 
-class JobHandle(Generic[R]):
-    """A job pushed (or looked up) by a :class:`Client`.
-
-    ``priority`` is the queue it was pushed onto (None if this handle did not push it).
-    ``duplicate`` is true when ``enqueue(..., unique=True)`` found a live job of the
-    same id and pushed nothing: this handle then follows that job.
-    """
+class _Handle(Generic[C, R]):
+    """What both handles hold: their client, the job's id, and where it was pushed."""
 
     __slots__ = ("_client", "_hint", "duplicate", "id", "priority")
 
     def __init__(
         self,
-        client: Client,
+        client: C,
         job_id: str,
         *,
         priority: str | None = None,
@@ -903,7 +918,18 @@ class JobHandle(Generic[R]):
 
     def __repr__(self) -> str:
         dup = ", duplicate" if self.duplicate else ""
-        return f"<JobHandle {self.id}{dup}>"
+        return f"<{type(self).__name__} {self.id}{dup}>"
+
+
+class JobHandle(_Handle[Client, R]):
+    """A job pushed (or looked up) by a :class:`Client`.
+
+    ``priority`` is the queue it was pushed onto (None if this handle did not push it).
+    ``duplicate`` is true when ``enqueue(..., unique=True)`` found a live job of the
+    same id and pushed nothing: this handle then follows that job.
+    """
+
+    __slots__ = ()
 
     def status(self) -> str:
         """The job hash's status (``running``, ``scheduled``, ``failed``, ``succeeded``,
@@ -922,9 +948,7 @@ class JobHandle(Generic[R]):
         ``cancelled``), without raising for a failed job. ``TimeoutError`` after
         ``timeout_s`` seconds (None: wait for ever)."""
         outcome = self._client._run(self._client._p.outcome(self.id, timeout_s))
-        if outcome is None:
-            raise TimeoutError(f"job {self.id}: no outcome within {timeout_s:g} s")
-        return outcome
+        return _ended(self.id, outcome, timeout_s)
 
     def result(self, timeout_s: float | None = None) -> R:
         """The task's return value (as JSON brings it back: tuples become lists).
@@ -933,12 +957,8 @@ class JobHandle(Generic[R]):
         the error and the task's traceback), ``TimeoutError`` if it has not ended
         within ``timeout_s`` seconds (None: wait for ever).
         """
-        outcome, tb = self._client._run(self._client._p.result(self.id, timeout_s))
-        if outcome is None:
-            raise TimeoutError(f"job {self.id}: no outcome within {timeout_s:g} s")
-        if outcome.get("status") != "succeeded":
-            raise _failure(self.id, outcome, tb)
-        return cast(R, outcome.get("result"))
+        reply = self._client._run(self._client._p.result(self.id, timeout_s))
+        return cast(R, _result(self.id, reply, timeout_s))
 
     def cancel(self, wait_s: float = CANCEL_WAIT_S) -> bool:
         """Cancel the job: one that waits in a queue or the schedule is removed at
@@ -1116,29 +1136,10 @@ class AsyncEnqueuer:
         return await self._client._enqueue(task, args, kwargs, self._options)
 
 
-class AsyncJobHandle(Generic[R]):
+class AsyncJobHandle(_Handle[AsyncClient, R]):
     """:class:`JobHandle` for :class:`AsyncClient`: the same methods, as coroutines."""
 
-    __slots__ = ("_client", "_hint", "duplicate", "id", "priority")
-
-    def __init__(
-        self,
-        client: AsyncClient,
-        job_id: str,
-        *,
-        priority: str | None = None,
-        hint: _Where | None = None,
-        duplicate: bool = False,
-    ) -> None:
-        self._client = client
-        self._hint = hint
-        self.id = job_id
-        self.priority = priority
-        self.duplicate = duplicate
-
-    def __repr__(self) -> str:
-        dup = ", duplicate" if self.duplicate else ""
-        return f"<AsyncJobHandle {self.id}{dup}>"
+    __slots__ = ()
 
     async def status(self) -> str:
         """As :meth:`JobHandle.status`."""
@@ -1151,18 +1152,12 @@ class AsyncJobHandle(Generic[R]):
     async def outcome(self, timeout_s: float | None = None) -> dict[str, Any]:
         """As :meth:`JobHandle.outcome`."""
         outcome = await self._client._run(self._client._p.outcome(self.id, timeout_s))
-        if outcome is None:
-            raise TimeoutError(f"job {self.id}: no outcome within {timeout_s:g} s")
-        return outcome
+        return _ended(self.id, outcome, timeout_s)
 
     async def result(self, timeout_s: float | None = None) -> R:
         """As :meth:`JobHandle.result`."""
-        outcome, tb = await self._client._run(self._client._p.result(self.id, timeout_s))
-        if outcome is None:
-            raise TimeoutError(f"job {self.id}: no outcome within {timeout_s:g} s")
-        if outcome.get("status") != "succeeded":
-            raise _failure(self.id, outcome, tb)
-        return cast(R, outcome.get("result"))
+        reply = await self._client._run(self._client._p.result(self.id, timeout_s))
+        return cast(R, _result(self.id, reply, timeout_s))
 
     async def cancel(self, wait_s: float = CANCEL_WAIT_S) -> bool:
         """As :meth:`JobHandle.cancel`."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -213,6 +214,48 @@ def env_with_taskmods(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+def systemd_analyze() -> None:
+    """Skip (fail under PRIOQD_TEST_STRICT) where systemd-analyze is missing."""
+    if shutil.which("systemd-analyze") is None:
+        skip_or_fail("systemd-analyze is not installed (apt-get install systemd)")
+
+
+def verify_unit(template: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze verify`` of a unit in systemd/, its ExecStart pointed at this
+    venv's prioqd (verify checks that it exists)."""
+    exe = shutil.which("prioqd") or str(ROOT / ".venv" / "bin" / "prioqd")
+    unit = tmp_path / template.name
+    unit.write_text(template.read_text().replace("/opt/prioqd/bin/prioqd", exe))
+    return subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+
+
+def unit_exposure(unit: Path) -> float:
+    """``systemd-analyze security``'s overall exposure level of a unit file."""
+    out = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=20", str(unit)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    match = re.search(rf"Overall exposure level for {re.escape(unit.name)}: ([0-9.]+)", out.stdout)
+    assert match, out.stdout + out.stderr
+    return float(match.group(1))
+
+
+def prioqd(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """One ``prioqd`` CLI command, run to its end, the test task modules importable."""
+    return subprocess.run(
+        [*PRIOQD, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env_with_taskmods(env),
+        cwd=str(ROOT),
+    )
 
 
 class DaemonProcess:

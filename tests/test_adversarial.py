@@ -18,11 +18,10 @@ import random
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,6 @@ import psutil
 import pytest
 import redis
 from helpers import (
-    PRIOQD,
     ROOT,
     TASKMODS,
     Daemon,
@@ -39,6 +37,7 @@ from helpers import (
     RedisServer,
     dead_letters,
     job_hash,
+    prioqd,
     push,
     skip_or_fail,
     wait_for,
@@ -153,17 +152,6 @@ def make_config(path: Path, url: str, **sections: dict[str, Any]) -> Path:
     return write_config(path, url, **sections)
 
 
-def prioqd(
-    *args: str, timeout: float = 60, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PRIOQD, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=helpers.env_with_taskmods(env),
-        cwd=str(ROOT),
-    )
 
 
 def alive(d: DaemonProcess) -> None:
@@ -452,6 +440,37 @@ def assert_twins_all_ended(
     assert helpers.in_flight_count(r) == 0
 
 
+def twins_all_end_despite(
+    r: redis.Redis,
+    runs: Path,
+    n: int,
+    d: DaemonProcess,
+    disrupt: Callable[[], None],
+    gap_s: tuple[float, float],
+    seed: int,
+) -> None:
+    """:func:`push_twins`, ``disrupt()`` at random gaps (seeded) until every twin
+    has ended, then :func:`assert_twins_all_ended`."""
+    events = EventCounter(r)
+    stop = threading.Event()
+
+    def disrupter() -> None:
+        rng = random.Random(seed)
+        while not stop.wait(rng.uniform(*gap_s)):
+            disrupt()
+
+    t = threading.Thread(target=disrupter)
+    try:
+        push_twins(r, runs, n)
+        t.start()
+        assert_twins_all_ended(r, events, runs, n, d)
+    finally:
+        stop.set()
+        if t.is_alive():
+            t.join()
+        events.close()
+
+
 @pytest.mark.slow
 def test_identical_payloads_all_end_when_replies_are_lost_and_ops_repeated(
     server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
@@ -471,27 +490,13 @@ def test_identical_payloads_all_end_when_replies_are_lost_and_ops_repeated(
         daemon={"lease_s": 30},
     )
     d = daemon(cfg, env=env_for(mods))
-    events = EventCounter(r)
-    n = 200
-    stop = threading.Event()
     stalls: list[float] = []
 
-    def staller() -> None:
-        rng = random.Random(5)
-        while not stop.wait(rng.uniform(0.05, 0.2)):
-            stall_redis(admin, 0.45)
-            stalls.append(time.monotonic())
+    def stall() -> None:
+        stall_redis(admin, 0.45)
+        stalls.append(time.monotonic())
 
-    t = threading.Thread(target=staller)
-    try:
-        push_twins(r, runs, n)
-        t.start()
-        assert_twins_all_ended(r, events, runs, n, d)
-    finally:
-        stop.set()
-        if t.is_alive():
-            t.join()
-        events.close()
+    twins_all_end_despite(r, runs, 200, d, stall, (0.05, 0.2), seed=5)
     # Replies were lost (the daemon timed out on cycles that Redis then ran).
     assert len(stalls) >= 2
     assert len([e for e in d.events("redis unavailable") if e.get("during") == "cycle"]) >= 2
@@ -508,28 +513,14 @@ def test_identical_payloads_survive_client_kill_of_the_daemons_connections(
     runs = tmp_path / "runs"
     cfg = make_config(tmp_path / "c.toml", server.url, daemon={"lease_s": 30})
     d = daemon(cfg, env=env_for(mods))
-    events = EventCounter(r)
-    n = 400
-    stop = threading.Event()
     killed: list[int] = []
 
-    def killer() -> None:
-        rng = random.Random(11)
-        while not stop.wait(rng.uniform(0.01, 0.05)):
-            for cid in prioqd_connections(admin):
-                with contextlib.suppress(redis.ResponseError):
-                    killed.append(int(admin.execute_command("CLIENT", "KILL", "ID", cid)))
+    def kill() -> None:
+        for cid in prioqd_connections(admin):
+            with contextlib.suppress(redis.ResponseError):
+                killed.append(int(admin.execute_command("CLIENT", "KILL", "ID", cid)))
 
-    t = threading.Thread(target=killer)
-    try:
-        push_twins(r, runs, n)
-        t.start()
-        assert_twins_all_ended(r, events, runs, n, d)
-    finally:
-        stop.set()
-        if t.is_alive():
-            t.join()
-        events.close()
+    twins_all_end_despite(r, runs, 400, d, kill, (0.01, 0.05), seed=11)
     assert sum(killed) >= 20
     r.close()
     admin.close()

@@ -6,7 +6,6 @@ import base64
 import json
 import re
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -14,22 +13,15 @@ from typing import Any
 import pytest
 import redis
 from helpers import (
-    PRIOQD,
     Config,
     Daemon,
     dead_letters,
-    env_with_taskmods,
     job_hash,
+    prioqd,
     push,
     wait_for,
     wait_status,
 )
-
-
-def prioqd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PRIOQD, *args], capture_output=True, text=True, timeout=timeout, env=env_with_taskmods()
-    )
 
 
 def test_submit_pushes_exactly_what_redis_cli_would(r: redis.Redis, config: Config) -> None:

@@ -13,21 +13,14 @@ from typing import Any
 import pytest
 import redis
 from helpers import (
-    PRIOQD,
     Config,
     Daemon,
-    env_with_taskmods,
     job_hash,
+    prioqd,
     push,
     wait_for,
     wait_status,
 )
-
-
-def prioqd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PRIOQD, *args], capture_output=True, text=True, timeout=timeout, env=env_with_taskmods()
-    )
 
 
 def ok(*args: str) -> subprocess.CompletedProcess[str]:

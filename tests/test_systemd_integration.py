@@ -6,10 +6,8 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +23,9 @@ from helpers import (
     daemon_record,
     free_port,
     push,
-    skip_or_fail,
+    systemd_analyze,
+    unit_exposure,
+    verify_unit,
     wait_for,
     wait_status,
     write_config,
@@ -317,33 +317,15 @@ def test_journal_fields_carry_an_exception_traceback() -> None:
 UNIT = ROOT / "systemd" / "prioqd.service"
 
 
-@pytest.fixture
-def analyze() -> None:
-    if shutil.which("systemd-analyze") is None:
-        skip_or_fail("systemd-analyze is not installed (apt-get install systemd)")
-
-
-@pytest.mark.usefixtures("analyze")
 def test_unit_verifies_with_nothing_on_stderr(tmp_path: Path) -> None:
-    # verify checks that ExecStart exists: point it at this venv's prioqd, nothing else.
-    exe = shutil.which("prioqd") or str(ROOT / ".venv" / "bin" / "prioqd")
-    unit = tmp_path / "prioqd.service"
-    unit.write_text(UNIT.read_text().replace("/opt/prioqd/bin/prioqd", exe))
-    out = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
-    )
+    systemd_analyze()
+    out = verify_unit(UNIT, tmp_path)
     assert out.returncode == 0 and out.stderr == "", out.stderr
 
 
-@pytest.mark.usefixtures("analyze")
 def test_unit_security_exposure_is_2_or_better() -> None:
-    out = subprocess.run(
-        ["systemd-analyze", "security", "--offline=true", "--threshold=20", str(UNIT)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    match = re.search(r"Overall exposure level for prioqd.service: ([0-9.]+)", out.stdout)
-    assert match, out.stdout + out.stderr
-    assert float(match.group(1)) <= 2.0
+    systemd_analyze()
+    assert unit_exposure(UNIT) <= 2.0
 
 
 def test_unit_settings_that_operations_rely_on() -> None:

@@ -9,30 +9,22 @@ clear message, no traceback.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 from helpers import (
-    PRIOQD,
     Daemon,
     RedisServer,
     Transport,
     daemon_record,
-    env_with_taskmods,
+    prioqd,
     push,
     wait_for,
     wait_status,
     write_config,
 )
-
-
-def prioqd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*PRIOQD, *args], capture_output=True, text=True, timeout=timeout, env=env_with_taskmods()
-    )
 
 
 @pytest.fixture(params=["unix", "tls"])

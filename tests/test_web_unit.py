@@ -3,20 +3,13 @@ token it hands over (LoadCredential=web-token) is the one the dashboard uses."""
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
-from helpers import ROOT, RedisServer, write_config
+from helpers import ROOT, RedisServer, systemd_analyze, unit_exposure, verify_unit, write_config
 from webhelpers import TOKEN, Client, WebProcess
 
 WEB_UNIT = ROOT / "systemd" / "prioqd-web.service"
 DAEMON_UNIT = ROOT / "systemd" / "prioqd.service"
-needs_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
-)
 
 
 def settings(path: Path) -> list[tuple[str, str]]:
@@ -30,29 +23,15 @@ def settings(path: Path) -> list[tuple[str, str]]:
     ]
 
 
-@needs_analyze
 def test_web_unit_verifies(tmp_path: Path) -> None:
-    exe = shutil.which("prioqd") or str(ROOT / ".venv" / "bin" / "prioqd")
-    unit = tmp_path / "prioqd-web.service"
-    unit.write_text(WEB_UNIT.read_text().replace("/opt/prioqd/bin/prioqd", exe))
-    out = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
-    )
+    systemd_analyze()
+    out = verify_unit(WEB_UNIT, tmp_path)
     assert out.returncode == 0 and out.stderr == "", out.stderr
 
 
-@needs_analyze
 def test_web_unit_is_as_hardened_as_the_daemons() -> None:
-    def exposure(unit: Path) -> float:
-        out = subprocess.run(
-            ["systemd-analyze", "security", "--offline=true", "--threshold=20", str(unit)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout)
-        assert match, out.stdout + out.stderr
-        return float(match.group(1))
-
-    assert exposure(WEB_UNIT) <= min(2.0, exposure(DAEMON_UNIT))
+    systemd_analyze()
+    assert unit_exposure(WEB_UNIT) <= min(2.0, unit_exposure(DAEMON_UNIT))
 
 
 def test_web_unit_settings() -> None:
