@@ -28,10 +28,11 @@ from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from prioqd.config import mask_url
+from prioqd.config import Config, mask_url
 from prioqd.errors import BrokerError, ConnectionSetupError, ScriptError
 from prioqd.keys import Keys
 from prioqd.ops import Op
+from prioqd.systemd import redis_password
 
 __all__ = ["BlockingMove", "Broker", "CycleReply", "Heartbeat", "mask_url", "wrap_errors"]
 
@@ -157,6 +158,18 @@ class Broker:
         self.redis = aioredis.Redis(connection_pool=self._pool)
         self._script = self.redis.register_script(_SCRIPT)
         self._hot = _HotPath(self, _SCRIPT)
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, socket_timeout_s: float | None = None) -> Broker:
+        """A broker for ``cfg`` (its own socket timeout unless given), the password
+        from the systemd credential or ``PRIOQD_REDIS_PASSWORD``."""
+        return cls(
+            cfg.redis.url,
+            Keys(cfg.queues.prefix),
+            socket_timeout_s=socket_timeout_s or cfg.redis.socket_timeout_s,
+            connect_timeout_s=cfg.redis.connect_timeout_s,
+            password=redis_password(),
+        )
 
     async def close(self) -> None:
         await self._hot.close()

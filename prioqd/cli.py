@@ -48,18 +48,11 @@ def _config(args: argparse.Namespace, *, must_exist: bool) -> Config:
 
 
 def _broker(cfg: Config, socket_timeout_s: float | None = None) -> Broker:
-    """A client connection as the daemon makes it (password from the credential or
-    ``PRIOQD_REDIS_PASSWORD``)."""
+    """A client connection as the daemon makes it (imported here: most commands need
+    no Redis, and redis-py is slow to import)."""
     from prioqd.broker import Broker
-    from prioqd.systemd import redis_password
 
-    return Broker(
-        cfg.redis.url,
-        Keys(cfg.queues.prefix),
-        socket_timeout_s=socket_timeout_s or cfg.redis.socket_timeout_s,
-        connect_timeout_s=cfg.redis.connect_timeout_s,
-        password=redis_password(),
-    )
+    return Broker.from_config(cfg, socket_timeout_s=socket_timeout_s)
 
 
 def clean(value: object) -> str:

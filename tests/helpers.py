@@ -244,6 +244,17 @@ def unit_exposure(unit: Path) -> float:
     return float(match.group(1))
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 30.0) -> int:
+    """SIGTERM, then its exit status; SIGKILL if it has not exited within
+    ``timeout_s`` (the status, -9, then says so)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 def prioqd(
     *args: str, timeout: float = 60, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -319,12 +330,18 @@ class DaemonProcess:
                     out.append(json.loads(line))
         return out
 
-
     def all_logs(self) -> list[dict[str, Any]]:
         """The log lines of every run of this daemon (each start is a run)."""
         return [e for run in range(self.runs) for e in self.logs(run)]
+
     def stderr(self) -> str:
         return self.log_path.with_suffix(".err").read_text(errors="replace")
+
+    def assert_alive(self) -> None:
+        assert self.proc is not None
+        code = self.proc.poll()
+        if code is not None:
+            raise AssertionError(f"the daemon exited with code {code}:\n{self.stderr()[-3000:]}")
 
     def events(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.logs() if e.get("event") == event]
@@ -418,8 +435,13 @@ def wait_status(
     job_ids: list[str],
     statuses: tuple[str, ...] = ("succeeded", "dead"),
     timeout_s: float = 30.0,
+    daemon: DaemonProcess | None = None,
 ) -> dict[str, dict[str, str]]:
+    """Wait until every job has one of ``statuses``; fail at once if ``daemon`` exits."""
+
     def done() -> dict[str, dict[str, str]] | None:
+        if daemon is not None:
+            daemon.assert_alive()
         hashes = {j: job_hash(client, j) for j in job_ids}
         if all(h.get("status") in statuses for h in hashes.values()):
             return hashes

@@ -154,13 +154,6 @@ def make_config(path: Path, url: str, **sections: dict[str, Any]) -> Path:
 
 
 
-def alive(d: DaemonProcess) -> None:
-    assert d.proc is not None
-    code = d.proc.poll()
-    if code is not None:
-        raise AssertionError(f"the daemon exited with code {code}:\n{d.stderr()[-3000:]}")
-
-
 def wait_ended(
     r: redis.Redis,
     ids: list[str],
@@ -168,20 +161,10 @@ def wait_ended(
     timeout_s: float = 20.0,
     statuses: tuple[str, ...] = ("succeeded", "dead"),
 ) -> dict[str, dict[str, str]]:
-    """Wait until every job has one of ``statuses``; fail at once if ``d`` exits."""
-
-    def done() -> dict[str, dict[str, str]] | None:
-        alive(d)
-        hashes = {j: job_hash(r, j) for j in ids}
-        if all(h.get("status") in statuses for h in hashes.values()):
-            return hashes
-        return None
-
-    return wait_for(done, timeout_s, 0.02, what=f"{ids} to reach {statuses}")  # type: ignore[no-any-return]
+    """:func:`helpers.wait_status` with a shorter default, failing at once if ``d`` exits."""
+    return helpers.wait_status(r, ids, statuses, timeout_s, daemon=d)
 
 
-def daemon_id(d: DaemonProcess) -> str:
-    return str(d.wait_log("daemon ready")["daemon_id"])
 
 
 def run_counts(path: Path) -> Counter[str]:
@@ -330,7 +313,7 @@ def test_poison_fields_are_dead_letters_and_the_daemon_keeps_serving(
         assert done["status"] == "dead"
     assert "not valid JSON" in letters[None]["reason"]
     assert letters[None]["payload"] == unreadable
-    alive(d)
+    d.assert_alive()
     assert not criticals(d)
 
 
@@ -421,7 +404,7 @@ def assert_twins_all_ended(
     r: redis.Redis, events: EventCounter, runs: Path, n: int, d: DaemonProcess
 ) -> None:
     def all_published() -> bool:
-        alive(d)
+        d.assert_alive()
         return len(events.succeeded()) >= 2 * n
 
     wait_for(all_published, 90, 0.1, f"{2 * n} outcomes on prioqd:events")
@@ -538,7 +521,7 @@ def test_wrongtype_keys_fail_one_job_each_and_the_daemon_goes_on(
     r.set("prioqd:queue:low", "x")  # a queue that is not a list
     cfg = make_config(tmp_path / "c.toml", redis_server.url, daemon={"lease_s": 3})
     d = daemon(cfg, env=env_for(mods))
-    me = daemon_id(d)
+    me = d.daemon_id
     push(
         r,
         "normal",
@@ -552,7 +535,7 @@ def test_wrongtype_keys_fail_one_job_each_and_the_daemon_goes_on(
     assert hashes["before"]["result"] == "4" and hashes["after"]["result"] == "25"
 
     def three_letters() -> list[dict[str, Any]] | None:
-        alive(d)
+        d.assert_alive()
         letters = letters_by_reason(r, "redis error: WRONGTYPE")
         return letters if len(letters) == 3 else None
 
@@ -576,7 +559,7 @@ def test_wrongtype_keys_fail_one_job_each_and_the_daemon_goes_on(
     before = len(d.events("redis unavailable"))
     time.sleep(3)
     assert len(d.events("redis unavailable")) - before <= 10
-    alive(d)
+    d.assert_alive()
     assert not criticals(d)
 
 
@@ -604,7 +587,7 @@ def test_a_wrongtype_schedule_key_stops_no_daemon(
     time.sleep(2)  # two heartbeats
     assert len(d.events("redis unavailable")) == before
     assert r.get("prioqd:scheduled") == b"x"
-    alive(d)
+    d.assert_alive()
 
 
 def test_a_wrongtype_recovered_key_loses_no_job(
@@ -634,7 +617,7 @@ def test_a_wrongtype_recovered_key_loses_no_job(
     assert h["status"] == "succeeded" and h["attempts"] == "2"
     assert r.get("prioqd:history") == b"x"
     assert not r.llen("prioqd:queue:normal") and not r.llen("prioqd:dead")
-    alive(d)
+    d.assert_alive()
 
 
 @pytest.mark.slow
@@ -666,7 +649,7 @@ def test_redis_out_of_memory_backs_off_and_loses_nothing(
     cpu_before = sum(proc.cpu_times()[:2])
     logged_before = len(d.events("redis unavailable"))
     time.sleep(3)  # the running jobs end meanwhile: their outcomes cannot be written
-    alive(d)
+    d.assert_alive()
     unavailable = len(d.events("redis unavailable")) - logged_before
     cpu = sum(proc.cpu_times()[:2]) - cpu_before
     assert 1 <= unavailable <= 40, f"{unavailable} 'redis unavailable' lines in 3 s"
@@ -704,9 +687,9 @@ def test_a_drain_longer_than_the_lease_does_not_let_another_daemon_rerun(
     assert not b.events("recovered jobs of daemons whose lease expired")
     h = job_hash(r, "long")
     assert h["status"] == "succeeded" and h["attempts"] == "1"
-    assert h["daemon"] == daemon_id(a)
+    assert h["daemon"] == a.daemon_id
     assert not b.events("job started")
-    alive(b)
+    b.assert_alive()
 
 
 # --- 5. a worker crash in a batch -------------------------------------------------------
@@ -786,7 +769,7 @@ def test_an_oversized_payload_goes_to_the_dead_letters_by_reference_and_can_be_r
         assert "payload" not in letter
         assert f"{len(payload)} bytes, over max_payload_bytes=1000" in letter["reason"]
         assert r.get(letter["payload_key"]) == payload.encode()
-    alive(d)
+    d.assert_alive()
     assert d.stop() == 0
     out = prioqd("dead", "requeue", "--all", "--config", str(cfg), env=env_for(mods))
     assert out.returncode == 0 and "requeued 2" in out.stdout, out.stdout + out.stderr
@@ -806,7 +789,7 @@ def test_a_result_over_max_result_bytes_fails_the_job_without_retry(
     assert huge["status"] == "dead" and huge["attempts"] == "1", huge
     assert "max_result_bytes=1048576" in huge["error"]
     assert "result" not in huge
-    alive(d)
+    d.assert_alive()
 
 
 def test_an_argument_over_proto_max_bulk_len_dead_letters_the_job_not_the_daemon(
@@ -825,7 +808,7 @@ def test_an_argument_over_proto_max_bulk_len_dead_letters_the_job_not_the_daemon
     assert wait_ended(r, ["after"], d)["after"]["result"] == "9"
 
     def letter() -> dict[str, Any] | None:
-        alive(d)
+        d.assert_alive()
         found = letters_by_reason(r, "Protocol error")
         return found[0] if found else None
 
@@ -854,7 +837,7 @@ def test_a_result_over_proto_max_bulk_len_dead_letters_the_job_not_the_daemon(
     assert wait_ended(r, ["after"], d)["after"]["result"] == "9"
 
     def letter() -> dict[str, Any] | None:
-        alive(d)
+        d.assert_alive()
         found = letters_by_reason(r, "Protocol error")
         return found[0] if found else None
 
@@ -883,16 +866,16 @@ def test_a_redis_stall_longer_than_the_lease_reruns_nothing(
     b = daemon(cfg, env=env_for(mods))
     push(r, "normal", {"id": "b", "task": "logrun", "args": [str(runs), "b", 6000]})
     wait_ended(r, ["b"], b, statuses=("running",))
-    assert job_hash(r, "a")["daemon"] == daemon_id(a)
-    assert job_hash(r, "b")["daemon"] == daemon_id(b)
+    assert job_hash(r, "a")["daemon"] == a.daemon_id
+    assert job_hash(r, "b")["daemon"] == b.daemon_id
     r.execute_command("CLIENT", "PAUSE", "3500", "ALL")
     hashes = wait_ended(r, ["a", "b"], a, timeout_s=30)
     for job_id, d in (("a", a), ("b", b)):
-        assert hashes[job_id]["attempts"] == "1" and hashes[job_id]["daemon"] == daemon_id(d)
+        assert hashes[job_id]["attempts"] == "1" and hashes[job_id]["daemon"] == d.daemon_id
     assert run_counts(runs) == Counter({"a": 1, "b": 1})
     for d in (a, b):
         assert not d.events("recovered jobs of daemons whose lease expired")
-        alive(d)
+        d.assert_alive()
     r.close()
 
 
@@ -915,7 +898,7 @@ def test_a_daemon_resumed_after_its_jobs_were_rerun_never_overwrites_the_outcome
         h = wait_ended(r, ["held"], b, timeout_s=15)["held"]
     finally:
         a.proc.send_signal(signal.SIGCONT)
-    survivor = daemon_id(b)
+    survivor = b.daemon_id
     assert h["status"] == "succeeded" and h["daemon"] == survivor and h["attempts"] == "2"
     done_before = r.lrange("prioqd:done:held", 0, -1)
     # The resumed daemon learns that its claim is gone and writes nothing.
@@ -930,8 +913,8 @@ def test_a_daemon_resumed_after_its_jobs_were_rerun_never_overwrites_the_outcome
     lease_lines = [e for e in a.logs() if "lease" in str(e.get("event"))]
     assert any(e.get("level") in ("warning", "error") for e in lease_lines)
     # ...and takes a lease again, to serve on.
-    wait_for(lambda: r.zscore("prioqd:daemons", daemon_id(a)) is not None, 10)
-    alive(a)
+    wait_for(lambda: r.zscore("prioqd:daemons", a.daemon_id) is not None, 10)
+    a.assert_alive()
 
 
 # --- 8. sd_notify injection -------------------------------------------------------------
@@ -965,7 +948,7 @@ def test_notify_values_are_one_line_without_control_characters(
             assert key in ("READY", "STATUS", "STOPPING", "RELOADING", "MONOTONIC_USEC"), data
             assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value), data
             assert len(value) <= 300, len(value)
-    alive(d)
+    d.assert_alive()
 
 
 # --- 9. a reload while a deploy is half done ----------------------------------------------
@@ -1000,7 +983,7 @@ def test_a_reload_whose_workers_cannot_import_is_rejected_and_serving_goes_on(
     push(r, "normal", {"id": "old_code", "task": "deployed", "args": [7]})
     assert wait_ended(r, ["old_code"], d)["old_code"]["result"] == "7"
     assert len(psutil.Process(d.pid).children()) == 1
-    alive(d)
+    d.assert_alive()
     assert not criticals(d)
 
 
@@ -1025,7 +1008,7 @@ def test_a_replacement_worker_with_fewer_tasks_is_reported_not_silent(
     assert changed["level"] == "error" and changed["removed"] == ["gone"]
     push(r, "normal", {"id": "new_code", "task": "deployed", "args": [5]})
     assert wait_ended(r, ["new_code"], d)["new_code"]["result"] == "5"
-    alive(d)
+    d.assert_alive()
 
 
 # --- 10. jobs nobody serves --------------------------------------------------------------
@@ -1064,7 +1047,7 @@ def test_due_scheduled_jobs_of_a_priority_nobody_serves_become_dead_letters(
     y = daemon(make_config(tmp_path / "c.toml", redis_server.url), env=env_for(mods))
 
     def letter() -> dict[str, Any] | None:
-        alive(y)
+        y.assert_alive()
         found = letters_by_reason(r, "no daemon serves priority extra")
         return found[0] if found else None
 
@@ -1279,7 +1262,7 @@ def test_identical_delayed_payloads_both_run(
     r.lpush("prioqd:queue:normal", twin, twin)
 
     def both_ran() -> bool:
-        alive(d)
+        d.assert_alive()
         return run_counts(runs)["twin"] >= 2
 
     wait_for(both_ran, 10, what="both delayed twins to run")

@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 import redis
 from helpers import (
-    PRIOQD,
     ROOT,
     TASKMODS,
     Config,
     Daemon,
     RedisServer,
-    env_with_taskmods,
+    prioqd,
     wait_for,
 )
 
@@ -376,10 +375,9 @@ def test_unique_job_runs_once_across_two_daemons(
     second = client.enqueue("logrun", str(runs), "second", 0, id="report-7", unique=True)
     assert (first.duplicate, second.duplicate, second.id) == (False, True, "report-7")
     # Another producer: the CLI, in its own process, waits for the live job's outcome.
-    cli = subprocess.run(
-        [*PRIOQD, "submit", "--config", str(cfg), "logrun", str(runs), "third", "0",
-         "--id", "report-7", "--unique", "--wait", "--wait-timeout-s", "30"],
-        capture_output=True, text=True, timeout=60, env=env_with_taskmods(),
+    cli = prioqd(
+        "submit", "--config", str(cfg), "logrun", str(runs), "third", "0",
+        "--id", "report-7", "--unique", "--wait", "--wait-timeout-s", "30",
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     assert "duplicate: unique job report-7 is already queued or running" in cli.stderr

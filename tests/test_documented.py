@@ -30,6 +30,7 @@ from helpers import (
     job_hash,
     job_ids,
     push,
+    stop_process,
     wait_for,
     wait_status,
 )
@@ -277,14 +278,15 @@ def _no_journal_env() -> dict[str, str]:
 
 
 def test_auto_log_format_is_the_console_one_on_a_terminal(
-    r: redis.Redis, config: Config
+    r: redis.Redis, config: Config, tmp_path: Path
 ) -> None:
     cfg = config(log={"format": "auto", "level": "info"})
     master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        _run_args(cfg), stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
-        env=_no_journal_env(), cwd=str(ROOT),
-    )  # fmt: skip
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen(
+            _run_args(cfg), stdin=subprocess.DEVNULL, stdout=slave, stderr=err,
+            env=_no_journal_env(), cwd=str(ROOT),
+        )  # fmt: skip
     os.close(slave)
     seen = b""
     try:
@@ -295,8 +297,7 @@ def test_auto_log_format_is_the_console_one_on_a_terminal(
                 seen += os.read(master, 65536)
             assert proc.poll() is None, f"exited {proc.returncode}: {seen!r}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(30)
+        rc = stop_process(proc)
         os.close(master)
     assert rc == 0
     text = re.sub(r"\x1b\[[0-9;]*m", "", seen.decode(errors="replace"))  # colours
@@ -313,16 +314,14 @@ def test_auto_log_format_is_json_off_a_terminal(
 ) -> None:
     cfg = config(log={"format": "auto", "level": "info"})
     out_path = tmp_path / "out.log"
-    with open(out_path, "wb") as out:
+    with open(out_path, "wb") as out, open(tmp_path / "stderr", "wb") as err:
         proc = subprocess.Popen(
-            _run_args(cfg), stdout=out, stderr=subprocess.PIPE, env=_no_journal_env(),
-            cwd=str(ROOT),
+            _run_args(cfg), stdout=out, stderr=err, env=_no_journal_env(), cwd=str(ROOT),
         )  # fmt: skip
         try:
             wait_for(lambda: b"daemon ready" in out_path.read_bytes(), 30, what="daemon ready")
         finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0
+            assert stop_process(proc) == 0
     lines = out_path.read_text().splitlines()
     events = [json.loads(line) for line in lines]  # every line is JSON
     assert {"daemon starting", "daemon ready", "daemon stopped"} <= {e["event"] for e in events}

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import redis
-from helpers import PRIOQD, Config, Daemon, env_with_taskmods, wait_for, write_config
+from helpers import Config, Daemon, prioqd, wait_for, write_config
 
 from prioqd import config as configuration
 from prioqd import periodic
@@ -111,9 +110,7 @@ def test_schedule_config_errors_name_the_key_and_exit_2(tmp_path: Path, config: 
         with pytest.raises(ConfigError) as info:
             configuration.load(str(path))
         assert info.value.key == key, (key, info.value)
-        proc = subprocess.run(
-            [*PRIOQD, "check-config", "--config", str(path)], capture_output=True, text=True
-        )
+        proc = prioqd("check-config", "--config", str(path))
         assert proc.returncode == 2 and key in proc.stderr, proc.stderr
 
 
@@ -125,10 +122,8 @@ def test_schedule_list_shows_next_run_and_last_enqueued_and_a_reload_applies_cha
     base = cfg.read_text()
     with_schedule(cfg, every("slow", 3600, runs))
     d = daemon(cfg)
-    out = subprocess.run(
-        [*PRIOQD, "schedule", "list", "--json", "--config", str(cfg)],
-        capture_output=True, text=True, env=env_with_taskmods(), check=True,
-    )  # fmt: skip
+    out = prioqd("schedule", "list", "--json", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
     (row,) = json.loads(out.stdout)
     assert row["name"] == "slow" and row["when"] == "every 3600 s" and row["task"] == "logrun"
     assert row["next_run"].endswith(":00:00Z")
@@ -138,8 +133,6 @@ def test_schedule_list_shows_next_run_and_last_enqueued_and_a_reload_applies_cha
     d.signal(signal.SIGHUP)
     d.wait_log("config reloaded")
     wait_for(lambda: runs.exists() and "quick" in runs.read_text().split(), 10)
-    out = subprocess.run(
-        [*PRIOQD, "schedule", "list", "--config", str(cfg)],
-        capture_output=True, text=True, env=env_with_taskmods(), check=True,
-    )  # fmt: skip
+    out = prioqd("schedule", "list", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
     assert "quick: every 0.5 s -> logrun" in out.stdout and "last enqueued 20" in out.stdout

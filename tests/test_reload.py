@@ -7,20 +7,18 @@ import itertools
 import json
 import re
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import psutil
 import redis
 from helpers import (
-    PRIOQD,
     Config,
     Daemon,
     DaemonProcess,
     daemon_record,
-    env_with_taskmods,
     job_hash,
+    prioqd,
     push,
     wait_for,
     wait_status,
@@ -92,10 +90,7 @@ def test_sighup_applies_daemon_settings(r: redis.Redis, config: Config, daemon: 
     d = daemon(cfg)
 
     def lease_left_s() -> float:
-        out = subprocess.run(
-            [*PRIOQD, "status", "--config", str(cfg), "--json"],
-            capture_output=True, text=True, timeout=60, env=env_with_taskmods(),
-        )  # fmt: skip
+        out = prioqd("status", "--config", str(cfg), "--json")
         (info,) = json.loads(out.stdout)["daemons"]
         return float(info["lease_left_s"])
 

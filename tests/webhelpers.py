@@ -21,8 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from helpers import PRIOQD, ROOT, env_with_taskmods, free_port, wait_for
+from helpers import PRIOQD, ROOT, env_with_taskmods, free_port, skip_or_fail, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -42,17 +41,10 @@ CHROMIUM_FLAGS = (
 TOKEN = "test-token-0123456789abcdef"
 
 
-def unavailable(reason: str) -> None:
-    """Skip, or fail where skipping is not allowed (CI)."""
-    if os.environ.get("PRIOQD_TEST_STRICT") == "1":
-        pytest.fail(f"{reason} (PRIOQD_TEST_STRICT=1: not skipping)")
-    pytest.skip(reason)
-
-
 def need_tool(path_or_name: str, package: str) -> str:
     found = path_or_name if os.path.exists(path_or_name) else shutil.which(path_or_name)
     if not found:
-        unavailable(
+        skip_or_fail(
             f"{path_or_name} is not installed (Debian package {package}; "
             "scripts/ensure-deps.sh installs it when run as root)"
         )
@@ -67,7 +59,7 @@ def chromium() -> Iterator[Any]:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        unavailable("selenium is not installed (pip install -e '.[test]')")
+        skip_or_fail("selenium is not installed (pip install -e '.[test]')")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS:
@@ -98,7 +90,11 @@ class WebProcess:
             env=env_with_taskmods(env),
             cwd=str(ROOT),
         )
-        wait_for(self._up, 30, 0.05, what=f"prioqd web on port {self.port}")
+        try:
+            wait_for(self._up, 30, 0.05, what=f"prioqd web on port {self.port}")
+        except BaseException:
+            self.stop()  # the caller never gets an object to stop
+            raise
 
     def _up(self) -> bool:
         if self.proc.poll() is not None:

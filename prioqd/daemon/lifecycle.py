@@ -38,7 +38,6 @@ from prioqd.daemon.slots import Slots
 from prioqd.daemon.ticks import Ticks
 from prioqd.daemon.watch import Watch
 from prioqd.errors import BrokerError, ConfigError, WorkerStartError
-from prioqd.keys import Keys
 from prioqd.log import get_logger
 from prioqd.metrics import NO_METRICS, Metrics
 from prioqd.pool import Pool
@@ -54,15 +53,9 @@ EXIT_INTERNAL = 1
 class Daemon:
     def __init__(self, config: Config, *, daemon_id: str | None = None) -> None:
         self.config = config
-        self.keys = Keys(config.queues.prefix)
         self.priorities = list(config.queues.priorities)
-        self.broker = Broker(
-            config.redis.url,
-            self.keys,
-            socket_timeout_s=config.redis.socket_timeout_s,
-            connect_timeout_s=config.redis.connect_timeout_s,
-            password=redis_password(),
-        )
+        self.broker = Broker.from_config(config)
+        self.keys = self.broker.keys
         self.notifier = Notifier()
         self.slots = Slots(config.workers.slot_count)
         self.pool = Pool(
@@ -89,7 +82,7 @@ class Daemon:
             on_due_in_ms=self.scheduler.due_in,
         )
         self.lease.slots = self.slots.total
-        self.lease.last_error = lambda: self.dispatch.last_error or self.last_error
+        self.lease.last_error = self._last_error
         self.dispatch = Dispatcher(
             config,
             daemon_id=self.id,
@@ -449,11 +442,14 @@ class Daemon:
         else:
             self.log.debug(event.replace("_", " "), **fields)
 
+    def _last_error(self) -> str:
+        return self.dispatch.last_error or self.last_error
+
     def _status_text(self) -> str:
         text = (
             f"{self.slots.busy}/{self.slots.total} slots busy, {self.dispatch.jobs_done} jobs done"
         )
-        last_error = self.dispatch.last_error or self.last_error
+        last_error = self._last_error()
         if last_error:
             text += f", last error: {last_error[:150]}"
         if self.control.reload_error:

@@ -33,8 +33,6 @@ from prioqd.broker import Broker, wrap_errors
 from prioqd.config import Config
 from prioqd.errors import BrokerError, PrioqdError
 from prioqd.jobs import valid_id
-from prioqd.keys import Keys
-from prioqd.systemd import redis_password
 
 HERE = Path(__file__).resolve().parent
 CSRF_COOKIE = "prioqd_csrf"
@@ -179,13 +177,7 @@ class Dashboard:
         self.base = cfg.web.root_path
         #: Signs the CSRF and sign-in cookies; a restart signs everyone out.
         self.secret = os.urandom(32)
-        self.broker = Broker(
-            cfg.redis.url,
-            Keys(cfg.queues.prefix),
-            socket_timeout_s=cfg.redis.socket_timeout_s,
-            connect_timeout_s=cfg.redis.connect_timeout_s,
-            password=redis_password(),
-        )
+        self.broker = Broker.from_config(cfg)
         self.admin = Admin(self.broker, cfg)
         self.throughput = Throughput(self.broker)
         env = jinja2.Environment(
