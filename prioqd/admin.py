@@ -30,7 +30,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from prioqd.broker import Broker, wrap_errors
+from prioqd import jobs
+from prioqd.broker import Broker, as_text, wrap_errors
 from prioqd.config import Config
 from prioqd.errors import PrioqdError
 from prioqd.keys import Keys
@@ -58,13 +59,9 @@ class UnknownPriority(PrioqdError):
     """A priority name that no configuration, daemon or queue knows."""
 
 
-def _text(v: Any) -> str:
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-
-
 def _float(v: Any) -> float | None:
     try:
-        f = float(_text(v))
+        f = float(as_text(v))
     except (TypeError, ValueError):
         return None
     return f if f == f and abs(f) != float("inf") else None
@@ -99,7 +96,7 @@ def split_member(member: bytes) -> tuple[str, bytes]:
     parts = member.split(b"\n", 2)
     if len(parts) < 3:
         return "", member
-    return _text(parts[0]), parts[2]
+    return as_text(parts[0]), parts[2]
 
 
 def split_entry(value: bytes) -> tuple[str, str, bytes]:
@@ -107,7 +104,7 @@ def split_entry(value: bytes) -> tuple[str, str, bytes]:
     parts = value.split(b"\n", 3)
     if len(parts) < 4:
         return "", "c", value
-    return _text(parts[0]), _text(parts[1]), parts[3]
+    return as_text(parts[0]), as_text(parts[1]), parts[3]
 
 
 # --- what the operator sees -----------------------------------------------------------
@@ -394,14 +391,14 @@ class Admin:
     async def _daemon_priorities(self) -> dict[str, list[str]]:
         """Registered daemons -> the priorities they serve (config's, if unknown)."""
         with wrap_errors("list daemons"):
-            ids = [_text(d) for d in await self.r.zrange(self.keys.daemons, 0, -1)]
+            ids = [as_text(d) for d in await self.r.zrange(self.keys.daemons, 0, -1)]
             async with self.r.pipeline(transaction=False) as pipe:
                 for d in ids:
                     pipe.hget(self.keys.daemon(d), "priorities")
                 prios = await pipe.execute()
         out = {}
         for d, p in zip(ids, prios, strict=True):
-            names = [x for x in _text(p).split(",") if x] if p else []
+            names = [x for x in as_text(p).split(",") if x] if p else []
             out[d] = names or list(self.config.queues.priorities)
         return out
 
@@ -499,7 +496,7 @@ class Admin:
     async def _job_hash(self, job_id: str) -> dict[str, str]:
         with wrap_errors("read a job"):
             raw = await self.r.hgetall(self.keys.job(job_id))
-        return {_text(k): _text(v) for k, v in raw.items()}
+        return {as_text(k): as_text(v) for k, v in raw.items()}
 
     async def inspect(self, job_id: str) -> JobInfo:
         """The job hash and where the job is now."""
@@ -529,13 +526,13 @@ class Admin:
                 started_at=started if running else None,
                 running_s=max(0.0, now - started) if running and started else None,
             )
-            info.payload = _text(held.payload)
+            info.payload = as_text(held.payload)
             return info
         queued = await self._find_queued(job_id)
         if queued is not None:
             p, position, depth, raw = queued
             info.where = Where("queued", priority=p, position=position, depth=depth)
-            info.payload = _text(raw)
+            info.payload = as_text(raw)
             info.raw = raw
             return info
         scheduled = await self._find_scheduled(job_id)
@@ -543,7 +540,7 @@ class Admin:
             member, due = scheduled
             p, payload = split_member(member)
             info.where = Where("scheduled", priority=p, due_at=due)
-            info.payload = _text(payload)
+            info.payload = as_text(payload)
             info.raw = member
             return info
         if status in ("succeeded", "cancelled"):
@@ -572,22 +569,6 @@ class Admin:
 
     # --- cancel --------------------------------------------------------------------------
 
-    def _cancel_outcome(self, job_id: str, fields: dict[str, str], job: dict[str, Any] | None,
-                        priority: str | None) -> str:  # fmt: skip
-        task = (job or {}).get("task", fields.get("task"))
-        attempts = fields.get("attempts", "0")
-        outcome = {
-            "id": job_id,
-            "task": task if isinstance(task, str) else None,
-            "priority": priority,
-            "status": "cancelled",
-            "result": None,
-            "error": "cancelled",
-            "attempts": int(attempts) if attempts.isdigit() else 0,
-            "finished_at": round(time.time(), 6),
-        }
-        return json.dumps(outcome, separators=(",", ":"))
-
     async def cancel(
         self, job_ids: Sequence[str], wait_s: float = CANCEL_WAIT_S
     ) -> list[CancelResult]:
@@ -602,7 +583,13 @@ class Admin:
                 info = await self.inspect(job_id)
                 state = info.where.state
                 job = _json_obj(info.payload) if info.payload else None
-                outcome = self._cancel_outcome(job_id, info.fields, job, info.where.priority)
+                outcome = jobs.cancelled_outcome(
+                    job_id,
+                    task=(job or {}).get("task", info.fields.get("task")),
+                    priority=info.where.priority,
+                    error="cancelled",
+                    attempts=info.fields.get("attempts"),
+                )
                 unique = bool(job and job.get("unique") is True)
                 if state == "queued" and info.raw is not None and info.where.priority:
                     if await self.broker.cancel_queued(
@@ -716,7 +703,7 @@ class Admin:
 
     async def paused(self) -> list[str]:
         with wrap_errors("read paused priorities"):
-            return sorted(_text(p) for p in await self.r.smembers(self.keys.paused))
+            return sorted(as_text(p) for p in await self.r.smembers(self.keys.paused))
 
     async def pause(self, priorities: Iterable[str]) -> list[str]:
         """Pause priorities (kept in Redis, announced on the control channel); returns
@@ -820,7 +807,7 @@ class Admin:
             started = pid = None
             if isinstance(reply, list) and h.state == "running":
                 started = _float(reply[0]) if reply[0] is not None else None
-                pid = _text(reply[1]) if reply[1] is not None else None
+                pid = as_text(reply[1]) if reply[1] is not None else None
             task = h.job.get("task") if h.job else None
             out.append(
                 RunningJob(
@@ -856,7 +843,7 @@ class Admin:
                     task=task if isinstance(task, str) else None,
                     priority=p,
                     due_at=float(score) / 1000,
-                    payload=_text(payload),
+                    payload=as_text(payload),
                 )
             )
         return out
@@ -874,7 +861,7 @@ class Admin:
                 pkey = letter.entry.get("payload_key")
                 if isinstance(pkey, str) and "payload" not in letter.entry:
                     head = await self.r.getrange(pkey, 0, 199)
-                    letter.payload_head = _text(head)
+                    letter.payload_head = as_text(head)
         return letters
 
     async def requeue(

@@ -108,7 +108,7 @@ class CycleReply:
     paused: list[str]
 
 
-def _cancel_args(job_id: str, ttl_s: int, outcome: str, unique: bool) -> list[Any]:
+def cancel_args(job_id: str, ttl_s: int, outcome: str, unique: bool) -> list[Any]:
     """The arguments the cancel_queued / cancel_scheduled commands share: the job
     hash's fields are taken from the outcome JSON."""
     o = json.loads(outcome)
@@ -123,7 +123,8 @@ def _cancel_args(job_id: str, ttl_s: int, outcome: str, unique: bool) -> list[An
     return [job_id, ttl_s, "1" if unique else "0", outcome, len(flat), *flat]
 
 
-def _text(v: Any) -> str:
+def as_text(v: Any) -> str:
+    """A Redis reply as text (bytes decoded, invalid UTF-8 replaced)."""
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
 
 
@@ -237,9 +238,9 @@ class Broker:
             results,
             claimed,
             bool(held),
-            [_text(d) for d in dropped],
+            [as_text(d) for d in dropped],
             int(trimmed),
-            [_text(p) for p in paused],
+            [as_text(p) for p in paused],
         )
 
     async def heartbeat(
@@ -269,7 +270,7 @@ class Broker:
         return Heartbeat(
             registered=bool(registered),
             lapsed=bool(lapsed),
-            recovered_daemons=[d for d in _text(daemons).split(",") if d],
+            recovered_daemons=[d for d in as_text(daemons).split(",") if d],
             recovered_jobs=int(jobs),
             poisoned=int(poisoned),
             next_due_ms=None if int(due) < 0 else int(due),
@@ -310,7 +311,7 @@ class Broker:
         atomically; False if it was no longer queued."""
         reply = await self._call(
             "cancel queued job", "cancel_queued", priority, raw,
-            *_cancel_args(job_id, ttl_s, outcome, unique),
+            *cancel_args(job_id, ttl_s, outcome, unique),
         )  # fmt: skip
         return int(reply) == 1
 
@@ -321,7 +322,7 @@ class Broker:
         atomically; False if it was no longer scheduled."""
         reply = await self._call(
             "cancel scheduled job", "cancel_scheduled", member,
-            *_cancel_args(job_id, ttl_s, outcome, unique),
+            *cancel_args(job_id, ttl_s, outcome, unique),
         )  # fmt: skip
         return int(reply) == 1
 
@@ -344,7 +345,7 @@ class Broker:
         for i, name in enumerate(names):
             kind, depth = replies[2 * i], replies[2 * i + 1]
             if kind == b"list" and isinstance(depth, int):
-                out[self.keys.priority_of(_text(name))] = depth
+                out[self.keys.priority_of(as_text(name))] = depth
         return out
 
     async def unserved_queues(self, priorities: Sequence[str]) -> dict[str, int]:

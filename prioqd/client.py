@@ -70,7 +70,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from prioqd import jobs
-from prioqd.broker import wrap_errors
+from prioqd.broker import as_text, cancel_args, wrap_errors
 from prioqd.config import DEFAULT_CONFIG_PATH, Config, JobsConfig, QueuesConfig, RedisConfig
 from prioqd.config import load as load_config
 from prioqd.errors import JobFailed
@@ -181,9 +181,7 @@ def _json_problem(value: Any, where: str) -> str | None:
 
 def _text(v: Any) -> str | None:
     """A reply as text (replies are bytes, or str for a client with decode_responses)."""
-    if v is None:
-        return None
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+    return None if v is None else as_text(v)
 
 
 def _bytes(v: Any) -> bytes:
@@ -595,35 +593,14 @@ class _Protocol:
 
     def _cancel_args(self, job_id: str, where: _Where, attempts: str | None) -> tuple[Any, ...]:
         job = where.job or {}
-        task = job.get("task") if isinstance(job.get("task"), str) else ""
-        now = time.time()
-        error = f"cancelled while {where.kind}"
-        outcome = {
-            "id": job_id,
-            "task": task or None,
-            "priority": where.priority,
-            "status": "cancelled",
-            "result": None,
-            "error": error,
-            "attempts": int(attempts) if attempts and attempts.isdigit() else 0,
-            "finished_at": round(now, 6),
-        }
-        fields = {
-            "status": "cancelled",
-            "task": task,
-            "priority": where.priority,
-            "error": error,
-            "finished_at": f"{now:.6f}",
-        }
-        flat = [x for kv in fields.items() for x in kv]
-        common = (
+        outcome = jobs.cancelled_outcome(
             job_id,
-            str(self.result_ttl_s),
-            "1" if job.get("unique") is True else "0",
-            jobs.dumps(outcome),
-            str(len(flat)),
-            *flat,
+            task=job.get("task"),
+            priority=where.priority,
+            error=f"cancelled while {where.kind}",
+            attempts=attempts,
         )
+        common = cancel_args(job_id, self.result_ttl_s, outcome, job.get("unique") is True)
         if where.kind == "queued":
             return ("cancel_queued", where.priority, where.element, *common)
         return ("cancel_scheduled", where.element, *common)

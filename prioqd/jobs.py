@@ -14,6 +14,7 @@ import json
 import math
 import random
 import re
+import time
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -348,6 +349,25 @@ def payload_field(raw: bytes) -> dict[str, str]:
 
 def cancelled_run(now: float) -> RunResult:
     return RunResult("cancelled", error="cancelled", started_at=now, finished_at=now)
+
+
+def cancelled_outcome(
+    job_id: str, *, task: Any, priority: str | None, error: str, attempts: str | None
+) -> str:
+    """The outcome JSON of a job an operator or producer cancelled before any daemon
+    held it (``attempts``: its job hash's count, if any)."""
+    return dumps(
+        {
+            "id": job_id,
+            "task": task if isinstance(task, str) and task else None,
+            "priority": priority,
+            "status": "cancelled",
+            "result": None,
+            "error": error,
+            "attempts": int(attempts) if attempts and attempts.isdigit() else 0,
+            "finished_at": round(time.time(), 6),
+        }
+    )
 
 
 # --- outcomes of a run -------------------------------------------------------------

@@ -42,12 +42,14 @@ def _croniter() -> Any:
 
 def check_entry(entry: ScheduleConfig) -> None:
     """Raise ``ScheduleError`` (naming the key) if the entry cannot tick."""
-    croniter = _croniter()
     _zone(entry)
-    if entry.cron and not croniter.is_valid(entry.cron):
-        raise ScheduleError("cron", f"not a cron expression: {entry.cron!r}")
-    if entry.cron and len(entry.cron.split()) not in (1, 5):
-        raise ScheduleError("cron", f"expected 5 fields or @hourly and the like: {entry.cron!r}")
+    if entry.cron:
+        if not _croniter().is_valid(entry.cron):
+            raise ScheduleError("cron", f"not a cron expression: {entry.cron!r}")
+        if len(entry.cron.split()) not in (1, 5):
+            raise ScheduleError(
+                "cron", f"expected 5 fields or @hourly and the like: {entry.cron!r}"
+            )
     try:
         json.dumps([entry.args, entry.kwargs])
     except (TypeError, ValueError) as exc:

@@ -20,11 +20,11 @@ OUTCOME = json.dumps(
 def call(r: redis.Redis, command: str, where: Any, *rest: Any) -> Any:
     """cancel_queued p raw id ttl outcome / cancel_scheduled member id ttl outcome, in
     the script's layout (which adds the unique flag and the job hash's fields)."""
-    from prioqd.broker import _cancel_args
+    from prioqd.broker import cancel_args
 
     head = [where, rest[0]] if command == "cancel_queued" else [where]
     job_id, ttl, outcome = rest[-3:]
-    args = _cancel_args(job_id, ttl, outcome, unique=True)
+    args = cancel_args(job_id, ttl, outcome, unique=True)
     return r.evalsha(r.script_load(SCRIPT), 0, "prioqd", command, *head, *args)
 
 
