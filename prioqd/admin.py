@@ -59,6 +59,11 @@ class UnknownPriority(PrioqdError):
     """A priority name that no configuration, daemon or queue knows."""
 
 
+def _priorities(field: str) -> list[str]:
+    """A daemon's ``priorities`` field ("high,normal") as a list."""
+    return [p for p in field.split(",") if p]
+
+
 def _float(v: Any) -> float | None:
     try:
         f = float(as_text(v))
@@ -396,15 +401,16 @@ class Admin:
                 for d in ids:
                     pipe.hget(self.keys.daemon(d), "priorities")
                 prios = await pipe.execute()
-        out = {}
-        for d, p in zip(ids, prios, strict=True):
-            names = [x for x in as_text(p).split(",") if x] if p else []
-            out[d] = names or list(self.config.queues.priorities)
-        return out
+        return {
+            d: _priorities(as_text(p) if p else "") or list(self.config.queues.priorities)
+            for d, p in zip(ids, prios, strict=True)
+        }
 
-    async def held(self) -> list[Held]:
-        """Every job every registered daemon holds (landing lists and inflight)."""
-        daemons = await self._daemon_priorities()
+    async def held(self, daemons: dict[str, list[str]] | None = None) -> list[Held]:
+        """Every job every registered daemon holds (landing lists and inflight);
+        ``daemons``: what ``_daemon_priorities`` would read, if already known."""
+        if daemons is None:
+            daemons = await self._daemon_priorities()
         out: list[Held] = []
         with wrap_errors("list jobs in flight"):
             async with self.r.pipeline(transaction=False) as pipe:
@@ -637,11 +643,7 @@ class Admin:
         try:
             with wrap_errors("cancel"):
                 await pubsub.subscribe(self.keys.events)
-                expiry_ms = int((await self.now() + CANCEL_TTL_S) * 1000)
-                async with self.r.pipeline(transaction=True) as pipe:
-                    pipe.zadd(self.keys.cancels, dict.fromkeys(job_ids, expiry_ms))
-                    pipe.publish(self.keys.control, json.dumps({"op": "cancel", "ids": job_ids}))
-                    await pipe.execute()
+                await self.broker.cancel_held(job_ids, CANCEL_TTL_S)
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + wait_s
                 # A job that ended before we subscribed sent its event already.
@@ -742,14 +744,30 @@ class Admin:
                 replies = await pipe.execute(raise_on_error=False)
         heads, scheduled, dead = replies[: len(names)], replies[-2], replies[-1]
         daemons_raw = await self.broker.daemons()
-        held = await self.held()
-        served = {
-            p
-            for _, info, lease_ms in daemons_raw
-            if lease_ms > 0
-            for p in info.get("priorities", "").split(",")
-            if p
-        }
+        held = await self.held(
+            {d: _priorities(info.get("priorities", "")) or configured for d, info, _ in daemons_raw}
+        )
+        daemons = []
+        for daemon_id, info, lease_ms in daemons_raw:
+            mine = [h for h in held if h.daemon == daemon_id]
+            slots = info.get("slots", "")
+            daemons.append(
+                DaemonStatus(
+                    id=daemon_id,
+                    host=info.get("host", "?"),
+                    pid=info.get("pid", "?"),
+                    slots=int(slots) if slots.isdigit() else None,
+                    priorities=_priorities(info.get("priorities", "")),
+                    in_flight=len(mine),
+                    running=sum(1 for h in mine if h.state == "running"),
+                    lease_left_s=round(lease_ms / 1000, 1),
+                    alive=lease_ms > 0,
+                    last_error=info.get("last_error", ""),
+                    version=info.get("version", ""),
+                    started_at=_float(info.get("started_at")),
+                )
+            )
+        served = {p for d in daemons if d.alive for p in d.priorities}
         queues = []
         for p, head in zip(names, heads, strict=True):
             age = None
@@ -761,26 +779,6 @@ class Admin:
                 QueueStatus(p, int(found.get(p, 0)), p in paused, age, p in configured, p in served)
             )
         running = await self._running(held, now)
-        daemons = []
-        for daemon_id, info, lease_ms in daemons_raw:
-            mine = [h for h in held if h.daemon == daemon_id]
-            slots = info.get("slots", "")
-            daemons.append(
-                DaemonStatus(
-                    id=daemon_id,
-                    host=info.get("host", "?"),
-                    pid=info.get("pid", "?"),
-                    slots=int(slots) if slots.isdigit() else None,
-                    priorities=[p for p in info.get("priorities", "").split(",") if p],
-                    in_flight=len(mine),
-                    running=sum(1 for h in mine if h.state == "running"),
-                    lease_left_s=round(lease_ms / 1000, 1),
-                    alive=lease_ms > 0,
-                    last_error=info.get("last_error", ""),
-                    version=info.get("version", ""),
-                    started_at=_float(info.get("started_at")),
-                )
-            )
         return Status(
             queues=queues,
             scheduled=int(scheduled) if isinstance(scheduled, int) else 0,
@@ -857,10 +855,18 @@ class Admin:
         with wrap_errors("read dead letters"):
             raws = await self.r.lrange(self.keys.dead, offset, offset + limit - 1)
             letters = [DeadLetter(raw, parse_letter(raw)) for raw in raws[:limit]]
-            for letter in letters:
-                pkey = letter.entry.get("payload_key")
-                if isinstance(pkey, str) and "payload" not in letter.entry:
-                    head = await self.r.getrange(pkey, 0, 199)
+            by_ref = [
+                (letter, pkey)
+                for letter in letters
+                if isinstance(pkey := letter.entry.get("payload_key"), str)
+                and "payload" not in letter.entry
+            ]
+            if by_ref:
+                async with self.r.pipeline(transaction=False) as pipe:
+                    for _, pkey in by_ref:
+                        pipe.getrange(pkey, 0, 199)
+                    heads = await pipe.execute()
+                for (letter, _), head in zip(by_ref, heads, strict=True):
                     letter.payload_head = as_text(head)
         return letters
 

@@ -304,6 +304,11 @@ class Broker:
     async def purge_dead(self) -> int:
         return int(await self._call("purge dead letters", "purge"))
 
+    async def cancel_held(self, job_ids: Sequence[str], keep_s: int) -> None:
+        """Ask the daemons to cancel jobs they hold (``P:cancels``, kept ``keep_s``, and
+        a note on ``P:control``)."""
+        await self._call("cancel held jobs", "cancel_held", keep_s * 1000, *job_ids)
+
     async def cancel_queued(
         self, priority: str, raw: bytes, job_id: str, ttl_s: int, outcome: str, *, unique: bool
     ) -> bool:
@@ -373,13 +378,19 @@ class Broker:
             now_s, now_us = await r.time()
             now_ms = now_s * 1000 + now_us // 1000
             entries = await r.zrange(self.keys.daemons, 0, -1, withscores=True)
-            out = []
-            for raw_id, expiry in entries:
-                daemon_id = raw_id.decode()
-                info = await r.hgetall(self.keys.daemon(daemon_id))
-                decoded = {k.decode(): v.decode(errors="replace") for k, v in info.items()}
-                out.append((daemon_id, decoded, float(expiry - now_ms)))
-            return out
+            ids = [raw_id.decode() for raw_id, _ in entries]
+            async with r.pipeline(transaction=False) as pipe:
+                for daemon_id in ids:
+                    pipe.hgetall(self.keys.daemon(daemon_id))
+                infos = await pipe.execute()
+        return [
+            (
+                daemon_id,
+                {k.decode(): v.decode(errors="replace") for k, v in info.items()},
+                float(expiry - now_ms),
+            )
+            for daemon_id, (_, expiry), info in zip(ids, entries, infos, strict=True)
+        ]
 
 
 class _HotPath:

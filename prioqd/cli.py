@@ -200,15 +200,12 @@ async def _status(cfg: Config, as_json: bool) -> int:
     if as_json:
         print(json.dumps(st.to_dict(), indent=2))
         return EXIT_OK
-    served = {p for d in st.alive for p in d.priorities}
     print(f"{'queue':<20} {'depth':>8}  {'oldest':>8}  state")
     for q in st.queues:
-        state = "PAUSED" if q.paused else "serving" if q.priority in served else "no daemon"
+        state = "PAUSED" if q.paused else "serving" if q.served else "no daemon"
         if not q.configured:
             state += (
-                " (served by another daemon)"
-                if q.priority in served
-                else " (UNSERVED: no daemon reads it)"
+                " (served by another daemon)" if q.served else " (UNSERVED: no daemon reads it)"
             )
         print(f"{clean(q.priority):<20} {q.depth:>8}  {_age(q.oldest_age_s):>8}  {state}")
     print(f"{'(scheduled)':<20} {st.scheduled:>8}")

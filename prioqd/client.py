@@ -138,7 +138,7 @@ class _Push:
     """One checked job, ready for the ``enqueue`` command."""
 
     priority: str
-    payload: str
+    payload: bytes
     job: dict[str, Any]  # the payload's JSON
     id: str
     unique: bool
@@ -146,7 +146,7 @@ class _Push:
 
     def where(self) -> _Where:
         """Where the job is once pushed, until a daemon takes it."""
-        return _Where("queued", self.priority, self.payload.encode("utf-8"), self.job)
+        return _Where("queued", self.priority, self.payload, self.job)
 
 
 def _json_problem(value: Any, where: str) -> str | None:
@@ -392,14 +392,15 @@ class _Protocol:
         if o.unique:
             job["unique"] = True
         try:
-            payload = json.dumps(job, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-            payload.encode("utf-8")
+            payload = json.dumps(
+                job, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+            ).encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate: only escapes can carry it
-            payload = json.dumps(job, allow_nan=False, separators=(",", ":"))
+            payload = json.dumps(job, allow_nan=False, separators=(",", ":")).encode("ascii")
         except (TypeError, ValueError) as exc:  # an option of the wrong type
             raise ValueError(f"task {name!r}: the job is not JSON-serialisable: {exc}") from exc
         checked = jobs.parse(
-            payload.encode("utf-8"),
+            payload,
             priority,
             known_tasks=(name,),
             max_payload_bytes=self.max_payload_bytes,
@@ -583,7 +584,7 @@ class _Protocol:
             if where is None:
                 continue
             if where.kind == "held":
-                yield _Lua(("cancel_held", job_id, str(CANCEL_KEEP_S * 1000)))
+                yield _Lua(("cancel_held", str(CANCEL_KEEP_S * 1000), job_id))
                 outcome = yield from self.outcome(job_id, wait_s)
                 return outcome is not None and outcome.get("status") == "cancelled"
             args = self._cancel_args(job_id, where, _text(attempts))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prioqd.errors import ConfigError
+from prioqd.metrics import parse_listen as metrics_listen
 
 DEFAULT_CONFIG_PATH = "/etc/prioqd/config.toml"
 
@@ -193,11 +194,12 @@ class LogConfig:
     )
 
 
-def _listen(v: str) -> str | None:
+def _metrics_listen(v: str) -> str | None:
     if not v:
         return None
-    host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        metrics_listen(v)
+    except ValueError:
         return 'must be empty (off) or "host:port", e.g. "127.0.0.1:9464"'
     return None
 
@@ -205,7 +207,7 @@ def _listen(v: str) -> str | None:
 @dataclass(frozen=True)
 class MetricsConfig:
     # Where /metrics is served for Prometheus; empty: no metrics at all.
-    listen: str = field(default="", metadata=_check(_listen))
+    listen: str = field(default="", metadata=_check(_metrics_listen))
 
 
 @dataclass(frozen=True)

@@ -949,19 +949,22 @@ if command == 'cancel_queued' or command == 'cancel_scheduled' then
     return 1
 end
 
--- cancel_held id keep_ms
--- Asks the daemons to cancel a job one of them holds: P:cancels gets id -> expiry
--- (now + keep_ms, Redis clock; expired entries are pruned here) and P:control the
--- note {"op": "cancel", "ids": [id]}. The daemon that holds the job kills or drops
--- it and writes the outcome "cancelled". Returns how many subscribers got the note.
+-- cancel_held keep_ms id [id ...]
+-- Asks the daemons to cancel jobs they hold: P:cancels gets id -> expiry (now +
+-- keep_ms, Redis clock; expired entries are pruned here) and P:control the note
+-- {"op": "cancel", "ids": [id, ...]}. The daemon that holds a job kills or drops it
+-- and writes the outcome "cancelled". Returns how many subscribers got the note.
 if command == 'cancel_held' then
-    local id, keep_ms = ARGV[3], tonumber(ARGV[4])
+    local keep_ms = tonumber(ARGV[3])
+    local ids = {}
+    for i = 4, #ARGV do ids[#ids + 1] = ARGV[i] end
+    if #ids == 0 then return 0 end
     local why = unwritable(cancels_key, 'zset')
     if why then return redis.error_reply('prioqd: ' .. why) end
     local now = now_ms()
     redis.call('ZREMRANGEBYSCORE', cancels_key, '-inf', '(' .. now)
-    redis.call('ZADD', cancels_key, now + keep_ms, id)
-    return redis.call('PUBLISH', prefix .. ':control', cjson.encode({op = 'cancel', ids = {id}}))
+    for _, id in ipairs(ids) do redis.call('ZADD', cancels_key, now + keep_ms, id) end
+    return redis.call('PUBLISH', prefix .. ':control', cjson.encode({op = 'cancel', ids = ids}))
 end
 
 return redis.error_reply('prioqd: unknown command ' .. tostring(command))

@@ -188,7 +188,7 @@ class Dashboard:
         env.filters["age"] = age_text
         env.filters["when"] = when_text
         env.filters["describe"] = describe
-        env.filters["jobpath"] = lambda v: urllib.parse.quote(str(v), safe="")
+        env.filters["jobpath"] = lambda v: _quote(str(v))
         self.templates = Jinja2Templates(env=env)
 
     # --- cookies and guards ----------------------------------------------------------
@@ -240,16 +240,31 @@ class Dashboard:
 
     # --- rendering ----------------------------------------------------------------------
 
+    def error_page(self, request: Request, status: int, message: str) -> Response:
+        return self.templates.TemplateResponse(
+            request,
+            "error.html",
+            {
+                "request": request,
+                "base": self.base,
+                "version": __version__,
+                "message": message,
+                "status": status,
+            },
+            status_code=status,
+        )
+
     def render(self, request: Request, name: str, **context: Any) -> Response:
         fragment = request.query_params.get("fragment") == "1"
         flash = "" if fragment else request.cookies.get(FLASH_COOKIE, "")
+        signed_in = self.signed_in(request)
         context.update(
             request=request,
             base=self.base,
             version=__version__,
             read_only=self.read_only,
-            signed_in=self.signed_in(request),
-            can_act=self.signed_in(request),
+            signed_in=signed_in,
+            can_act=signed_in,
             csrf=self.csrf_token(request),
             refresh_ms=int(self.cfg.web.refresh_s * 1000),
             flash=urllib.parse.unquote(flash)[:500],
@@ -307,9 +322,7 @@ class Dashboard:
         job_id = request.query_params.get("id", "").strip()
         if not valid_id(job_id):
             return self.back(request, "/", "not a job id")
-        return RedirectResponse(
-            f"{self.base}/jobs/{urllib.parse.quote(job_id, safe='')}", status_code=303
-        )
+        return RedirectResponse(f"{self.base}/jobs/{_quote(job_id)}", status_code=303)
 
     async def dead(self, request: Request) -> Response:
         try:
@@ -423,18 +436,7 @@ def _with_state(dash: Dashboard, handler: Callable[[Request], Awaitable[Response
         try:
             response = await handler(request)
         except BrokerError as exc:
-            response = dash.templates.TemplateResponse(
-                request,
-                "error.html",
-                {
-                    "request": request,
-                    "base": dash.base,
-                    "version": __version__,
-                    "message": f"Redis: {exc}",
-                    "status": 503,
-                },
-                status_code=503,
-            )
+            response = dash.error_page(request, 503, f"Redis: {exc}")
         except PrioqdError as exc:
             response = dash.back(request, "/", str(exc))
         if fresh and request.state.csrf_cookie:
@@ -474,18 +476,7 @@ def create_app(cfg: Config, *, token: str | None, read_only: bool) -> Starlette:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        return dash.templates.TemplateResponse(
-            request,
-            "error.html",
-            {
-                "request": request,
-                "base": dash.base,
-                "version": __version__,
-                "message": exc.detail,
-                "status": exc.status_code,
-            },
-            status_code=exc.status_code,
-        )
+        return dash.error_page(request, exc.status_code, exc.detail)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
