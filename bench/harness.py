@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -134,6 +135,23 @@ def job_fields(client: redis.Redis, ids: list[str], *fields: str) -> list[list[s
     for job_id in ids:
         pipe.hmget(f"prioqd:job:{job_id}", list(fields))
     return [[v.decode() if v is not None else None for v in row] for row in pipe.execute()]
+
+
+def succeeded_fields(
+    client: redis.Redis, ids: list[str], field: str, workload: str
+) -> list[str | None]:
+    """``field`` of every job; RuntimeError (no figure) unless every one succeeded."""
+    rows = job_fields(client, ids, "status", field)
+    if any(s != "succeeded" for s, _ in rows):
+        raise RuntimeError(f"{workload}: statuses {Counter(s for s, _ in rows)}")
+    return [v for _, v in rows]
+
+
+def cmdstats(info: dict[str, Any]) -> Counter[str]:
+    """``INFO commandstats`` as calls per command."""
+    return Counter(
+        {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items() if "calls" in v}
+    )
 
 
 # --- processes -----------------------------------------------------------------------
@@ -352,6 +370,12 @@ class Daemon:
                 if level in ("warning", "error", "critical", "not_json") and len(bad) < 3:
                     bad.append(line.decode(errors="replace").strip()[:400])
         return counts, bad
+
+    def problems(self) -> str:
+        """'' or what its log says went wrong: lines at warning or above, or not JSON."""
+        counts, lines = self.log_summary()
+        bad = {k: v for k, v in counts.items() if k in ("warning", "error", "critical", "not_json")}
+        return f"{bad}, first: {' | '.join(lines)}" if bad else ""
 
 
 def task_cpu_ns(pid: int) -> int:

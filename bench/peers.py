@@ -216,9 +216,7 @@ class DaemonConsumers(Consumers):
         self.d.stop()
 
     def problems(self) -> str:
-        counts, lines = self.d.log_summary()
-        bad = {k: v for k, v in counts.items() if k in ("warning", "error", "critical")}
-        return f"{bad}, first: {' | '.join(lines)}" if bad else ""
+        return self.d.problems()
 
 
 class ProcConsumers(Consumers):
@@ -686,11 +684,11 @@ def w4(
         client = s.server.client
         assert client is not None
         pids = [p.pid for p in consumers.tree()]
-        before = _cmdstats(client.info("commandstats"))
+        before = harness.cmdstats(client.info("commandstats"))
         ns0 = {pid: harness.task_cpu_ns(pid) for pid in pids}
         time.sleep(window_s)
         ns1 = {pid: harness.task_cpu_ns(pid) for pid in pids}
-        after = _cmdstats(client.info("commandstats"))
+        after = harness.cmdstats(client.info("commandstats"))
         pids1 = [p.pid for p in consumers.tree()]
         _check(s, name, ctx)
     diff = after - before - Counter({"info": 1})
@@ -699,12 +697,6 @@ def w4(
     if sorted(pids) != sorted(pids1):
         note += f"; the process tree changed: {pids} -> {pids1}"
     return {"W4 cpu": cpu, "W4 cmds": float(sum(diff.values()))}, note
-
-
-def _cmdstats(info: dict[str, Any]) -> Counter[str]:
-    return Counter(
-        {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items() if "calls" in v}
-    )
 
 
 def calibrate() -> float:

@@ -26,6 +26,7 @@ from harness import (
     WAIT_S,
     Daemon,
     RedisServer,
+    cmdstats,
     daemon,
     job,
     job_fields,
@@ -36,6 +37,7 @@ from harness import (
     queue_key,
     redis_server,
     statuses,
+    succeeded_fields,
 )
 
 DEFAULT_PRIORITIES = ["high", "normal", "low"]
@@ -75,10 +77,8 @@ def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
 
 def check_daemon(d: Daemon, name: str, notes: list[str]) -> None:
     """A note if the daemon logged anything at warning or above, or a non-JSON line."""
-    counts, lines = d.log_summary()
-    bad = {k: v for k, v in counts.items() if k in ("warning", "error", "critical", "not_json")}
-    if bad:
-        notes.append(f"{name}: daemon log has {bad}, first: {' | '.join(lines)}")
+    if problems := d.problems():
+        notes.append(f"{name}: daemon log has {problems}")
 
 
 def _wait_until(t: float) -> None:
@@ -175,13 +175,13 @@ def w1_once(
     ids = [f"{prefix}{i}" for i in range(n)]
     # RPUSH: the right end is the head, so any backlog already queued stays behind.
     push(client, low, (job(i, "square", k) for k, i in enumerate(ids)), head=True)
-    calls0 = _cmdstats(client.info("commandstats"))["evalsha"]
+    calls0 = cmdstats(client.info("commandstats"))["evalsha"]
     with outcomes(server, prefix) as out, daemon(server, name, priorities) as d:
         ready = d.wait_ready()
         c0, r0 = d.cpu_ns(), server.cpu_ns()
         end = out.wait(n)
         c1, r1 = d.cpu_ns(), server.cpu_ns()
-        calls = _cmdstats(client.info("commandstats"))["evalsha"] - calls0
+        calls = cmdstats(client.info("commandstats"))["evalsha"] - calls0
     assert d.proc is not None
     main = d.proc.pid
     workers_ns = sum(c1.get(pid, ns) - ns for pid, ns in c0.items() if pid != main)
@@ -370,12 +370,9 @@ def w2(work: Path, reps: int, n: int = 400, ms: float = 5.0) -> Report:
             assert d.proc is not None
             daemon_us.append((c1[d.proc.pid] - c0[d.proc.pid]) / 1e3 / n)
             redis_us.append((r1 - r0) / 1e3 / n)
-            rows = job_fields(client, ids, "status", "duration_s")
             check_daemon(d, name, rep.notes)
-        if any(s != "succeeded" for s, _ in rows):
-            raise RuntimeError(f"W2: statuses {Counter(s for s, _ in rows)}")
+            durations = [float(v or 0) for v in succeeded_fields(client, ids, "duration_s", "W2")]
         took = end - ready
-        durations = [float(dur or 0) for _, dur in rows]
         effs.append(n * ms / 1000 / slots / took)
         busy.append(sum(durations) / (slots * took))
         mean_dur.append(statistics.mean(durations) * 1000)
@@ -430,11 +427,9 @@ def w3(
                 pushed.append(time.time())
                 low_left.append(int(pipe.execute()[1]))
             out.wait(highs)
-        rows = job_fields(client, ids, "status", "started_at")
         check_daemon(d, name, rep.notes)
-    if any(s != "succeeded" for s, _ in rows):
-        raise RuntimeError(f"W3: statuses {Counter(s for s, _ in rows)}")
-    waits = [(float(st or 0) - t) * 1000 for (_, st), t in zip(rows, pushed, strict=True)]
+        started = succeeded_fields(client, ids, "started_at", "W3")
+    waits = [(float(st or 0) - t) * 1000 for st, t in zip(started, pushed, strict=True)]
     p50, worst = statistics.median(waits), max(waits)
     rep.figures[f"w3_{variant}"] = (p50, worst)
     what = "burn_cpu 2 ms" if variant == "cpu" else "sleep 2 ms"
@@ -498,12 +493,6 @@ class Monitor:
         self._sock.close()
 
 
-def _cmdstats(info: dict[str, Any]) -> Counter[str]:
-    return Counter(
-        {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items() if "calls" in v}
-    )
-
-
 def w4(work: Path, window_s: float = 20.0, settle_s: float = 2.0) -> Report:
     """An idle daemon: CPU seconds of its process tree and the Redis commands it issued."""
     rep = Report()
@@ -517,11 +506,11 @@ def w4(work: Path, window_s: float = 20.0, settle_s: float = 2.0) -> Report:
             me = str(client.client_info()["addr"])
             pids0 = sorted(p.pid for p in d.tree())
             t0 = time.time()
-            before = _cmdstats(client.info("commandstats"))
+            before = cmdstats(client.info("commandstats"))
             c0, ns0 = d.cpu_s(), d.cpu_ns()
             time.sleep(window_s)
             c1, ns1 = d.cpu_s(), d.cpu_ns()
-            after = _cmdstats(client.info("commandstats"))
+            after = cmdstats(client.info("commandstats"))
             t1 = time.time()
             pids1 = sorted(p.pid for p in d.tree())
             threads = [len(os.listdir(f"/proc/{pid}/task")) for pid in pids1]
@@ -587,11 +576,9 @@ def w5(work: Path, n: int = 200, every_s: float = 0.01) -> Report:
                 pushed.append(time.time())
                 client.lpush(queue_key("normal"), payload)
             out.wait(n)
-        rows = job_fields(client, ids, "status", "started_at")
         check_daemon(d, "W5", rep.notes)
-    if any(s != "succeeded" for s, _ in rows):
-        raise RuntimeError(f"W5: statuses {Counter(s for s, _ in rows)}")
-    lat = [(float(st or 0) - t) * 1000 for (_, st), t in zip(rows, pushed, strict=True)]
+        started = succeeded_fields(client, ids, "started_at", "W5")
+    lat = [(float(st or 0) - t) * 1000 for st, t in zip(started, pushed, strict=True)]
     p50, p99 = statistics.median(lat), percentile(lat, 99)
     rep.figures["w5"] = (p50, p99)
     rep.rows.append(Row(
@@ -654,8 +641,8 @@ def starve(work: Path, loads: tuple[float, ...] = (0.5, 0.9, 1.0), seconds: floa
                     ):
                         break
                     time.sleep(0.05)
-            rows = job_fields(client, lows, "status", "started_at")
-        waits = [(float(st or 0) - pushed[j]) * 1000 for j, (_, st) in zip(lows, rows, strict=True)]
+            started = succeeded_fields(client, lows, "started_at", "starve")
+        waits = [(float(st or 0) - pushed[j]) * 1000 for j, st in zip(lows, started, strict=True)]
         during = [w for j, w in zip(lows, waits, strict=True) if pushed[j] + w / 1000 < stream_end]
         p50 = statistics.median(waits)
         rep.figures[name] = (p50, max(waits), len(during), len(lows))

@@ -24,7 +24,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,11 +47,6 @@ LOOKUPS = 3
 
 State = Literal["queued", "claimed", "running", "scheduled", "dead", "ended", "unknown"]
 CancelOutcome = Literal["cancelled", "requested", "ended", "unknown"]
-
-_ENDED = ("succeeded", "dead", "cancelled")
-# Characters that never appear escaped in JSON text: an id made of them appears
-# literally in any JSON that holds it, unless the text uses \\u escapes.
-_PLAIN_ID = re.compile(r"[A-Za-z0-9_.:+=@%,-]+")
 
 
 class UnknownPriority(PrioqdError):
@@ -78,38 +72,6 @@ def _json_obj(raw: bytes | str) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
-
-
-class _Matcher:
-    """Does a JSON payload carry ``"id": job_id``? Parses only payloads that can."""
-
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
-        self._needle = job_id.encode() if _PLAIN_ID.fullmatch(job_id) else None
-
-    def __call__(self, raw: bytes) -> dict[str, Any] | None:
-        if self._needle is not None and self._needle not in raw and b"\\u" not in raw:
-            return None
-        obj = _json_obj(raw)
-        if obj is not None and obj.get("id") == self.job_id:
-            return obj
-        return None
-
-
-def split_member(member: bytes) -> tuple[str, bytes]:
-    """A schedule member ``"p\\nU\\n<json>"`` -> (p, json)."""
-    parts = member.split(b"\n", 2)
-    if len(parts) < 3:
-        return "", member
-    return as_text(parts[0]), parts[2]
-
-
-def split_entry(value: bytes) -> tuple[str, str, bytes]:
-    """An inflight entry ``"p\\nS\\nR\\n<payload>"`` -> (p, S, payload)."""
-    parts = value.split(b"\n", 3)
-    if len(parts) < 4:
-        return "", "c", value
-    return as_text(parts[0]), as_text(parts[1]), parts[3]
 
 
 # --- what the operator sees -----------------------------------------------------------
@@ -425,7 +387,7 @@ class Admin:
             i += 1
             if isinstance(values, list):
                 for v in values:
-                    p, state, payload = split_entry(v)
+                    p, state, payload = jobs.split_entry(v)
                     out.append(
                         Held(d, p, "claimed" if state.startswith("c") else "running", payload,
                              _json_obj(payload))
@@ -445,7 +407,7 @@ class Admin:
 
     async def _find_queued(self, job_id: str) -> tuple[str, int, int, bytes] | None:
         """(priority, position from the head, depth, raw payload) of a queued job."""
-        match = _Matcher(job_id)
+        match = jobs.IdMatch(job_id)
         queues = await self.broker.queues()
         for p in self._ordered(queues):
             key = self.keys.queue(p)
@@ -471,7 +433,7 @@ class Admin:
         return configured + sorted(p for p in found if p not in configured)
 
     async def _find_scheduled(self, job_id: str) -> tuple[bytes, float] | None:
-        match = _Matcher(job_id)
+        match = jobs.IdMatch(job_id)
         start = 0
         while True:
             with wrap_errors("search the schedule"):
@@ -479,7 +441,7 @@ class Admin:
                     self.keys.scheduled, start, start + CHUNK - 1, withscores=True
                 )
             for member, score in chunk:
-                _, payload = split_member(member)
+                _, payload = jobs.split_member(member)
                 if match(payload) is not None:
                     return member, float(score) / 1000
             if len(chunk) < CHUNK:
@@ -487,7 +449,7 @@ class Admin:
             start += CHUNK
 
     async def _find_dead(self, job_id: str) -> DeadLetter | None:
-        match = _Matcher(job_id)
+        match = jobs.IdMatch(job_id)
         start = 0
         while True:
             with wrap_errors("search the dead letters"):
@@ -544,7 +506,7 @@ class Admin:
         scheduled = await self._find_scheduled(job_id)
         if scheduled is not None:
             member, due = scheduled
-            p, payload = split_member(member)
+            p, payload = jobs.split_member(member)
             info.where = Where("scheduled", priority=p, due_at=due)
             info.payload = as_text(payload)
             info.raw = member
@@ -648,7 +610,7 @@ class Admin:
                 deadline = loop.time() + wait_s
                 # A job that ended before we subscribed sent its event already.
                 for job_id in list(pending):
-                    if (await self._job_hash(job_id)).get("status") in _ENDED:
+                    if (await self._job_hash(job_id)).get("status") in jobs.ENDED:
                         pending.discard(job_id)
                 while pending and loop.time() < deadline:
                     msg = await pubsub.get_message(
@@ -657,7 +619,7 @@ class Admin:
                     if msg is None or msg.get("type") != "message":
                         continue
                     event = _json_obj(msg["data"]) or {}
-                    if event.get("id") in pending and event.get("status") in _ENDED:
+                    if event.get("id") in pending and event.get("status") in jobs.ENDED:
                         pending.discard(event["id"])
         finally:
             with contextlib.suppress(Exception):
@@ -832,7 +794,7 @@ class Admin:
             )
         out = []
         for member, score in members[: max(0, limit)]:
-            p, payload = split_member(member)
+            p, payload = jobs.split_member(member)
             job = _json_obj(payload) or {}
             job_id, task = job.get("id"), job.get("task")
             out.append(

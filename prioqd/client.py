@@ -110,8 +110,6 @@ CANCEL_WAIT_S = 5.0
 #: that holds the job hears of it at once on ``<prefix>:control``; the entry is for a
 #: daemon that missed the note (reconnecting) or takes the job in a race.
 CANCEL_KEEP_S = 600
-#: Statuses after which a job does not run again.
-ENDED = frozenset(("succeeded", "dead", "cancelled"))
 #: Queue and schedule entries read per command when looking for a job by id.
 _CHUNK = 1000
 #: Job hash fields an outcome can be rebuilt from.
@@ -254,25 +252,6 @@ class _Where:
     job: Mapping[str, Any] | None = None  # its JSON
 
 
-class _IdMatch:
-    """Recognises the JSON of job ``job_id`` among queue or schedule entries."""
-
-    def __init__(self, job_id: str) -> None:
-        self.id = job_id
-        # An id that JSON writes verbatim can be looked for as bytes before parsing.
-        plain = job_id.isascii() and not any(c in job_id for c in '"\\/')
-        self.needle = job_id.encode() if plain else None
-
-    def __call__(self, payload: bytes) -> dict[str, Any] | None:
-        if self.needle is not None and self.needle not in payload:
-            return None
-        try:
-            obj = json.loads(payload)
-        except ValueError:
-            return None
-        return obj if isinstance(obj, dict) and obj.get("id") == self.id else None
-
-
 def _outcome_json(job_id: str, raw: Any) -> dict[str, Any]:
     try:
         outcome = json.loads(raw)
@@ -286,7 +265,7 @@ def _outcome_json(job_id: str, raw: Any) -> dict[str, Any]:
 def _outcome_from_hash(job_id: str, values: Sequence[Any]) -> dict[str, Any] | None:
     """The outcome of an ended job rebuilt from its hash, or None if it has not ended."""
     status, task, priority, result, error, attempts = (_text(v) for v in values)
-    if status not in ENDED:
+    if status not in jobs.ENDED:
         return None
     try:
         value = None if result is None else json.loads(result)
@@ -473,7 +452,7 @@ class _Protocol:
         reading the queues), then what daemons hold, then the schedule: the order in
         which a job moves, so one that moves meanwhile is usually still found.
         """
-        match = _IdMatch(job_id)
+        match = jobs.IdMatch(job_id)
         where = yield from self._in_queues(match, hint)
         if where is None:
             where = yield from self._held(match)
@@ -481,7 +460,7 @@ class _Protocol:
             where = yield from self._scheduled(match)
         return where
 
-    def _in_queues(self, match: _IdMatch, hint: _Where | None) -> _Steps[_Where | None]:
+    def _in_queues(self, match: jobs.IdMatch, hint: _Where | None) -> _Steps[_Where | None]:
         if hint is not None:
             pos = yield _Cmd(("LPOS", self.keys.queue(hint.priority), hint.element))
             if pos is not None:
@@ -499,7 +478,7 @@ class _Protocol:
                 start += _CHUNK
         return None
 
-    def _held(self, match: _IdMatch) -> _Steps[_Where | None]:
+    def _held(self, match: jobs.IdMatch) -> _Steps[_Where | None]:
         """Claimed by a daemon, start not recorded (the layout: prioqd.lua's header)."""
         keys = self.keys
         for d in (yield _Cmd(("ZRANGE", keys.daemons, 0, -1))):
@@ -510,7 +489,7 @@ class _Protocol:
                     *(_Cmd(("LRANGE", keys.landing(daemon, p), 0, -1)) for p in self.priorities),
                 )
             )
-            entries = [_bytes(v).split(b"\n", 3)[-1] for v in replies[0]]
+            entries = [jobs.split_entry(_bytes(v))[2] for v in replies[0]]
             entries += [_bytes(v) for landed in replies[1:] for v in landed]
             for payload in entries:
                 found = match(payload)
@@ -518,16 +497,15 @@ class _Protocol:
                     return _Where("held", "", payload, found)
         return None
 
-    def _scheduled(self, match: _IdMatch) -> _Steps[_Where | None]:
+    def _scheduled(self, match: jobs.IdMatch) -> _Steps[_Where | None]:
         start = 0
         while True:
             members = yield _Cmd(("ZRANGE", self.keys.scheduled, start, start + _CHUNK - 1))
             for m in members:
-                parts = _bytes(m).split(b"\n", 2)
-                if len(parts) == 3:
-                    found = match(parts[2])
-                    if found is not None:
-                        return _Where("scheduled", parts[0].decode(), _bytes(m), found)
+                priority, payload = jobs.split_member(_bytes(m))
+                found = match(payload)
+                if found is not None:
+                    return _Where("scheduled", priority, _bytes(m), found)
             if len(members) < _CHUNK:
                 return None
             start += _CHUNK
@@ -573,12 +551,12 @@ class _Protocol:
             )
             status, lock_text = _text(status), _text(lock)
             where: _Where | None = None
-            if status in ENDED:
+            if status in jobs.ENDED:
                 return False
             if status == "running" or lock_text not in (None, "q"):
                 where = _Where("held")  # a live run, started or not: no need to look
             elif status in ("scheduled", "failed"):  # waits in the schedule for its time
-                where = yield from self._scheduled(_IdMatch(job_id))
+                where = yield from self._scheduled(jobs.IdMatch(job_id))
             if where is None:
                 where = yield from self.locate(job_id, hint)
             if where is None:

@@ -40,6 +40,8 @@ ALLOWED_FIELDS = (
 )
 _ALLOWED = frozenset(ALLOWED_FIELDS)
 MAX_ID_LENGTH = 200
+#: Statuses after which a job does not run again.
+ENDED = frozenset(("succeeded", "dead", "cancelled"))
 #: Arguments nested deeper than this are refused: pickling them for the worker (and
 #: unpickling there) recurses once per level, and Python's stack is finite.
 MAX_DEPTH = 100
@@ -128,6 +130,46 @@ def valid_id(v: Any) -> TypeGuard[str]:
         and v.isprintable()
         and _NO_SPACE.fullmatch(v) is not None
     )
+
+
+#: Ids JSON writes byte for byte, so a payload without them as bytes cannot carry them
+#: (unless it spells them with \u escapes).
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.:+=@%,-]+")
+
+
+class IdMatch:
+    """Does a JSON payload carry ``"id": job_id``? Parses only payloads that can:
+    operators and producers look a job up among thousands of queued payloads."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self._needle = job_id.encode() if _PLAIN_ID.fullmatch(job_id) else None
+
+    def __call__(self, raw: bytes) -> dict[str, Any] | None:
+        if self._needle is not None and self._needle not in raw and b"\\u" not in raw:
+            return None
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+        return obj if isinstance(obj, dict) and obj.get("id") == self.job_id else None
+
+
+def split_member(member: bytes) -> tuple[str, bytes]:
+    """A schedule member ``"p\\nU\\n<json>"`` -> (p, json); the layout is
+    prioqd.lua's header."""
+    parts = member.split(b"\n", 2)
+    if len(parts) < 3:
+        return "", member
+    return parts[0].decode(errors="replace"), parts[2]
+
+
+def split_entry(value: bytes) -> tuple[str, str, bytes]:
+    """An inflight entry ``"p\\nS\\nR\\n<payload>"`` -> (p, S, payload)."""
+    parts = value.split(b"\n", 3)
+    if len(parts) < 4:
+        return "", "c", value
+    return parts[0].decode(errors="replace"), parts[1].decode(errors="replace"), parts[3]
 
 
 def _too_deep(value: Any, limit: int) -> bool:

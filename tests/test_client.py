@@ -259,6 +259,19 @@ def test_status_timeout_and_cancel_of_a_queued_job(r: redis.Redis, client: Clien
         again.result(timeout_s=0.2)
 
 
+def test_a_job_pushed_by_another_producer_is_found_however_its_json_spells_the_id(
+    r: redis.Redis, client: Client
+) -> None:
+    # Any JSON encoder may escape characters: "\u0061bc" is the id "abc".
+    raw = '{"task": "square", "args": [3], "id": "\\u0061bc"}'
+    r.lpush("prioqd:queue:normal", raw)
+    r.lpush("prioqd:queue:normal", '[' * 5000 + ']' * 5000)  # no object; too deep to parse
+    assert client.job("abc").status() == "queued"
+    assert client.job("abc").cancel() is True
+    assert r.lrange("prioqd:queue:normal", 0, -1) == [b"[" * 5000 + b"]" * 5000]
+    assert r.hget("prioqd:job:abc", "status") == b"cancelled"
+
+
 # --- against daemons ---------------------------------------------------------------
 
 
