@@ -293,11 +293,21 @@ def _end(args: argparse.Namespace, work: Path) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _load_line(pre_load: float) -> str:
-    return (
+def _header(
+    args: argparse.Namespace, first: list[str], pre_load: float, aborted: str, code: str
+) -> list[str]:
+    """The lines above the table: ``first``, the load, an abort, a change of code."""
+    header = [
+        *first,
         f"Load of other processes before the start: {pre_load:.2f} CPU; load average at"
-        f" the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
-    )
+        f" the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+    ]
+    if aborted:
+        header.append(f"ABORTED: {aborted}; the table is partial")
+    code_after = code if args.rev else code_state()
+    if code_after != code:
+        header.append(f"THE CODE CHANGED DURING THE RUN: {code} -> {code_after}")
+    return header
 
 
 def run_peers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -337,17 +347,17 @@ def run_peers(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     finally:
         _end(args, work)
     runtime = time.monotonic() - t_start
-    header = [
-        f"Rounds: {plan.rounds}, interleaved (every workload runs for every system in"
-        " turn, the order rotated by one each round); each figure is the median of the"
-        " rounds",
-        _load_line(pre_load),
-    ]
-    if aborted:
-        header.append(f"ABORTED: {aborted}; the table is partial")
-    code_after = code if args.rev else code_state()
-    if code_after != code:
-        header.append(f"THE CODE CHANGED DURING THE RUN: {code} -> {code_after}")
+    header = _header(
+        args,
+        [
+            f"Rounds: {plan.rounds}, interleaved (every workload runs for every system in"
+            " turn, the order rotated by one each round); each figure is the median of the"
+            " rounds"
+        ],
+        pre_load,
+        aborted,
+        code,
+    )
     head, cells = peers.rows(res)
     notes = [*res.notes, *peers.detail_notes(res), peers.NOT_INCLUDED]
     print()
@@ -507,14 +517,7 @@ def main() -> int:
     finally:
         _end(args, work)
     runtime = time.monotonic() - t_start
-    header = [
-        _load_line(pre_load),
-    ]
-    if aborted:
-        header.append(f"ABORTED: {aborted}; the table is partial")
-    code_after = code if args.rev else code_state()
-    if code_after != code:
-        header.append(f"THE CODE CHANGED DURING THE RUN: {code} -> {code_after}")
+    header = _header(args, [], pre_load, aborted, code)
 
     print()
     print(f"prioqd benchmark on {machine()}")
