@@ -73,6 +73,11 @@ def test_catch_up_last_enqueues_the_most_recent_missed_tick_once_and_none_skips_
     r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
 ) -> None:
     runs = tmp_path / "runs"
+    # Each of these schedules ticks on the hour: a test that straddled one would see a
+    # fresh tick as well as the missed one, so it starts clear of the boundary.
+    to_next_hour_s = 3600 - time.time() % 3600
+    if to_next_hour_s < 30:
+        time.sleep(to_next_hour_s + 0.5)
     hour_ago_ms = int((time.time() - 7200) * 1000)
     r.hset("prioqd:periodic", mapping={"hourly-last": hour_ago_ms, "hourly-none": hour_ago_ms})
     cfg = with_schedule(
@@ -82,11 +87,12 @@ def test_catch_up_last_enqueues_the_most_recent_missed_tick_once_and_none_skips_
         every("fresh", 3600, runs),  # never ran: a new schedule misses nothing
     )
     d = daemon(cfg)
-    d.wait_log("periodic job enqueued", schedule="hourly-last")
+    enqueued = d.wait_log("periodic job enqueued", schedule="hourly-last")
     wait_for(lambda: runs.exists() and runs.read_text().split() == ["hourly-last"], 10)
     entry = configuration.load(str(cfg)).schedule[0]
     tick = periodic.last_tick(entry, time.time())
-    assert r.hget(f"prioqd:job:{periodic.job_id(entry, tick)}", "status")
+    assert enqueued["job_id"] == periodic.job_id(entry, tick)  # the latest missed tick
+    assert r.hget(f"prioqd:job:{enqueued['job_id']}", "status")
     time.sleep(1.0)
     assert runs.read_text().split() == ["hourly-last"]
     assert int(r.hget("prioqd:periodic", "fresh") or 0) > 0  # recorded, not run
