@@ -552,6 +552,13 @@ class BlockingMove:
             return False
         return bool(readable)
 
+    async def barrier(self) -> None:
+        """One round trip on the broker's own connection. Redis writes every reply of
+        an event-loop turn before it reads the next command, so when this returns, each
+        payload that landed with one already read is readable here (``unread``)."""
+        with wrap_errors("barrier"):
+            await self._broker.redis.ping()
+
     async def unblock(self, priorities: Sequence[str]) -> None:
         ids = [
             self._client_ids[p] for p in priorities if p in self._blocked and p in self._client_ids

@@ -224,6 +224,24 @@ def test_a_job_racing_into_the_blocking_wait_does_not_jump_the_priority_order(
         time.sleep(0.05)
 
 
+def test_a_higher_job_pushed_with_a_lower_one_runs_first_on_the_one_free_slot(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    # One slot, idle: a low and a high job pushed in one pipeline land in the same
+    # turn of Redis's event loop, their replies in no set order. Whichever the daemon
+    # reads first, the high one must run first (the low one after it, not before).
+    daemon(config(workers={"slots": 1}))
+    for round_ in range(12):
+        lo, hi = f"lo{round_}", f"hi{round_}"
+        pipe = r.pipeline(transaction=False)
+        pipe.lpush("prioqd:queue:low", json.dumps({"id": lo, "task": "nap", "args": [20]}))
+        pipe.lpush("prioqd:queue:high", json.dumps({"id": hi, "task": "nap", "args": [20]}))
+        pipe.execute()
+        h = wait_status(r, [lo, hi])
+        assert float(h[hi]["finished_at"]) <= float(h[lo]["started_at"]), f"round {round_}"
+        time.sleep(0.03)
+
+
 def test_the_example_tasks(r: redis.Redis, config: Config, daemon: Daemon) -> None:
     daemon(config())
     push(r, "normal", {"id": "burn", "task": "burn_cpu", "args": [20]},

@@ -5,9 +5,10 @@ One ``BLMOVE queue:p -> landing:D:p`` per priority, each on its own connection
 
 - **Idle** (a claim found every queue empty; the cycle claims nothing meanwhile):
   wait on every queue. The first payload to land runs. If it is not of the highest
-  priority, the other waits are heard out first (``CLIENT UNBLOCK``), and only the
-  highest payload that landed in that race runs; the rest go back to the head of
-  their queues, so the next claim takes jobs in strict priority order.
+  priority, one round trip first tells whether a higher one landed with it (see
+  ``_settle``); only the highest payload that landed in that race runs, the rest go
+  back to the head of their queues, so the next claim takes jobs in strict priority
+  order.
 - **Busy** (the cycle claims as slot tokens free up): wait only on the priorities
   above the lowest job held here that has not started. Such a payload is taken at
   once, on a token lent if none is free (``Slots.take_one``), and goes to the pool,
@@ -210,10 +211,10 @@ class Watch:
                     self._call_off(extra)
                 self.reconcile()
             else:
-                # A higher payload may have landed at the same moment: hear every
-                # wait out before choosing (the cycle claims nothing meanwhile).
+                # A higher payload may have landed at the same moment: find out
+                # before choosing (the cycle claims nothing meanwhile).
                 self._race = [(claim, p, raw)]
-                self._background_task(self._settle(others))
+                self._background_task(self._settle())
         elif self._outranks_held(p):
             # Higher than something held: it goes first, on a lent token if need be.
             self.dispatch.land(claim, p, raw)
@@ -222,14 +223,29 @@ class Watch:
             self.dispatch.land_back(claim, p, raw)
         self.cycle.wake()
 
-    async def _settle(self, others: list[str]) -> None:
-        """Call off the other waits, then run the highest payload that landed and put
-        the rest back at the head of their queues."""
-        tasks = [self._tasks[q] for q in others if q in self._tasks]
-        self._leaving.update(others)
-        await self._unblock(others)
-        if tasks:
-            await asyncio.wait(tasks, timeout=2.0)
+    async def _settle(self) -> None:
+        """Run the highest payload that landed in a race and put the rest back at the
+        head of their queues.
+
+        Redis writes the replies of one event-loop turn to its clients in no set order,
+        but writes them all before it reads another command: once a ``PING`` sent after
+        the first payload was read comes back, any higher payload that landed with it
+        is in our socket buffers. So one round trip decides: nothing unread on a higher
+        wait, and the best payload at hand runs (the other waits stay or are called off
+        as in busy mode). Only when a higher reply is there, or the ping failed, is every
+        wait called off and heard out first."""
+        try:
+            await self._moves.barrier()
+            heard_out = False
+        except BrokerError:
+            heard_out = True
+        if heard_out or self._higher_unread():
+            others = [q for q in self._tasks if q not in self._leaving]
+            tasks = [self._tasks[q] for q in others]
+            self._leaving.update(others)
+            await self._unblock(others)
+            if tasks:
+                await asyncio.wait(tasks, timeout=2.0)
         race, self._race = self._race or [], None
         self.cycle.waiting = False
         race.sort(key=lambda landed: self._rank[landed[1]])
@@ -238,8 +254,19 @@ class Watch:
                 self.dispatch.land(claim, p, raw)
             else:
                 self.dispatch.land_back(claim, p, raw)
+        targets = self._busy_targets()
+        extra = [q for q in self._tasks if q not in targets and q not in self._leaving]
+        if extra:
+            self._call_off(extra)
         self.reconcile()
         self.cycle.wake()
+
+    def _higher_unread(self) -> bool:
+        """Whether a wait above the best payload of the race has a reply unread."""
+        best = min(self._rank[p] for _, p, _ in self._race or [])
+        return self._moves.unread(
+            [q for q in self._tasks if self._rank[q] < best and q not in self._leaving]
+        )
 
     def unlanded(self, p: str) -> None:
         """An ``Unland`` of ``p`` was applied: it may wait again."""
