@@ -3,10 +3,10 @@
 Both workers are kept busy by lower jobs; higher jobs arrive one by one. Two shapes
 the daemon treats differently are checked, each where it would go wrong:
 
-- lone 5 ms jobs, which are prefetched (the next one is claimed just before the
+- lone 20 ms jobs, which are prefetched (the next one is claimed just before the
   running one ends): the higher job's wait is bounded by the remaining time of the
   shortest running job, plus a margin; waiting behind a prefetched job would add a
-  whole job to it;
+  whole job (20 ms, well clear of the margin) to it;
 - sub-millisecond jobs, which go to a worker in batches: once the daemon has the
   higher job in hand, each worker starts at most the one lower job it may be
   starting at that moment; the rest of its batch is handed back.
@@ -25,8 +25,10 @@ import pytest
 import redis
 from helpers import Config, Daemon, wait_status
 
-#: On top of the shortest remaining time: the daemon's reaction and the worker's start.
-MARGIN_S = 0.003
+#: On top of the shortest remaining time: the daemon's reaction and the worker's start,
+#: with room for a loaded machine under coverage (the bench measures about 1 ms); a
+#: prefetched job ahead of a high one would add 20 ms.
+MARGIN_S = 0.008
 
 
 def push_lows(r: redis.Redis, ms: float, seconds_of_work: float) -> list[str]:
@@ -59,7 +61,7 @@ def started(r: redis.Redis, ids: list[str]) -> dict[str, float]:
 def test_a_higher_job_waits_for_the_shortest_running_job_not_for_a_prefetched_one(
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:
-    low_s = 0.005
+    low_s = 0.02
     daemon(config(workers={"slots": 2}))
     lows = push_lows(r, low_s * 1000, 4.0)
     time.sleep(0.5)  # the daemon learns the length: from here on it prefetches
@@ -75,8 +77,9 @@ def test_a_higher_job_waits_for_the_shortest_running_job_not_for_a_prefetched_on
         wait = high_start[job_id] - t
         if wait > shortest + MARGIN_S:
             late.append((job_id, round(wait * 1000, 2), round(shortest * 1000, 2)))
-    # A prefetched job ahead of a high one would add a whole job (5 ms) to its wait,
-    # about a third of the time; a loaded machine may delay one or two a little.
+    # A prefetched job ahead of a high one adds a whole job (20 ms) to its wait when
+    # the high one arrives after the prefetch (6 of 30 here with the busy-mode waits
+    # switched off); a loaded machine may delay one or two a little.
     assert len(late) <= 2, late
 
 
