@@ -249,6 +249,8 @@ class Daemon:
             lines += ["", "[queues]", f"priorities = {json.dumps(priorities)}"]
         if modules is not None:
             lines += ["", "[tasks]", f"modules = {json.dumps(modules)}"]
+        if os.environ.get("BENCH_DAEMON_LOG_LEVEL"):  # to look into a run, not for figures
+            lines += ["", "[log]", f'level = "{os.environ["BENCH_DAEMON_LOG_LEVEL"]}"']
         self.path = list(path or [])
         self.extra_env = dict(env or {})
         self.config = self.dir / f"{name}.toml"

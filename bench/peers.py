@@ -628,10 +628,15 @@ def w3(
         s.marks.poll()
         left_before = backlog - s.marks.counts["lo"]
         pushed = s.driver.enqueue("trivial", "high", "hi", highs, pace_s=pace_s)
+
         s.marks.wait("hi", highs, 60, consumers)
         s.marks.poll()
         left_after = backlog - s.marks.counts["lo"]
         _check(s, name, ctx)
+        if os.environ.get("W3_DEBUG"):  # a copy to look into: marks, push times, logs
+            keep = Path(os.environ["W3_DEBUG"]) / name
+            shutil.copytree(s.server.dir, keep, dirs_exist_ok=True)
+            (keep / "pushed.txt").write_text(" ".join(map(repr, pushed)))
     waits = [(m.start - t) * 1000 for m, t in zip(s.marks.of("hi", highs), pushed, strict=True)]
     lows = [m for job_id, m in s.marks.jobs.items() if job_id.startswith("lo-")]
     excess = [w - shortest_remaining_ms(lows, t) for w, t in zip(waits, pushed, strict=True)]

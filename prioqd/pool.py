@@ -374,8 +374,13 @@ class Pool:
             batch[0].on_start = on_start
         if self._idle and self.may_start(rank):
             self._run(self._idle.popleft(), batch, frame)
+            # Lower batches waiting here go back all the same: more of this priority
+            # may follow (a burst), and each token they hold is one the daemon can claim
+            # the rest with, in batches, instead of a lower job taking the next worker.
+            self._evict_pending(rank)
         elif self._idle:
             heapq.heappush(self._pending, (rank, batch[0].seq, batch, frame))
+            self._evict_pending(rank)
             self._kick_later()
         else:
             # Every worker is busy (or being replaced after a crash): wait, and send
@@ -402,8 +407,18 @@ class Pool:
         started: batches waiting here, and the unstarted rest of the batches workers
         run, which they hand back at the end of their current job. Those jobs end as
         ``not_run`` (the daemon puts them back, uncharged). Returns how many batches."""
-        evicted = 0
+        evicted = self._evict_pending(rank)
+        for w in self._workers:
+            if w.batch and w.batch[0].rank > rank and w.preempt():
+                evicted += 1
+        return evicted
+
+    def _evict_pending(self, rank: int) -> int:
+        """Give up the batches waiting here of a lower priority than ``rank``."""
+        if not any(entry[0] > rank for entry in self._pending):
+            return 0
         keep = []
+        evicted = 0
         for entry in self._pending:
             if entry[0] > rank:
                 for r in entry[2]:
@@ -411,13 +426,15 @@ class Pool:
                 evicted += 1
             else:
                 keep.append(entry)
-        if evicted:
-            heapq.heapify(keep)
-            self._pending = keep
-        for w in self._workers:
-            if w.batch and w.batch[0].rank > rank and w.preempt():
-                evicted += 1
+        heapq.heapify(keep)
+        self._pending = keep
         return evicted
+
+    def highest_rank(self) -> int | None:
+        """The lowest rank (highest priority) of a job held here, running or not."""
+        ranks = [entry[0] for entry in self._pending]
+        ranks += [w.batch[0].rank for w in self._workers if w.batch]
+        return min(ranks) if ranks else None
 
     def lowest_rank(self, *, waiting: bool) -> int | None:
         """The highest rank (lowest priority) of a job held here: of those not started
