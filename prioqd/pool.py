@@ -112,11 +112,12 @@ class _Worker:
         return bool(self.batch)
 
     def preempt(self) -> bool:
-        """Ask the worker to hand back the jobs of its batch it has not started; True
-        if there were any (beyond the one it may be running)."""
-        if len(self.batch) < 2 or self.preempt_area is None:
+        """Ask the worker to hand back the jobs of its batch it has not started (the
+        first too, if it is still on its way: a batch sent a moment ago). True if it
+        may hand back any."""
+        if not self.batch or self.preempt_area is None:
             return False
-        _PREEMPT.pack_into(self.preempt_area, 0, self.batch[1].seq, self.batch[-1].seq)
+        _PREEMPT.pack_into(self.preempt_area, 0, self.batch[0].seq, self.batch[-1].seq)
         return True
 
     def on_frame(self, frame: Any) -> None:
@@ -429,12 +430,6 @@ class Pool:
         heapq.heapify(keep)
         self._pending = keep
         return evicted
-
-    def highest_rank(self) -> int | None:
-        """The lowest rank (highest priority) of a job held here, running or not."""
-        ranks = [entry[0] for entry in self._pending]
-        ranks += [w.batch[0].rank for w in self._workers if w.batch]
-        return min(ranks) if ranks else None
 
     def lowest_rank(self, *, waiting: bool) -> int | None:
         """The highest rank (lowest priority) of a job held here: of those not started

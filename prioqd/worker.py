@@ -11,10 +11,11 @@ sockets) imports the task modules and then serves frames on two pipes:
                        ("preempted", [seq, ...]) | ("progress", seq, json)
 
 AREA_FD is 16 bytes of memory shared with the daemon: two seqs, lo and hi. Before
-each job, the worker checks whether its seq lies in [lo, hi]; if so, the daemon wants
-that job and the rest of the batch back (a higher-priority job is waiting), and they
-are handed back unstarted ("preempted"). A shared word costs a few hundred
-nanoseconds a job; reading the command pipe between jobs would cost a system call.
+each job (the first of a batch included), the worker checks whether its seq lies in
+[lo, hi]; if so, the daemon wants that job and the rest of the batch back (a
+higher-priority job is waiting), and they are handed back unstarted ("preempted").
+A shared word costs a few hundred nanoseconds a job; reading the command pipe
+between jobs would cost a system call.
 
 A frame is a 4-byte big-endian length and a pickle. EOF on the command pipe means
 "exit". Each result is written before the next job starts: if a job kills the
@@ -208,11 +209,12 @@ def main(argv: list[str]) -> int:
         if msg[0] == "run":
             _, max_result_bytes, batch = msg
             for i, (seq, name, args, kwargs, ctx) in enumerate(batch):
-                if i:
-                    lo, hi = _PREEMPT.unpack_from(area)
-                    if lo <= seq <= hi:
-                        write_frame(result_fd, ("preempted", [b[0] for b in batch[i:]]))
-                        break
+                # The first job too: the daemon may have learnt of a higher one while
+                # this batch was on its way here.
+                lo, hi = _PREEMPT.unpack_from(area)
+                if lo <= seq <= hi:
+                    write_frame(result_fd, ("preempted", [b[0] for b in batch[i:]]))
+                    break
                 result = runner.run(seq, name, args, kwargs, ctx, max_result_bytes)
                 write_frame(result_fd, ("done", [result]))
 

@@ -88,7 +88,11 @@ def test_catch_up_last_enqueues_the_most_recent_missed_tick_once_and_none_skips_
     )
     d = daemon(cfg)
     enqueued = d.wait_log("periodic job enqueued", schedule="hourly-last")
-    wait_for(lambda: runs.exists() and runs.read_text().split() == ["hourly-last"], 10)
+    try:
+        wait_for(lambda: runs.exists() and runs.read_text().split() == ["hourly-last"], 10)
+    except AssertionError:
+        ran = runs.read_text() if runs.exists() else None
+        raise AssertionError(f"runs: {ran!r}\n{d.log_path.read_text()[-4000:]}") from None
     entry = configuration.load(str(cfg)).schedule[0]
     tick = periodic.last_tick(entry, time.time())
     assert enqueued["job_id"] == periodic.job_id(entry, tick)  # the latest missed tick

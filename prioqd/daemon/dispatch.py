@@ -145,10 +145,6 @@ class Dispatcher:
         have not started: a higher job must not wait behind them."""
         return self.pool.lowest_rank(waiting=True)
 
-    def highest_held(self) -> int | None:
-        """The rank of the highest priority among jobs held here, running or not."""
-        return self.pool.highest_rank()
-
     def lowest_held(self) -> int | None:
         """The rank of the lowest priority among jobs held here, running or not."""
         return self.pool.lowest_rank(waiting=False)

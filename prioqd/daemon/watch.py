@@ -111,15 +111,18 @@ class Watch:
         return lowest is not None and self._rank[p] < lowest
 
     def _busy_targets(self) -> list[str]:
-        """The priorities above the lowest job held here that has not started, and
-        those above every job held here. The second keeps a higher job from missing
-        the moment a claim of lower ones runs: a claim that Redis ran just before the
-        higher push would start a lower job on the next free worker, and the higher
-        one would wait a whole lower job for the claim after. A priority that runs
-        here is not waited on: its next token claims the rest of a burst in batches,
-        where a wait would take one job a round trip."""
-        cut = max(self.dispatch.lowest_waiting() or 0, self.dispatch.highest_held() or 0)
-        return [p for p in self.priorities[:cut] if p not in self.paused]
+        """The priorities above the lowest job held here that has not started.
+
+        Not those above the jobs running here: a wait that stays blocked while this
+        daemon is busy would be served before an idle daemon's (Redis serves the
+        longest-blocked client first), and a higher job would wait here for a running
+        job while another daemon idles. The price is a window of about a round trip: a
+        claim Redis ran just before a higher push hands a lower job to the next free
+        worker (see docs/design.md, "What is left")."""
+        lowest = self.dispatch.lowest_waiting()
+        if lowest is None:
+            return []
+        return [p for p in self.priorities[:lowest] if p not in self.paused]
 
     def reconcile(self) -> None:
         """Busy mode: wait on the priorities above the lowest job held here that has
