@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -42,6 +44,36 @@ def test_a_higher_batch_on_a_free_worker_sends_back_the_lower_ones_waiting(
             ran = await asyncio.wait_for(high, 10)
             pool.may_start = lambda rank: True  # arrived: the pool looks again soon
             back = await asyncio.wait_for(low, 10)
+            return back.status, ran.status
+        finally:
+            await pool.close()
+
+    assert asyncio.run(scenario()) == ("not_run", "ok")
+
+
+def test_a_lower_job_still_on_its_way_to_its_worker_is_handed_back_for_a_higher_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The lower job is sent to the worker, but the worker has not read it yet (stopped
+    # here with SIGSTOP; in life, the microseconds a pipe takes) when a higher job
+    # arrives. The worker checks the hand-back range before the first job of a batch
+    # too: the lower job comes back unstarted and the higher one runs first.
+    monkeypatch.setenv("PYTHONPATH", env_with_taskmods()["PYTHONPATH"])
+
+    async def scenario() -> tuple[str, str]:
+        pool = Pool(1, ["testtasks"], default_timeout_s=10)
+        await pool.start()
+        try:
+            first = job("first", "nap", 1)
+            (done,) = pool.submit([first], rank=2)
+            await asyncio.wait_for(done, 10)
+            os.kill(first.worker_pid, signal.SIGSTOP)
+            try:
+                (low,) = pool.submit([job("lo", "nap", 1)], rank=2)
+                (high,) = pool.submit([job("hi", "nap", 1)], rank=0)
+            finally:
+                os.kill(first.worker_pid, signal.SIGCONT)
+            back, ran = await asyncio.wait_for(asyncio.gather(low, high), 10)
             return back.status, ran.status
         finally:
             await pool.close()
