@@ -93,8 +93,10 @@ def test_failed_attempts_are_published_and_the_hash_shows_the_backoff(
     h = job_hash(r, "flaky")
     assert h["status"] == "failed", h
     assert h["error"] == "ValueError: flaky failure 1"
+    # Counted from when the daemon wrote the outcome, a moment after the attempt ended
+    # (15 ms once on a loaded 2-CPU box under coverage).
     assert float(h["retry_at"]) == pytest.approx(
-        float(h["finished_at"]) + failed["retry_in_s"], abs=0.01
+        float(h["finished_at"]) + failed["retry_in_s"], abs=0.25
     )
     assert float(h["retry_at"]) > time.time()  # still waiting
     assert not r.exists("prioqd:done:flaky")  # not an ending: producers keep waiting

@@ -150,6 +150,10 @@ class Cycle:
                     self.drained.set()
                 continue
             self._pending_since = None
+            if self._flush_timer is not None:
+                # What it waited for goes now: it would only wake the loop for nothing.
+                self._flush_timer.cancel()
+                self._flush_timer = None
             sizes = self.dispatch.claim_sizes()
             lo = self._next_claim
             self._next_claim += tokens * max(size for _, size in sizes)
