@@ -373,21 +373,22 @@ class Pool:
         self._seq += len(batch)
         if batch:
             batch[0].on_start = on_start
-        if self._idle and self.may_start(rank):
+        idle = bool(self._idle)
+        if idle and self.may_start(rank):
             self._run(self._idle.popleft(), batch, frame)
-            # Lower batches waiting here go back all the same: more of this priority
-            # may follow (a burst), and each token they hold is one the daemon can claim
-            # the rest with, in batches, instead of a lower job taking the next worker.
-            self._evict_pending(rank)
-        elif self._idle:
-            heapq.heappush(self._pending, (rank, batch[0].seq, batch, frame))
-            self._evict_pending(rank)
-            self._kick_later()
         else:
-            # Every worker is busy (or being replaced after a crash): wait, and send
-            # back every lower job not started yet, so that this one waits for one
-            # running job at most.
             heapq.heappush(self._pending, (rank, batch[0].seq, batch, frame))
+            if idle:
+                self._kick_later()
+        if idle:
+            # Lower batches waiting here go back even though a worker is free: more of
+            # this priority may follow (a burst), and each token they hold is one the
+            # daemon can claim the rest with, instead of a lower job taking a worker.
+            self._evict_pending(rank)
+        else:
+            # Every worker is busy (or being replaced after a crash): also send back
+            # every lower job the workers have not started, so that this one waits for
+            # one running job at most.
             self.evict(rank)
         return [r.future for r in batch]
 

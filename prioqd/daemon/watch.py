@@ -213,11 +213,7 @@ class Watch:
                 # the replies of one moment to its clients in no set order.)
                 self.cycle.waiting = False
                 self.dispatch.land(claim, p, raw)
-                targets = self._busy_targets()
-                extra = [q for q in others if q not in targets and q not in self._leaving]
-                if extra:
-                    self._call_off(extra)
-                self.reconcile()
+                self._leave_idle()
             else:
                 # A higher payload may have landed at the same moment: find out
                 # before choosing (the cycle claims nothing meanwhile).
@@ -262,12 +258,17 @@ class Watch:
                 self.dispatch.land(claim, p, raw)
             else:
                 self.dispatch.land_back(claim, p, raw)
+        self._leave_idle()
+        self.cycle.wake()
+
+    def _leave_idle(self) -> None:
+        """From idle to busy: call off the waits busy mode does not want, keep the
+        rest (see ``reconcile``)."""
         targets = self._busy_targets()
         extra = [q for q in self._tasks if q not in targets and q not in self._leaving]
         if extra:
             self._call_off(extra)
         self.reconcile()
-        self.cycle.wake()
 
     def _higher_unread(self) -> bool:
         """Whether a wait above the best payload of the race has a reply unread."""
