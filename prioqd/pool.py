@@ -329,8 +329,13 @@ class Pool:
             result.started_at, result.finished_at = head.started_wall, now
             self._resolve(head, result)
             # The rest of the batch never started: they go back without charge.
-            while worker.batch:
-                self._resolve(worker.batch.popleft(), RunResult("not_run"))
+            if worker.batch:
+                while worker.batch:
+                    self._resolve(worker.batch.popleft(), RunResult("not_run"))
+                # So do the batches of its priority claimed after it and waiting here:
+                # the whole run goes back to the head of its queue in claim order,
+                # instead of a later batch running before the rest of this one.
+                self._evict_pending(head.rank - 1)
             if reason not in ("timeout", "shutdown", "cancelled"):
                 exit_text = _describe_exit(returncode)
                 self._on_event("worker_died", pid=worker.pid, exit=exit_text, job_id=head.job.id)
