@@ -8,8 +8,8 @@ the daemon treats differently are checked, each where it would go wrong:
   shortest running job, plus a margin; waiting behind a prefetched job would add a
   whole job (20 ms, well clear of the margin) to it;
 - sub-millisecond jobs, which go to a worker in batches: once the daemon has the
-  higher job in hand, each worker starts at most the one lower job it may be
-  starting at that moment; the rest of its batch is handed back.
+  higher job in hand, the worker that runs it starts at most the one lower job it
+  may be starting at that moment; the rest of its batch is handed back.
 
 The time bound itself (remaining time plus about a millisecond) is measured in
 bench/, beside the peers; here the margin is wide enough for a loaded machine.
@@ -35,7 +35,8 @@ def push_lows(r: redis.Redis, ms: float, seconds_of_work: float) -> list[str]:
     lows = [f"l{i}" for i in range(int(seconds_of_work * 2 * 1000 / ms))]
     pipe = r.pipeline(transaction=False)
     for job_id in lows:
-        pipe.lpush("prioqd:queue:low", json.dumps({"id": job_id, "task": "nap", "args": [ms]}))
+        job = {"id": job_id, "task": "napping_pid", "args": [ms]}
+        pipe.lpush("prioqd:queue:low", json.dumps(job))
     pipe.execute()
     return lows
 
@@ -46,7 +47,7 @@ def push_highs(r: redis.Redis, n: int, every_s: float) -> dict[str, float]:
         time.sleep(every_s)
         job_id = f"h{k}"
         pushed[job_id] = time.time()
-        r.lpush("prioqd:queue:high", json.dumps({"id": job_id, "task": "square", "args": [k]}))
+        r.lpush("prioqd:queue:high", json.dumps({"id": job_id, "task": "napping_pid"}))
     return pushed
 
 
@@ -55,6 +56,14 @@ def started(r: redis.Redis, ids: list[str]) -> dict[str, float]:
     for i in ids:
         pipe.hget(f"prioqd:job:{i}", "started_at")
     return {i: float(v) for i, v in zip(ids, pipe.execute(), strict=True) if v}
+
+
+def worker_pids(r: redis.Redis, ids: list[str]) -> dict[str, int]:
+    """The pid of the worker that ran each job (napping_pid returns it)."""
+    pipe = r.pipeline(transaction=False)
+    for i in ids:
+        pipe.hget(f"prioqd:job:{i}", "result")
+    return {i: json.loads(v) for i, v in zip(ids, pipe.execute(), strict=True) if v}
 
 
 @pytest.mark.slow
@@ -95,14 +104,21 @@ def test_a_batch_of_short_lower_jobs_is_handed_back_for_a_higher_one(
     assert r.llen("prioqd:queue:low") > 0, "the low backlog ran out: the test proves nothing"
     high_start = started(r, list(pushed))
     low_start = started(r, lows)
+    pid = worker_pids(r, list(pushed) + lows)
     dispatched = {
         e["job_id"]: datetime.fromisoformat(e["timestamp"]).timestamp()
         for e in d.events("job dispatched")
         if e["job_id"] in pushed
     }
     for job_id in pushed:
-        # Lows that started after the daemon had this high in hand and before it
-        # started: at most the one each worker may be starting at that moment.
+        # Lows that started on the high's worker after the daemon had the high in hand
+        # and before the high started: at most the one the worker may be starting at
+        # that moment. (Another worker may go on with its batch when the high goes to
+        # a free worker: it does not delay the high, so it is not handed back.)
         seen = dispatched[job_id]
-        jumped = [low for low, t in low_start.items() if seen < t < high_start[job_id]]
-        assert len(jumped) <= 2, (job_id, jumped)
+        jumped = [
+            low
+            for low, t in low_start.items()
+            if seen < t < high_start[job_id] and pid[low] == pid[job_id]
+        ]
+        assert len(jumped) <= 1, (job_id, jumped)
