@@ -393,20 +393,21 @@ class Broker:
         ]
 
 
-class _HotPath:
-    """The per-cycle EVALSHA on a connection of its own, packed and parsed by hiredis.
+class _Direct:
+    """Commands on a connection of its own, packed and parsed by hiredis.
 
     redis-py's Python command packer costs about 1.3 us an argument, and a cycle
     carries tens of arguments a job; hiredis packs them ten times faster. Its reply
-    path (timeouts, parser layers) costs about 40 us of CPU a round trip where reading
-    the stream into a hiredis Reader costs about 25. Only this one call takes the
-    shortcut: redis-py still makes the connection (TLS, unix sockets, AUTH, SELECT).
+    path (pool, timeouts, parser layers) costs about 40 us of CPU a round trip where
+    reading the stream into a hiredis Reader costs about 25. Only the two calls on the
+    way of every job take the shortcut: the cycle's EVALSHA and the idle pickup's
+    barrier ``PING``. redis-py still makes the connection (TLS, unix sockets, AUTH,
+    SELECT). One caller at a time: each use has a ``_Direct`` of its own.
     """
 
-    def __init__(self, broker: Broker, script: str) -> None:
+    def __init__(self, broker: Broker, what: str) -> None:
         self._broker = broker
-        self._script = script
-        self._sha = hashlib.sha1(script.encode()).hexdigest()
+        self._what = what
         self._conn: AbstractConnection | None = None
         self._parser = hiredis.Reader()
 
@@ -417,39 +418,37 @@ class _HotPath:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
 
-    async def evalsha(self, args: list[str | bytes]) -> Any:
+    async def call(self, *args: str | bytes | int) -> Any:
         try:
             conn = self._conn
             if conn is None:
                 conn = self._conn = self._broker.connection(self._broker.socket_timeout_s)
                 await conn.connect()  # type: ignore[no-untyped-call]
-            try:
-                return await self._send(conn, ["EVALSHA", self._sha, 0, *args])
-            except redis.exceptions.NoScriptError:
-                # Redis restarted and lost its script cache: load it, once.
-                await self._send(conn, ["SCRIPT", "LOAD", self._script])
-                return await self._send(conn, ["EVALSHA", self._sha, 0, *args])
+            return await self._exchange(conn, args)
         except redis.exceptions.ResponseError as exc:
             # An error reply leaves the connection usable, except the protocol errors
             # after which Redis closes it (an argument over proto-max-bulk-len).
             if "protocol error" in str(exc).lower():
                 await self.close()
-            raise _classify("cycle", exc) from exc
+            raise _classify(self._what, exc) from exc
         except BaseException as exc:
             # Anything else (a timeout, a reset, a cancellation mid-read) leaves the
             # connection in an unknown state: the reply may be lost mid-way.
             await self.close()
             if isinstance(exc, (redis.exceptions.RedisError, OSError, RuntimeError)):
-                raise _classify("cycle", exc) from exc
+                raise _classify(self._what, exc) from exc
             raise
 
-    async def _send(self, conn: AbstractConnection, args: list[Any]) -> Any:
+    async def _exchange(self, conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
+        return await self._send(conn, args)
+
+    async def _send(self, conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
         # redis-py's own streams, made by conn.connect(); nothing else reads them.
         reader, writer = conn._reader, conn._writer
         if reader is None or writer is None:
             raise redis.exceptions.ConnectionError("not connected")
         parser = self._parser
-        writer.write(hiredis.pack_command(tuple(args)))
+        writer.write(hiredis.pack_command(args))
         async with asyncio.timeout(self._broker.socket_timeout_s):
             while (reply := parser.gets()) is False:
                 data = await reader.read(1 << 16)
@@ -462,6 +461,26 @@ class _HotPath:
                 raise redis.exceptions.NoScriptError(text)
             raise redis.exceptions.ResponseError(text)
         return reply
+
+
+class _HotPath(_Direct):
+    """The per-cycle EVALSHA; the script is loaded again if Redis lost it."""
+
+    def __init__(self, broker: Broker, script: str) -> None:
+        super().__init__(broker, "cycle")
+        self._script = script
+        self._sha = hashlib.sha1(script.encode()).hexdigest()
+
+    async def evalsha(self, args: list[str | bytes]) -> Any:
+        return await self.call("EVALSHA", self._sha, 0, *args)
+
+    async def _exchange(self, conn: AbstractConnection, args: tuple[Any, ...]) -> Any:
+        try:
+            return await self._send(conn, args)
+        except redis.exceptions.NoScriptError:
+            # Redis restarted and lost its script cache: load it, once.
+            await self._send(conn, ("SCRIPT", "LOAD", self._script))
+            return await self._send(conn, args)
 
 
 class BlockingMove:
@@ -482,6 +501,7 @@ class BlockingMove:
         self._client_ids: dict[str, int] = {}
         self._blocked: set[str] = set()
         self._priorities = list(priorities)
+        self._barrier = _Direct(broker, "barrier")
 
     async def _connection(self, p: str) -> AbstractConnection:
         conn = self._conns.get(p)
@@ -505,6 +525,7 @@ class BlockingMove:
     async def close(self) -> None:
         for p in list(self._conns):
             await self._drop(p)
+        await self._barrier.close()
 
     async def move(self, p: str) -> bytes | None:
         """Block until a payload of priority ``p`` lands (returned) or ``unblock(p)``
@@ -553,11 +574,10 @@ class BlockingMove:
         return bool(readable)
 
     async def barrier(self) -> None:
-        """One round trip on the broker's own connection. Redis writes every reply of
-        an event-loop turn before it reads the next command, so when this returns, each
+        """One round trip on a connection of its own. Redis writes every reply of an
+        event-loop turn before it reads the next command, so when this returns, each
         payload that landed with one already read is readable here (``unread``)."""
-        with wrap_errors("barrier"):
-            await self._broker.redis.ping()
+        await self._barrier.call("PING")
 
     async def unblock(self, priorities: Sequence[str]) -> None:
         ids = [

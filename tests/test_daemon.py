@@ -148,6 +148,26 @@ def test_idle_daemon_issues_no_commands_and_starts_a_pushed_job_at_once(
         time.sleep(0.2)
 
 
+def test_an_idle_pickup_costs_four_commands_and_leaves_the_other_waits_in_place(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    # Two slots: the job takes one, the other stays free, so the waits on the other
+    # priorities are left blocked (nothing to call off and renew): the barrier PING, the
+    # claim (empty) with the job's adoption, the wait renewed, the outcome.
+    daemon(config(daemon={"lease_s": 30}, workers={"slots": 2}))
+    time.sleep(0.5)
+    for k in range(5):
+        r.config_resetstat()
+        push(r, "normal", {"id": f"one{k}", "task": "square", "args": [k]})
+        wait_status(r, [f"one{k}"])
+        time.sleep(0.2)  # the wait is renewed after the claim came back empty
+        # (Commands inside the script are counted too: these are the daemon's own.)
+        stats = r.info("commandstats")
+        sent = ("ping", "evalsha", "blmove", "client|unblock")
+        calls = {c: stats[f"cmdstat_{c}"]["calls"] for c in sent if f"cmdstat_{c}" in stats}
+        assert calls == {"ping": 1, "evalsha": 2, "blmove": 1}, f"pickup {k}: {calls}"
+
+
 def test_priorities_and_prefix_are_configurable(
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:

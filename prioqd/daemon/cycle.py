@@ -78,6 +78,8 @@ class Cycle:
         self.paused: set[str] = set()
         self.on_paused: Callable[[set[str]], None] = lambda paused: None
         self.on_trimmed: Callable[[int], None] = lambda n: None
+        #: Called when a claim brought payloads (the daemon is busy).
+        self.on_claimed: Callable[[], None] = lambda: None
         #: Claim numbers are ours to give; each claim reserves its whole range first.
         self._next_claim = 1
         #: Put-backs owed after lost replies, sent with the next cycle.
@@ -204,6 +206,7 @@ class Cycle:
                 if reply.claimed:
                     claimed = [(lo + i, *c) for i, c in enumerate(reply.claimed)]
                     self.dispatch.take(claimed, tokens)
+                    self.on_claimed()
                 else:
                     self.slots.release(tokens)
                     if reply.lease_held and self.fetching:

@@ -117,6 +117,7 @@ class Daemon:
             on_failure=self._internal_failure,
         )
         self.dispatch.on_change = self.watch.reconcile
+        self.cycle.on_claimed = self.watch.claimed
         self.pool.may_start = self.watch.may_start
         self.pool.on_progress = self.dispatch.progress
         self.remote = Remote(

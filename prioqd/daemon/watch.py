@@ -70,6 +70,8 @@ class Watch:
         #: Payloads that landed together, while the first one's rivals are heard out.
         self._race: list[tuple[int, str, bytes]] | None = None
         self._background: set[asyncio.Future[None]] = set()
+        #: Waits left in place from idle mode until a claim shows we are busy.
+        self._left_over = False
         self._backoff = Backoff()
         #: Priorities an operator paused: never waited on.
         self.paused: set[str] = set()
@@ -82,6 +84,7 @@ class Watch:
         if self._closing:
             return
         self.cycle.waiting = True
+        self._left_over = False
         for p in self.priorities:
             self._arm(p)
 
@@ -262,8 +265,27 @@ class Watch:
         self.cycle.wake()
 
     def _leave_idle(self) -> None:
-        """From idle to busy: call off the waits busy mode does not want, keep the
-        rest (see ``reconcile``)."""
+        """From idle to busy: the waits busy mode does not want are called off, the
+        rest kept (see ``reconcile``). Not yet while a slot token is free: the cycle
+        claims with it at once, and if every queue is still empty (one job pushed to
+        an idle daemon) it goes back to idle and finds the waits in place (calling off
+        and renewing two waits cost four commands a pickup). A standing wait costs
+        nothing meanwhile: what lands there takes the free token. They are called off
+        when a claim brings jobs (``claimed``)."""
+        self._left_over = True
+        if self.slots.free <= 0:
+            self.claimed()
+        else:
+            self.reconcile()
+
+    def claimed(self) -> None:
+        """A claim brought jobs: busy, for now. Call off the waits left over from idle
+        that busy mode does not want."""
+        if not self._left_over:
+            return
+        self._left_over = False
+        if self._closing or self.cycle.waiting:
+            return
         targets = self._busy_targets()
         extra = [q for q in self._tasks if q not in targets and q not in self._leaving]
         if extra:
