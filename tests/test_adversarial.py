@@ -317,6 +317,34 @@ def test_poison_fields_are_dead_letters_and_the_daemon_keeps_serving(
     assert not criticals(d)
 
 
+def test_a_failed_idle_barrier_hears_every_wait_out_and_keeps_the_order(
+    server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    # The round trip that settles an idle race (a low and a high payload landing in
+    # one turn, one slot) fails: here an ACL denies PING once the daemon runs. The
+    # daemon then calls off and hears out every wait, keeps the order and stays up.
+    # (An error reply is a round trip too, so the order would hold here even without
+    # hearing out: this checks the failure path runs and harms nothing.)
+    r = server.client()
+    cfg = make_config(tmp_path / "c.toml", server.url, workers={"slots": 1})
+    d = daemon(cfg, env=env_for(mods))
+    r.execute_command("ACL", "SETUSER", "default", "-ping")
+    for round_ in range(6):
+        lo, hi = f"lo{round_}", f"hi{round_}"
+        # High first: Redis writes the replies of one turn newest first, so the low
+        # one's tends to be read first, which is the case that needs the barrier.
+        pipe = r.pipeline(transaction=False)
+        pipe.lpush("prioqd:queue:high", json.dumps({"id": hi, "task": "nap", "args": [20]}))
+        pipe.lpush("prioqd:queue:low", json.dumps({"id": lo, "task": "nap", "args": [20]}))
+        pipe.execute()
+        h = wait_ended(r, [lo, hi], d)
+        assert float(h[hi]["finished_at"]) <= float(h[lo]["started_at"]), f"round {round_}"
+        time.sleep(0.05)
+    # The low one landed first at least once (else the barrier was never needed).
+    assert events_like(d, "barrier failed"), "the barrier never ran: the test proves nothing"
+    d.assert_alive()
+
+
 @pytest.mark.slow
 def test_an_internal_failure_exits_1_and_logs_at_critical(
     server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon

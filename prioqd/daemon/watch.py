@@ -244,7 +244,8 @@ class Watch:
         try:
             await self._moves.barrier()
             heard_out = False
-        except BrokerError:
+        except BrokerError as exc:
+            self.log.debug("barrier failed: every wait is heard out", error=str(exc))
             heard_out = True
         if heard_out or self._higher_unread():
             others = [q for q in self._tasks if q not in self._leaving]
