@@ -329,6 +329,12 @@ def test_a_failed_idle_barrier_hears_every_wait_out_and_keeps_the_order(
     cfg = make_config(tmp_path / "c.toml", server.url, workers={"slots": 1})
     d = daemon(cfg, env=env_for(mods))
     r.execute_command("ACL", "SETUSER", "default", "-ping")
+    # A low job alone, once the daemon waits on all three queues: the waits above it
+    # are blocked, so the barrier runs, and fails.
+    wait_for(lambda: sum(c.get("cmd") == "blmove" for c in r.client_list()) == 3, 10)
+    push(r, "low", {"id": "alone", "task": "nap", "args": [1]})
+    wait_ended(r, ["alone"], d)
+    assert events_like(d, "barrier failed"), "the barrier never ran: the test proves nothing"
     for round_ in range(6):
         lo, hi = f"lo{round_}", f"hi{round_}"
         # High first: Redis writes the replies of one turn newest first, so the low
@@ -340,8 +346,6 @@ def test_a_failed_idle_barrier_hears_every_wait_out_and_keeps_the_order(
         h = wait_ended(r, [lo, hi], d)
         assert float(h[hi]["finished_at"]) <= float(h[lo]["started_at"]), f"round {round_}"
         time.sleep(0.05)
-    # The low one landed first at least once (else the barrier was never needed).
-    assert events_like(d, "barrier failed"), "the barrier never ran: the test proves nothing"
     d.assert_alive()
 
 

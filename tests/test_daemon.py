@@ -153,19 +153,26 @@ def test_an_idle_pickup_costs_four_commands_and_leaves_the_other_waits_in_place(
 ) -> None:
     # Two slots: the job takes one, the other stays free, so the waits on the other
     # priorities are left blocked (nothing to call off and renew): the barrier PING, the
-    # claim (empty) with the job's adoption, the wait renewed, the outcome.
+    # claim (empty) with the job's adoption, the wait renewed, the outcome. (The
+    # EVALSHAs are not counted exactly: a heartbeat is one too, and on a slow machine
+    # the outcome may ride with the claim.)
     daemon(config(daemon={"lease_s": 30}, workers={"slots": 2}))
-    time.sleep(0.5)
+
+    def idle() -> bool:  # blocked on all three queues
+        return sum(c.get("cmd") == "blmove" for c in r.client_list()) == 3
+
     for k in range(5):
+        wait_for(idle, 10)
         r.config_resetstat()
         push(r, "normal", {"id": f"one{k}", "task": "square", "args": [k]})
         wait_status(r, [f"one{k}"])
-        time.sleep(0.2)  # the wait is renewed after the claim came back empty
+        wait_for(idle, 10)  # the wait is renewed after the claim came back empty
         # (Commands inside the script are counted too: these are the daemon's own.)
         stats = r.info("commandstats")
         sent = ("ping", "evalsha", "blmove", "client|unblock")
         calls = {c: stats[f"cmdstat_{c}"]["calls"] for c in sent if f"cmdstat_{c}" in stats}
-        assert calls == {"ping": 1, "evalsha": 2, "blmove": 1}, f"pickup {k}: {calls}"
+        assert calls.pop("evalsha") <= 3, f"pickup {k}: {calls}"
+        assert calls == {"ping": 1, "blmove": 1}, f"pickup {k}: {calls}"
 
 
 def test_priorities_and_prefix_are_configurable(
