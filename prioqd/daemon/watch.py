@@ -270,9 +270,9 @@ class Watch:
         rest kept (see ``reconcile``). Not yet while a slot token is free: the cycle
         claims with it at once, and if every queue is still empty (one job pushed to
         an idle daemon) it goes back to idle and finds the waits in place (calling off
-        and renewing two waits cost four commands a pickup). A standing wait costs
-        nothing meanwhile: what lands there takes the free token. They are called off
-        when a claim brings jobs (``claimed``)."""
+        and renewing two waits cost four commands a pickup). Meanwhile what lands on
+        them is handled as in busy mode: taken if it outranks what runs here, else put
+        back. They are called off when a claim brings jobs (``claimed``)."""
         self._left_over = True
         if self.slots.free <= 0:
             self.claimed()
