@@ -450,6 +450,34 @@ def wait_status(
     return wait_for(done, timeout_s, 0.02, what=f"{len(job_ids)} jobs to reach {statuses}")  # type: ignore[no-any-return]
 
 
+def waits_blocked(client: redis.Redis) -> int:
+    """How many connections are blocked in a BLMOVE (an idle daemon: one a priority)."""
+    return sum(c.get("cmd") == "blmove" for c in client.client_list())
+
+
+def high_and_low_together(
+    client: redis.Redis,
+    rounds: int,
+    *,
+    high_first: bool = False,
+    daemon: DaemonProcess | None = None,
+) -> None:
+    """Push a low and a high 20 ms job in one pipeline, ``rounds`` times, to an idle
+    daemon with one slot: their replies land in one turn of Redis, in no set order,
+    and whichever the daemon reads first, the high one must end before the low starts."""
+    for round_ in range(rounds):
+        lo, hi = f"lo{round_}", f"hi{round_}"
+        jobs = [("low", lo), ("high", hi)]
+        pipe = client.pipeline(transaction=False)
+        for priority, job_id in reversed(jobs) if high_first else jobs:
+            body = json.dumps({"id": job_id, "task": "nap", "args": [20]})
+            pipe.lpush(f"prioqd:queue:{priority}", body)
+        pipe.execute()
+        h = wait_status(client, [lo, hi], daemon=daemon)
+        assert float(h[hi]["finished_at"]) <= float(h[lo]["started_at"]), f"round {round_}"
+        time.sleep(0.03)
+
+
 def dead_letters(client: redis.Redis, prefix: str = "prioqd") -> list[dict[str, Any]]:
     return [json.loads(x) for x in client.lrange(f"{prefix}:dead", 0, -1)]  # type: ignore[union-attr]
 

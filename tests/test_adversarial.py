@@ -331,21 +331,13 @@ def test_a_failed_idle_barrier_hears_every_wait_out_and_keeps_the_order(
     r.execute_command("ACL", "SETUSER", "default", "-ping")
     # A low job alone, once the daemon waits on all three queues: the waits above it
     # are blocked, so the barrier runs, and fails.
-    wait_for(lambda: sum(c.get("cmd") == "blmove" for c in r.client_list()) == 3, 10)
+    wait_for(lambda: helpers.waits_blocked(r) == 3, 10)
     push(r, "low", {"id": "alone", "task": "nap", "args": [1]})
     wait_ended(r, ["alone"], d)
     assert events_like(d, "barrier failed"), "the barrier never ran: the test proves nothing"
-    for round_ in range(6):
-        lo, hi = f"lo{round_}", f"hi{round_}"
-        # High first: Redis writes the replies of one turn newest first, so the low
-        # one's tends to be read first, which is the case that needs the barrier.
-        pipe = r.pipeline(transaction=False)
-        pipe.lpush("prioqd:queue:high", json.dumps({"id": hi, "task": "nap", "args": [20]}))
-        pipe.lpush("prioqd:queue:low", json.dumps({"id": lo, "task": "nap", "args": [20]}))
-        pipe.execute()
-        h = wait_ended(r, [lo, hi], d)
-        assert float(h[hi]["finished_at"]) <= float(h[lo]["started_at"]), f"round {round_}"
-        time.sleep(0.05)
+    # High first: Redis writes the replies of one turn newest first, so the low one's
+    # tends to be read first, which is the case that needs the barrier.
+    helpers.high_and_low_together(r, 6, high_first=True, daemon=d)
     d.assert_alive()
 
 

@@ -13,12 +13,14 @@ from helpers import (
     Daemon,
     daemon_record,
     dead_letters,
+    high_and_low_together,
     in_flight_count,
     job_hash,
     push,
     registered_daemons,
     wait_for,
     wait_status,
+    waits_blocked,
 )
 
 
@@ -159,7 +161,7 @@ def test_an_idle_pickup_costs_four_commands_and_leaves_the_other_waits_in_place(
     daemon(config(daemon={"lease_s": 30}, workers={"slots": 2}))
 
     def idle() -> bool:  # blocked on all three queues
-        return sum(c.get("cmd") == "blmove" for c in r.client_list()) == 3
+        return waits_blocked(r) == 3
 
     for k in range(5):
         wait_for(idle, 10)
@@ -258,15 +260,7 @@ def test_a_higher_job_pushed_with_a_lower_one_runs_first_on_the_one_free_slot(
     # turn of Redis's event loop, their replies in no set order. Whichever the daemon
     # reads first, the high one must run first (the low one after it, not before).
     daemon(config(workers={"slots": 1}))
-    for round_ in range(12):
-        lo, hi = f"lo{round_}", f"hi{round_}"
-        pipe = r.pipeline(transaction=False)
-        pipe.lpush("prioqd:queue:low", json.dumps({"id": lo, "task": "nap", "args": [20]}))
-        pipe.lpush("prioqd:queue:high", json.dumps({"id": hi, "task": "nap", "args": [20]}))
-        pipe.execute()
-        h = wait_status(r, [lo, hi])
-        assert float(h[hi]["finished_at"]) <= float(h[lo]["started_at"]), f"round {round_}"
-        time.sleep(0.03)
+    high_and_low_together(r, 12)
 
 
 def test_the_example_tasks(r: redis.Redis, config: Config, daemon: Daemon) -> None:
