@@ -138,7 +138,8 @@ class Cycle:
             self._wake.clear()
             ops = self.dispatch.collect()
             tokens = 0
-            if self.fetching and not self.waiting and self.lease.held:
+            if self.fetching and not self.waiting and self.lease.held and self.slots.free > 0:
+                self.dispatch.release_due()
                 tokens = self.slots.try_acquire(self.slots.free)
             if not tokens and ops and not self._repairs and not self._flush_due(len(ops)):
                 # Nothing to claim: outcomes wait (a few ms at most) to ride along with

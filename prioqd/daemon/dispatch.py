@@ -61,6 +61,12 @@ MAX_BATCH = 64
 #: workers' time against 0.70 with the claim's round trip after each.
 PREFETCH_MIN_S = BATCH_BUDGET_S / 2
 PREFETCH_MAX_S = 0.05
+#: When a claim is made, lone jobs due to give their token back within this long give
+#: it at once and are claimed for too: one round trip for several. On 2 workers of
+#: 5 ms jobs a job then costs 0.62 cycles instead of 0.9, a tenth less daemon CPU and
+#: a sixth less of Redis's. The successor claimed early waits in the pool at most
+#: this long more (a higher job still takes its place there, ``Pool.evict``).
+PREFETCH_PAIR_S = BATCH_BUDGET_S
 PREFETCH_MARGIN_S = 0.0005
 #: A job still running this long after dispatch has its start ("running") written;
 #: one that ends sooner is recorded in one step, which halves its Redis work.
@@ -118,6 +124,8 @@ class Dispatcher:
         self._priority_s: dict[str, Ewma] = {}
         #: Round trip of a cycle, for the prefetch lead.
         self.rtt_s = Ewma(initial=0.0005)
+        #: Lone jobs' early token releases not yet due (see PREFETCH_MIN_S).
+        self._early: dict[BatchSlot, tuple[asyncio.Handle, float]] = {}
         #: Called when the set of running priorities may have changed.
         self.on_change: Callable[[], None] = lambda: None
         self.running = 0
@@ -290,10 +298,7 @@ class Dispatcher:
             # expected to end (counted from when a worker starts it, not from now: it
             # may wait in the pool), so its successor is claimed in time.
             lead = 2 * (self.rtt_s.value or 0.0) + PREFETCH_MARGIN_S
-            loop = asyncio.get_running_loop()
-            on_start = functools.partial(
-                loop.call_later, max(0.0, expected - lead), self._release_early, slot
-            )
+            on_start = functools.partial(self._arm_early, slot, max(0.0, expected - lead))
         now, mono = time.time(), time.monotonic()
         for job in batch:
             job.started_at = now
@@ -322,13 +327,38 @@ class Dispatcher:
             self._unrecorded[job.claim] = job
             future.add_done_callback(functools.partial(self._on_done, job, slot))
 
+    def _arm_early(self, slot: BatchSlot, delay_s: float) -> None:
+        """Give ``slot``'s token back in ``delay_s`` (called as its job starts)."""
+        loop = asyncio.get_running_loop()
+        # (The due time is kept apart: uvloop makes a zero delay a plain Handle.)
+        self._early[slot] = (
+            loop.call_later(delay_s, self._release_early, slot),
+            loop.time() + delay_s,
+        )
+
     def _release_early(self, slot: BatchSlot) -> None:
+        del self._early[slot]
         if slot.release():
             self._wake()  # a free token: time to claim
+
+    def release_due(self) -> None:
+        """A claim is about to be made: lone jobs due to give their token back within
+        PREFETCH_PAIR_S give it now, so that one round trip claims for all of them."""
+        if not self._early:
+            return
+        horizon = asyncio.get_running_loop().time() + PREFETCH_PAIR_S
+        for slot, (handle, due) in list(self._early.items()):
+            if due <= horizon:
+                handle.cancel()
+                del self._early[slot]
+                slot.release()
 
     def _on_done(self, job: Job, slot: BatchSlot, future: asyncio.Future[RunResult]) -> None:
         # A done-callback: small, synchronous, never raises.
         slot.job_done()
+        early = self._early.pop(slot, None)
+        if early is not None:
+            early[0].cancel()  # it ended before its token was due back early
         self.running -= 1
         if future.cancelled() or future.exception() is not None:
             run = RunResult("not_run", error="pool future failed")
