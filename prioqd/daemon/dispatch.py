@@ -128,6 +128,8 @@ class Dispatcher:
         self._early: dict[BatchSlot, tuple[asyncio.Handle, float]] = {}
         #: Called when the set of running priorities may have changed.
         self.on_change: Callable[[], None] = lambda: None
+        #: Called when a run ended: its outcome waits to be written.
+        self.on_outcome: Callable[[], None] = wake
         self.running = 0
         self.jobs_done = 0
         self.last_error = ""
@@ -142,6 +144,11 @@ class Dispatcher:
             backoff_base_s=cfg.retry_backoff_s,
             backoff_max_s=cfg.retry_backoff_max_s,
         )
+
+    @property
+    def ended(self) -> int:
+        """Runs that ended and are not written yet."""
+        return len(self._finished)
 
     @property
     def pending(self) -> bool:
@@ -401,7 +408,7 @@ class Dispatcher:
 
     def _finish(self, job: Job, run: RunResult) -> None:
         self._finished.append((job, run))
-        self._wake()
+        self.on_outcome()
         self.on_change()
 
     # --- outcomes out --------------------------------------------------------------------

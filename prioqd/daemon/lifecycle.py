@@ -117,6 +117,7 @@ class Daemon:
             on_failure=self._internal_failure,
         )
         self.dispatch.on_change = self.watch.reconcile
+        self.dispatch.on_outcome = self._outcome
         self.cycle.on_claimed = self.watch.claimed
         self.pool.may_start = self.watch.may_start
         self.pool.on_progress = self.dispatch.progress
@@ -349,6 +350,10 @@ class Daemon:
 
     def _wake_cycle(self) -> None:
         self.cycle.wake()
+        self.control.status_changed()
+
+    def _outcome(self) -> None:
+        self.cycle.outcome()
         self.control.status_changed()
 
     def _idle(self) -> None:

@@ -62,8 +62,8 @@ class Remote:
                 backoff.reset()
                 while not self._closing.is_set():
                     with wrap_errors("control channel"):
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    if msg is not None:
+                        note = await self._next_note(pubsub)
+                    if note is not None:
                         await self.refresh()
             except BrokerError as exc:
                 await wait_event(
@@ -72,6 +72,24 @@ class Remote:
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _next_note(self, pubsub: Any) -> Any:
+        """The next note on the channel, or None once closing. The read blocks with no
+        timeout: an idle daemon's loop does not wake for it (a read with a timeout, to
+        look at the closing flag, woke it every second: a third of its idle CPU)."""
+        read = asyncio.ensure_future(
+            pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+        )
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({read, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not read.done():
+                read.cancel()  # the pubsub is closed after this: its state does not matter
+                with contextlib.suppress(asyncio.CancelledError):
+                    await read
+        return read.result() if not read.cancelled() else None
 
     def close(self) -> None:
         self._closing.set()
