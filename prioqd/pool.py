@@ -140,9 +140,10 @@ class _Worker:
                     self.pool.on_progress(r.job, frame[2])
                     break
 
-    def send(self, data: bytes) -> None:
+    def send(self, frames: Sequence[bytes]) -> None:
+        """Frames in one write: the worker runs them one after another."""
         assert self.transport is not None
-        self.transport.write(_HEADER.pack(len(data)) + data)
+        self.transport.write(b"".join(_HEADER.pack(len(f)) + f for f in frames))
 
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
@@ -175,6 +176,10 @@ class Pool:
         #: Asked before a waiting batch of this rank starts: False holds it back a moment
         #: (a higher job is arriving; see Watch.may_start).
         self.may_start: Callable[[int], bool] = lambda rank: True
+        #: Asked when a worker takes a waiting batch: whether these jobs (it and the
+        #: batches of its rank queued behind it) are short enough to go to the worker
+        #: at once, as one batch would (see Dispatcher.joinable).
+        self.joinable: Callable[[Sequence[Job]], bool] = lambda jobs: False
         self._kick_handle: asyncio.TimerHandle | None = None
         #: Called with (job, progress JSON) when a task reports progress.
         self.on_progress: Callable[[Job, str], None] = lambda job, text: None
@@ -380,7 +385,7 @@ class Pool:
             batch[0].on_start = on_start
         idle = bool(self._idle)
         if idle and self.may_start(rank):
-            self._run(self._idle.popleft(), batch, frame)
+            self._run(self._idle.popleft(), batch, [frame])
         else:
             heapq.heappush(self._pending, (rank, batch[0].seq, batch, frame))
             if idle:
@@ -446,11 +451,13 @@ class Pool:
         return max(ranks) if ranks else None
 
     def _on_preempted(self, worker: _Worker, seqs: list[int]) -> None:
-        """The worker handed back the unstarted rest of its batch."""
-        back: list[_Running] = []
-        while worker.batch and worker.batch[-1].seq in seqs:
-            back.append(worker.batch.pop())
-        for r in reversed(back):
+        """The worker handed back the unstarted rest of a frame it holds (it hands back
+        each frame's own rest: several frames may be queued in its pipe)."""
+        handed = set(seqs)
+        back = [r for r in worker.batch if r.seq in handed]
+        if back:
+            worker.batch = deque(r for r in worker.batch if r.seq not in handed)
+        for r in back:
             if r.job.id in self._cancelled:
                 self._cancelled.discard(r.job.id)
                 self._resolve(r, RunResult("cancelled", error="cancelled"))
@@ -459,12 +466,28 @@ class Pool:
         if not worker.batch:
             self._make_idle(worker)
 
-    def _run(self, worker: _Worker, batch: list[_Running], frame: bytes) -> None:
+    def _run(self, worker: _Worker, batch: list[_Running], frames: list[bytes]) -> None:
         for r in batch:
             r.job.worker_pid = worker.pid
         worker.batch.extend(batch)
-        worker.send(frame)
+        worker.send(frames)
         self._arm(worker)
+
+    def _next_pending(self) -> tuple[list[_Running], list[bytes]]:
+        """The first waiting batch, with the batches of its rank queued behind it as
+        long as ``joinable`` says they are short: higher jobs that landed one by one
+        while every worker was busy (a burst) then run back to back on the first
+        worker that frees, instead of one per round trip to it."""
+        _, _, batch, frame = heapq.heappop(self._pending)
+        frames = [frame]
+        rank = batch[0].rank
+        while self._pending and self._pending[0][0] == rank:
+            if not self.joinable([r.job for r in (*batch, *self._pending[0][2])]):
+                break
+            _, _, more, more_frame = heapq.heappop(self._pending)
+            batch = [*batch, *more]
+            frames.append(more_frame)
+        return batch, frames
 
     def _arm(self, worker: _Worker) -> None:
         """Start the clock on the job at the head of the worker's batch.
@@ -521,8 +544,7 @@ class Pool:
             self._retire(worker)
             return
         if self._pending and self.may_start(self._pending[0][0]):
-            _, _, batch, frame = heapq.heappop(self._pending)
-            self._run(worker, batch, frame)
+            self._run(worker, *self._next_pending())
         else:
             self._idle.append(worker)
             self._idle_event.set()

@@ -8,7 +8,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 from helpers import env_with_taskmods
@@ -84,3 +84,54 @@ def test_a_lower_job_still_on_its_way_to_its_worker_is_handed_back_for_a_higher_
         return back.status, ran.status
 
     assert on_one_worker(monkeypatch, scenario) == ("not_run", "ok")
+
+
+def test_short_batches_waiting_for_a_worker_go_to_it_at_once_and_run_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A burst of higher jobs lands one by one while the worker is busy: each waits as a
+    # batch of its own. When the worker frees, those the daemon calls short enough
+    # (joinable) go to it in one write and run back to back, in the order they came.
+    async def scenario(pool: Pool) -> tuple[str, str]:
+        asked: list[list[str]] = []
+
+        def joinable(batch: Sequence[jobs.Job]) -> bool:
+            asked.append([j.id for j in batch])
+            return len(batch) <= 3
+
+        pool.joinable = joinable
+        (busy,) = pool.submit([job("busy", "nap", 200)], rank=2)
+        burst = [pool.submit([job(f"h{i}", "nap", 1, i)], rank=0)[0] for i in range(4)]
+        results = await asyncio.wait_for(asyncio.gather(busy, *burst), 10)
+        order = sorted(range(4), key=lambda i: results[1 + i].started_at)
+        # Three joined the first (the fourth was refused), and all ran in order.
+        return f"{order}", f"{asked}"
+
+    assert on_one_worker(monkeypatch, scenario) == (
+        "[0, 1, 2, 3]",
+        "[['h0', 'h1'], ['h0', 'h1', 'h2'], ['h0', 'h1', 'h2', 'h3']]",
+    )
+
+
+def test_a_higher_job_gets_back_every_unstarted_job_of_batches_sent_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Lower batches joined on their way to the worker (one write, several frames): a
+    # higher job arriving while the first runs takes the worker next, and each joined
+    # batch comes back unstarted (the worker hands back each frame's rest on its own).
+    async def scenario(pool: Pool) -> tuple[str, str]:
+        pool.joinable = lambda batch: True
+        (busy,) = pool.submit([job("busy", "nap", 100)], rank=2)
+        lows = [pool.submit([job(f"lo{i}", "nap", 200)], rank=2)[0] for i in range(3)]
+        await asyncio.wait_for(busy, 10)  # the three went to the worker together
+        await asyncio.sleep(0.05)  # the first of them is running
+        (high,) = pool.submit([job("hi", "nap", 1)], rank=0)
+        results = await asyncio.wait_for(asyncio.gather(*lows, high), 10)
+        statuses = [r.status for r in results]
+        ran_before_high = results[0].finished_at <= results[3].started_at
+        return " ".join(statuses), f"lo0 ended before hi started: {ran_before_high}"
+
+    assert on_one_worker(monkeypatch, scenario) == (
+        "ok not_run not_run ok",
+        "lo0 ended before hi started: True",
+    )

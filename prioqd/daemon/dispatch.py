@@ -15,7 +15,7 @@ import functools
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prioqd import jobs
@@ -290,6 +290,19 @@ class Dispatcher:
             batches[i].append(job)
             limits[i] = min(limits[i], size)
         return batches, spill
+
+    def joinable(self, batch: Sequence[Job]) -> bool:
+        """Whether these jobs may go to one worker at once (``Pool.joinable``): the
+        rule of ``_batches``, every task known and all of them within BATCH_BUDGET_S."""
+        if len(batch) > MAX_BATCH:
+            return False
+        total_s = 0.0
+        for job in batch:
+            avg = self._task_s.get(job.task)
+            if avg is None or avg.value is None:
+                return False
+            total_s += avg.value
+        return total_s <= BATCH_BUDGET_S
 
     def _submit(self, batch: list[Job]) -> None:
         slot = BatchSlot(self.slots, len(batch))

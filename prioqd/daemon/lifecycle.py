@@ -120,6 +120,7 @@ class Daemon:
         self.dispatch.on_outcome = self._outcome
         self.cycle.on_claimed = self.watch.claimed
         self.pool.may_start = self.watch.may_start
+        self.pool.joinable = self.dispatch.joinable
         self.pool.on_progress = self.dispatch.progress
         self.remote = Remote(
             self.broker,
