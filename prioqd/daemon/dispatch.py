@@ -357,7 +357,7 @@ class Dispatcher:
         )
 
     def _release_early(self, slot: BatchSlot) -> None:
-        del self._early[slot]
+        self._early.pop(slot, None)
         if slot.release():
             self._wake()  # a free token: time to claim
 
@@ -370,7 +370,7 @@ class Dispatcher:
         for slot, (handle, due) in list(self._early.items()):
             if due <= horizon:
                 handle.cancel()
-                del self._early[slot]
+                self._early.pop(slot, None)
                 slot.release()
 
     def _on_done(self, job: Job, slot: BatchSlot, future: asyncio.Future[RunResult]) -> None:
