@@ -103,17 +103,10 @@ class Cycle:
         """A run ended. With no token free (none can be claimed for now) its outcome
         waits for the claim a freed token brings, or for COALESCE_S: the timer is armed
         here, without a turn of the loop that would only decide to wait."""
-        if (
-            self.slots.free > 0
-            or self._repairs
-            or not self.fetching
-            or self.dispatch.ended >= MAX_OPS
-        ):
+        if self.slots.free > 0 or self._repairs or self._flush_due(self.dispatch.ended):
             self.wake()
             return
         self.drained.clear()
-        if self._pending_since is None:
-            self._pending_since = time.monotonic()
         self._arm_flush()
 
     def new_claim(self) -> int:

@@ -272,8 +272,7 @@ class Dispatcher:
         for job in runnable:
             size = sizes.get(job.task)
             if size is None:
-                avg = self._task_s.get(job.task)
-                size = sizes[job.task] = batch_size(avg.value if avg else None)
+                size = sizes[job.task] = self._task_batch_size(job.task)
             if len(batches) < tokens:
                 batches.append([job])
                 limits.append(size)
@@ -291,18 +290,15 @@ class Dispatcher:
             limits[i] = min(limits[i], size)
         return batches, spill
 
+    def _task_batch_size(self, task: str) -> int:
+        avg = self._task_s.get(task)
+        return batch_size(avg.value if avg else None)
+
     def joinable(self, batch: Sequence[Job]) -> bool:
         """Whether these jobs may go to one worker at once (``Pool.joinable``): the
-        rule of ``_batches``, every task known and all of them within BATCH_BUDGET_S."""
-        if len(batch) > MAX_BATCH:
-            return False
-        total_s = 0.0
-        for job in batch:
-            avg = self._task_s.get(job.task)
-            if avg is None or avg.value is None:
-                return False
-            total_s += avg.value
-        return total_s <= BATCH_BUDGET_S
+        rule of ``_batches``, no more of them than the batch size of the slowest of
+        their tasks (1 for a task not known)."""
+        return len(batch) <= min(self._task_batch_size(t) for t in {j.task for j in batch})
 
     def _submit(self, batch: list[Job]) -> None:
         slot = BatchSlot(self.slots, len(batch))
