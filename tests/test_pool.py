@@ -20,7 +20,7 @@ from prioqd.pool import Pool
 def job(job_id: str, task: str, *args: object) -> jobs.Job:
     raw = json.dumps({"id": job_id, "task": task, "args": list(args)}).encode()
     parsed = jobs.parse(
-        raw, "normal", known_tasks={"nap"}, max_payload_bytes=1 << 20, now=time.time()
+        raw, "normal", known_tasks={"nap", "crash"}, max_payload_bytes=1 << 20, now=time.time()
     )
     assert isinstance(parsed, jobs.Job), parsed
     return parsed
@@ -135,3 +135,25 @@ def test_a_higher_job_gets_back_every_unstarted_job_of_batches_sent_together(
         "ok not_run not_run ok",
         "lo0 ended before hi started: True",
     )
+
+
+def test_a_worker_dying_in_joined_batches_charges_its_job_and_gives_back_the_rest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Batches joined on their way to the worker, the second of which kills it: the
+    # first ran, the one that crashed is charged, and every job behind it (in its
+    # frame and in the frame after) comes back unrun, for the daemon to put back.
+    async def scenario(pool: Pool) -> tuple[str, str]:
+        pool.joinable = lambda batch: True
+        (busy,) = pool.submit([job("busy", "nap", 100)], rank=0)
+        joined = [
+            *pool.submit([job("a", "nap", 1)], rank=0),
+            *pool.submit([job("boom", "crash"), job("b", "nap", 1)], rank=0),
+            *pool.submit([job("c", "nap", 1)], rank=0),
+        ]
+        results = await asyncio.wait_for(asyncio.gather(busy, *joined), 20)
+        return " ".join(r.status for r in results), str(results[2].error)
+
+    statuses, error = on_one_worker(monkeypatch, scenario)
+    assert statuses == "ok ok crashed not_run not_run"
+    assert "exited with code 13" in error
