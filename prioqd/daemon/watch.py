@@ -4,11 +4,12 @@ One ``BLMOVE queue:p -> landing:D:p`` per priority, each on its own connection
 (``broker.BlockingMove``), in two modes:
 
 - **Idle** (a claim found every queue empty; the cycle claims nothing meanwhile):
-  wait on every queue. The first payload to land runs. If it is not of the highest
-  priority, one round trip first tells whether a higher one landed with it (see
-  ``_settle``); only the highest payload that landed in that race runs, the rest go
-  back to the head of their queues, so the next claim takes jobs in strict priority
-  order.
+  wait on every queue. The first payload to land runs at once if a free token is
+  left for every wait above it (a higher payload of the same moment then runs beside
+  it). If not (one slot, say), one round trip first tells whether a higher one landed
+  with it (see ``_settle``); only the highest payload that landed in that race runs,
+  the rest go back to the head of their queues, so the next claim takes jobs in
+  strict priority order.
 - **Busy** (the cycle claims as slot tokens free up): wait only on the priorities
   above the lowest job held here that has not started. Such a payload is taken at
   once, on a token lent if none is free (``Slots.take_one``), and goes to the pool,
@@ -209,17 +210,22 @@ class Watch:
         elif self._closing or p in self.paused:
             self.dispatch.land_back(claim, p, raw)
         elif self.cycle.waiting:
-            others = [q for q in self._tasks if q != p]
-            if not any(self._rank[q] < self._rank[p] for q in others):
-                # Nothing can outrank it: run it now; call off the waits not wanted.
-                # (A lower one cannot run first on an unread reply alone: Redis sends
-                # the replies of one moment to its clients in no set order.)
+            higher = [
+                q for q in self._tasks if self._rank[q] < self._rank[p] and q not in self._leaving
+            ]
+            if len(higher) < self.slots.free:
+                # Nothing that lands with it can wait for it: at the top no wait is
+                # above it, and below the top a free token (an idle worker) is left for
+                # every wait that is, so a higher payload of the same moment starts at
+                # once beside it. Run it now, no round trip first.
                 self.cycle.waiting = False
                 self.dispatch.land(claim, p, raw)
                 self._leave_idle()
             else:
-                # A higher payload may have landed at the same moment: find out
-                # before choosing (the cycle claims nothing meanwhile).
+                # A higher payload may have landed at the same moment, and the tokens
+                # left would not run both: find out before choosing (the cycle claims
+                # nothing meanwhile). Not on an unread reply alone: Redis sends the
+                # replies of one moment to its clients in no set order.
                 self._race = [(claim, p, raw)]
                 self._background_task(self._settle())
         elif self._outranks_held(p):
