@@ -5,8 +5,8 @@ One ``BLMOVE queue:p -> landing:D:p`` per priority, each on its own connection
 
 - **Idle** (a claim found every queue empty; the cycle claims nothing meanwhile):
   wait on every queue. The first payload to land runs at once if a free token is
-  left for every wait above it (a higher payload of the same moment then runs beside
-  it). If not (one slot, say), one round trip first tells whether a higher one landed
+  left for every priority above it (a higher payload of the same moment then runs
+  beside it). If not (one slot, say), one round trip first tells whether a higher one landed
   with it (see ``_settle``); only the highest payload that landed in that race runs,
   the rest go back to the head of their queues, so the next claim takes jobs in
   strict priority order.
@@ -210,14 +210,14 @@ class Watch:
         elif self._closing or p in self.paused:
             self.dispatch.land_back(claim, p, raw)
         elif self.cycle.waiting:
-            higher = [
-                q for q in self._tasks if self._rank[q] < self._rank[p] and q not in self._leaving
-            ]
+            higher = [q for q in self.priorities[: self._rank[p]] if q not in self.paused]
             if len(higher) < self.slots.free:
-                # Nothing that lands with it can wait for it: at the top no wait is
-                # above it, and below the top a free token (an idle worker) is left for
-                # every wait that is, so a higher payload of the same moment starts at
-                # once beside it. Run it now, no round trip first.
+                # Nothing of the same moment can wait for it: a free token (an idle
+                # worker) is left for every priority above it, whether its payload
+                # lands on a wait or on one being called off (put back, then claimed),
+                # so a higher job starts at once beside it. Run it now, no round trip
+                # first. (Counting only the waits in place is not enough: a payload
+                # put back from one being called off would find the token taken.)
                 self.cycle.waiting = False
                 self.dispatch.land(claim, p, raw)
                 self._leave_idle()
