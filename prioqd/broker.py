@@ -158,7 +158,10 @@ class Broker:
         self._pool = self._make_pool(socket_timeout_s)
         self.redis = aioredis.Redis(connection_pool=self._pool)
         self._script = self.redis.register_script(_SCRIPT)
-        self._hot = _HotPath(self, _SCRIPT)
+        self._hot = _HotPath(self, _SCRIPT, "cycle")
+        #: The heartbeat's own: an idle daemon runs nothing else, every few seconds, on
+        #: cold caches, where redis-py's layers cost about as much as the rest.
+        self._beat = _HotPath(self, _SCRIPT, "heartbeat")
 
     @classmethod
     def from_config(cls, cfg: Config, *, socket_timeout_s: float | None = None) -> Broker:
@@ -174,6 +177,7 @@ class Broker:
 
     async def close(self) -> None:
         await self._hot.close()
+        await self._beat.close()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
 
@@ -253,19 +257,13 @@ class Broker:
         max_dead: int,
         max_recover: int = 10,
     ) -> Heartbeat:
-        flat: list[str] = []
+        args: list[str | bytes] = [
+            self.keys.prefix, "heartbeat", daemon_id, str(lease_ms), str(max_recover),
+            str(max_recoveries), str(max_dead),
+        ]  # fmt: skip
         for k, v in info.items():
-            flat += [k, v]
-        reply = await self._call(
-            "heartbeat",
-            "heartbeat",
-            daemon_id,
-            lease_ms,
-            max_recover,
-            max_recoveries,
-            max_dead,
-            *flat,
-        )
+            args += (k, v)
+        reply = await self._beat.evalsha(args)
         registered, lapsed, daemons, jobs, poisoned, due, now = reply
         return Heartbeat(
             registered=bool(registered),
@@ -464,10 +462,11 @@ class _Direct:
 
 
 class _HotPath(_Direct):
-    """The per-cycle EVALSHA; the script is loaded again if Redis lost it."""
+    """An EVALSHA of the script on a connection of its own (the cycle's, the
+    heartbeat's); the script is loaded again if Redis lost it."""
 
-    def __init__(self, broker: Broker, script: str) -> None:
-        super().__init__(broker, "cycle")
+    def __init__(self, broker: Broker, script: str, what: str) -> None:
+        super().__init__(broker, what)
         self._script = script
         self._sha = hashlib.sha1(script.encode()).hexdigest()
 

@@ -58,6 +58,11 @@ async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
     if timeout_s is None:
         await event.wait()
         return True
+    if event.is_set():
+        return True
+    # A timeout scope, not wait_for: no task of its own to make and cancel (an idle
+    # daemon does this every heartbeat, on cold caches).
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), max(0.0, timeout_s))
+        async with asyncio.timeout(max(0.0, timeout_s)):
+            await event.wait()
     return event.is_set()

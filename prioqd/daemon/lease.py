@@ -78,6 +78,7 @@ class Lease:
         #: The daemon's last error, as ``prioqd status`` and the dashboard show it.
         self.last_error: Callable[[], str] = lambda: ""
         self._error_written = ""
+        self._where: dict[str, str] | None = None
         #: Redis's clock minus ours, in seconds (measured at each beat).
         self.clock_offset_s = 0.0
         #: False once a cycle found our lease gone: claim nothing until a beat renews it.
@@ -106,11 +107,16 @@ class Lease:
         return int(self.interval_s * 2 * 1000)
 
     def info(self) -> dict[str, str]:
+        # Where we run does not change while we run: read once, not every beat.
+        if self._where is None:
+            self._where = {
+                "host": self.host,
+                "pid": str(os.getpid()),
+                "boot_id": _read("/proc/sys/kernel/random/boot_id"),
+                "pidns": _pidns(),
+            }
         return {
-            "host": self.host,
-            "pid": str(os.getpid()),
-            "boot_id": _read("/proc/sys/kernel/random/boot_id"),
-            "pidns": _pidns(),
+            **self._where,
             "priorities": ",".join(self.config.queues.priorities),
             "slots": str(self.slots),
             "started_at": f"{time.time():.6f}",
