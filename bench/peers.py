@@ -755,8 +755,14 @@ def _t_w1(p: float, best: float, _: dict[str, dict[str, float]]) -> tuple[str, b
     return f">= 2x best = {2 * best:,.0f}", p >= 2 * best
 
 
-def _t_w2(p: float, best: float, _: dict[str, dict[str, float]]) -> tuple[str, bool]:
-    return f">= best + 0.05 = {best + 0.05:.3f}", p >= best + 0.05
+def _t_w2(p: float, best: float, med: dict[str, dict[str, float]]) -> tuple[str, bool]:
+    text = f">= best + 0.05 = {best + 0.05:.3f}"
+    bare_eff = med.get("W2", {}).get("bare")
+    if bare_eff is not None and best + 0.05 > bare_eff:
+        # Above what two bare processes reach with no queue at all: no queue can meet
+        # it on this machine. Said so, and still counted as missed.
+        text += f" (above bare {bare_eff:.3f}: out of reach here)"
+    return text, p >= best + 0.05
 
 
 def _t_w2bare(p: float, best: float, _: dict[str, dict[str, float]]) -> tuple[str, bool]:
