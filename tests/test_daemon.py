@@ -181,10 +181,11 @@ def test_an_idle_pickup_costs_three_commands_and_leaves_the_other_waits_in_place
 def test_a_high_job_landing_with_a_lower_one_on_an_idle_daemon_starts_beside_it(
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:
-    # Two slots, idle: a normal and a high 20 ms job pushed in one pipeline land in one
-    # turn of Redis, read in no set order. The normal one may start at once (a worker
-    # is left for the high one), and then the high one must start beside it, not wait
-    # for it to end. (With one slot the race is settled first: helpers.high_and_low_together.)
+    # Two slots, idle: a normal and a high 100 ms job pushed in one pipeline land in
+    # one turn of Redis, read in no set order. The normal one may start at once (a
+    # worker is left for the high one), and then the high one must start beside it, not
+    # wait for it to end. (With one slot the race is settled first:
+    # helpers.high_and_low_together.)
     d = daemon(config(daemon={"lease_s": 30}, workers={"slots": 2}))
     for k in range(8):
         wait_for(lambda: waits_blocked(r) == 3, 10)
@@ -194,7 +195,7 @@ def test_a_high_job_landing_with_a_lower_one_on_an_idle_daemon_starts_beside_it(
         for priority, job_id in order:
             pipe.lpush(
                 f"prioqd:queue:{priority}",
-                json.dumps({"id": job_id, "task": "nap", "args": [20]}),
+                json.dumps({"id": job_id, "task": "nap", "args": [100]}),
             )
         pipe.execute()
         h = wait_status(r, [lo, hi], daemon=d)
