@@ -6,10 +6,10 @@ One ``BLMOVE queue:p -> landing:D:p`` per priority, each on its own connection
 - **Idle** (a claim found every queue empty; the cycle claims nothing meanwhile):
   wait on every queue. The first payload to land runs at once if a free token is
   left for every priority above it (a higher payload of the same moment then runs
-  beside it). If not (one slot, say), one round trip first tells whether a higher one landed
-  with it (see ``_settle``); only the highest payload that landed in that race runs,
-  the rest go back to the head of their queues, so the next claim takes jobs in
-  strict priority order.
+  beside it). If not (one slot, say), one round trip first tells whether a higher
+  one landed with it (see ``_settle``); only the highest payload that landed in that
+  race runs, the rest go back to the head of their queues, so the next claim takes
+  jobs in strict priority order.
 - **Busy** (the cycle claims as slot tokens free up): wait only on the priorities
   above the lowest job held here that has not started. Such a payload is taken at
   once, on a token lent if none is free (``Slots.take_one``), and goes to the pool,
