@@ -200,6 +200,27 @@ def test_a_high_job_landing_with_a_lower_one_on_an_idle_daemon_starts_beside_it(
         pipe.execute()
         h = wait_status(r, [lo, hi], daemon=d)
         assert float(h[hi]["started_at"]) < float(h[lo]["finished_at"]), f"round {k}: {h}"
+def test_the_heartbeat_loads_the_script_again_when_redis_lost_it(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    # Redis forgets its scripts (a restart, SCRIPT FLUSH). The heartbeat, on a
+    # connection of its own, must load the script again and renew the lease, not fail
+    # and let the lease run out.
+    d = daemon(config(daemon={"lease_s": 3}))  # a beat a second
+    wait_for(lambda: len(registered_daemons(r)) == 1, 10)
+    (daemon_id,) = registered_daemons(r)
+    r.script_flush()
+    flushed_ms = int(r.time()[0]) * 1000
+    wait_for(
+        lambda: (r.zscore("prioqd:daemons", daemon_id) or 0) > flushed_ms + 3000,
+        5,
+        what="a lease renewed after the flush",
+    )
+    push(r, "normal", {"id": "after-flush", "task": "square", "args": [3]})
+    assert wait_status(r, ["after-flush"])["after-flush"]["result"] == "9"
+    assert not d.events("redis unavailable")
+
+
 def test_priorities_and_prefix_are_configurable(
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:
