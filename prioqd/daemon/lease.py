@@ -78,7 +78,14 @@ class Lease:
         #: The daemon's last error, as ``prioqd status`` and the dashboard show it.
         self.last_error: Callable[[], str] = lambda: ""
         self._error_written = ""
-        self._where: dict[str, str] | None = None
+        #: Where we run: it does not change while we run, so it is read once, not
+        #: every beat.
+        self._where = {
+            "host": self.host,
+            "pid": str(os.getpid()),
+            "boot_id": _read("/proc/sys/kernel/random/boot_id"),
+            "pidns": _pidns(),
+        }
         #: Redis's clock minus ours, in seconds (measured at each beat).
         self.clock_offset_s = 0.0
         #: False once a cycle found our lease gone: claim nothing until a beat renews it.
@@ -107,14 +114,6 @@ class Lease:
         return int(self.interval_s * 2 * 1000)
 
     def info(self) -> dict[str, str]:
-        # Where we run does not change while we run: read once, not every beat.
-        if self._where is None:
-            self._where = {
-                "host": self.host,
-                "pid": str(os.getpid()),
-                "boot_id": _read("/proc/sys/kernel/random/boot_id"),
-                "pidns": _pidns(),
-            }
         return {
             **self._where,
             "priorities": ",".join(self.config.queues.priorities),
