@@ -151,9 +151,9 @@ class End:
 
     def args(self) -> list[Arg]:
         job = self.job
-        terminal = "0" if self.member else "1"
+        done = "0" if self.member else "1"  # a retry's waiter waits on
         return [
-            "end", str(job.claim), job.id, str(self.ttl_s), _flags(job, self.run), terminal,
+            "end", str(job.claim), job.id, str(self.ttl_s), _flags(job, self.run), done,
             self.dead_letter, self.member, str(self.due_ms), self.outcome, *_list(self.dels),
             *_flat(self.fields),
         ]  # fmt: skip

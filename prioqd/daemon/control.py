@@ -49,7 +49,9 @@ class Control:
 
     async def watchdog_loop(self, interval_s: float) -> None:
         # Pinged from the event loop itself: if the loop wedges, the pings stop and
-        # systemd's WatchdogSec kills and restarts us.
+        # systemd's WatchdogSec kills and restarts us. Not ended by ``close``: the
+        # lifecycle cancels it last, so a drain or a deregistration that hangs is
+        # caught too (a sleep's cancellation cannot be lost).
         while True:
             self.notifier.send(WATCHDOG=1)
             await asyncio.sleep(interval_s)

@@ -130,7 +130,6 @@ class Dispatcher:
         self.on_change: Callable[[], None] = lambda: None
         #: Called when a run ended: its outcome waits to be written.
         self.on_outcome: Callable[[], None] = wake
-        self.running = 0
         self.jobs_done = 0
         self.last_error = ""
         self.metrics: Metrics = NO_METRICS
@@ -336,7 +335,6 @@ class Dispatcher:
             self._unrecorded[batch[0].claim] = batch[0]
             self._finish(batch[0], run)
             return
-        self.running += len(batch)
         for job in batch:
             self.log.debug("job dispatched", job_id=job.id, queue=job.priority)
         for job, future in zip(batch, futures, strict=True):
@@ -375,7 +373,6 @@ class Dispatcher:
         early = self._early.pop(slot, None)
         if early is not None:
             early[0].cancel()  # it ended before its token was due back early
-        self.running -= 1
         if future.cancelled() or future.exception() is not None:
             run = RunResult("not_run", error="pool future failed")
         else:

@@ -151,6 +151,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._heartbeat: list[asyncio.Task[None]] = []
+        self._watchdog: asyncio.Task[None] | None = None
 
     # --- public ---------------------------------------------------------------------
 
@@ -192,6 +193,8 @@ class Daemon:
             await self.pool.close()
             await self.broker.close()
             self.metrics.close()
+            if self._watchdog is not None:
+                self._watchdog.cancel()  # last: systemd's watchdog covers the drain too
         self.log.info("daemon stopped", jobs_done=self.dispatch.jobs_done, exit_code=self.exit_code)
         return self.exit_code
 
@@ -238,7 +241,7 @@ class Daemon:
             self._spawn(self._trigger(shutdown_trigger))
         watchdog = watchdog_interval_s()
         if watchdog is not None:
-            self._spawn(self.control.watchdog_loop(watchdog))
+            self._watchdog = self._spawn(self.control.watchdog_loop(watchdog))
         self.notifier.send(STATUS="starting worker processes")
         try:
             await self.pool.start()
@@ -283,7 +286,7 @@ class Daemon:
         """Take nothing more, let running jobs finish (up to the grace), write every
         outcome. The heartbeat goes on meanwhile: our jobs are still ours."""
         grace = self.config.daemon.shutdown_grace_s
-        running = self.dispatch.running
+        running = self.pool.busy_count
         self.notifier.stopping(f"stopping: draining {running} running job(s)")
         self.log.info(
             "stopping: no new jobs; waiting for running ones",
@@ -309,9 +312,7 @@ class Daemon:
         # Write every outcome; with Redis gone for good, give up after a bound: the
         # jobs are still recorded as ours in Redis and come back by lease recovery.
         self.cycle.wake()
-        try:
-            await asyncio.wait_for(self.cycle.drained.wait(), max(5.0, grace))
-        except TimeoutError:
+        if not await wait_event(self.cycle.drained, max(5.0, grace)):
             self.log.error("outcomes not written; the jobs stay in flight and will run again")
 
     async def _close(self, registered: bool) -> None:

@@ -21,10 +21,6 @@ class Slots:
     def busy(self) -> int:
         return self.total - self.free
 
-    @property
-    def in_debt(self) -> bool:
-        return self.free < 0
-
     def try_acquire(self, n: int) -> int:
         got = max(0, min(n, self.free))
         self.free -= got

@@ -15,8 +15,9 @@ One ``BLMOVE queue:p -> landing:D:p`` per priority, each on its own connection
   once, on a token lent if none is free (``Slots.take_one``), and goes to the pool,
   which sends every lower job not started back to its queue (``Pool.evict``). So a
   higher job waits for one running job at most, never for a lower job that has not
-  started. With nothing lower left unstarted the waits end by themselves, and the
-  rest of a burst is claimed in batches by the cycle.
+  started. Waits no longer needed once those jobs start are left in place, not
+  called off (see ``reconcile``); the rest of a burst is claimed in batches by the
+  cycle.
 
 A payload that lands on a wait being called off, or that is no longer higher than
 what runs, is adopted and put back at the head of its queue. Idle, all this costs no

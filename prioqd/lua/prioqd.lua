@@ -30,11 +30,13 @@
 --   P:daemons        ZSET   D -> lease expiry in ms. Past it, any daemon whose own lease
 --                           is unbroken may recover D.
 --   P:daemon:D       HASH   host, pid, boot_id, pidns, priorities ("high,normal,low"),
---                           slots, started_at, version.
+--                           slots, started_at, version; last_error (written by the
+--                           daemon's heartbeat when it changes, for `status`).
 --   P:job:<id>       HASH   status, task, priority, attempts, claim ("D/C" of the run
 --                           that wrote it), daemon, result, error, traceback, started_at,
---                           finished_at, duration_s, retry_at, progress (JSON the task
---                           reported). Expires result_ttl_s after its last write.
+--                           finished_at, duration_s, retry_at, worker_pid (the worker
+--                           its batch went to), progress (JSON the task reported).
+--                           Expires result_ttl_s after its last write.
 --   P:done:<id>      LIST   the outcome JSON of a job that has ended (for BLPOP).
 --   P:dead           LIST   dead-letter JSON, newest on the left.
 --   P:payload:<sha1> STRING a payload too large to copy into its dead letter, which
