@@ -151,7 +151,7 @@ class End:
 
     def args(self) -> list[Arg]:
         job = self.job
-        done = "0" if self.member else "1"  # a retry's waiter waits on
+        done = "0" if self.member else "1"  # a retry: the done list waits for its end
         return [
             "end", str(job.claim), job.id, str(self.ttl_s), _flags(job, self.run), done,
             self.dead_letter, self.member, str(self.due_ms), self.outcome, *_list(self.dels),
