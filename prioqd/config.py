@@ -40,7 +40,8 @@ def _name(v: str) -> str | None:
     return "may only contain letters, digits, '_', '-' and '.'"
 
 
-def _redis_url(v: str) -> str | None:
+def check_redis_url(v: str) -> str | None:
+    """The problem with a Redis URL, or None."""
     parts = urllib.parse.urlsplit(v)
     if parts.scheme not in ("redis", "rediss", "unix"):
         return f"scheme must be redis://, rediss:// or unix://, got {parts.scheme or 'none'!r}"
@@ -125,7 +126,7 @@ def _check(fn: Callable[[Any], str | None]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(_redis_url))
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(check_redis_url))
     # Commands other than the blocking fetch fail after this long; the fetch has its
     # own connections without a read timeout (it may block for hours by design).
     socket_timeout_s: float = field(default=5.0, metadata=_check(_positive))
