@@ -311,6 +311,31 @@ def test_recovery_of_a_dead_daemon_counts_it_and_poison_goes_to_the_dead_letters
     assert lua.r.get(letter["payload_key"]) == raw
 
 
+def test_heartbeat_recover_and_promote_return_the_dead_letters_they_trimmed(
+    lua: Script,
+) -> None:
+    """Each command that may add a dead letter says how many old ones it dropped to
+    keep within max_dead (the daemon logs and counts them)."""
+    lua.r.lpush(f"{P}:dead", "old1", "old2")
+    # heartbeat: a recovered poison payload (its daemon died max_recoveries + 1 times).
+    raw = b'{"id":"p","task":"t"}'
+    lua.r.lpush(f"{P}:queue:high", raw)
+    lua.beat("d2")
+    for _ in range(4):
+        lua.cycle(next_claim=1, tokens=1)
+        lua.r.zadd(f"{P}:daemons", {D: 1})
+        reply = lua.call("heartbeat", "d2", 60_000, 10, 3, 2)
+        lua.beat(D)
+    assert reply[4] == 1 and reply[7] == 1  # one poisoned, one old letter dropped
+    # recover: with max_recoveries 0, the held payload is poison at once.
+    claim_one(lua, {"id": "q", "task": "t"})
+    assert lua.call("recover", D, 1, 0, 2, "high") == [0, 1, 1]
+    # promote: a due job of a priority nobody serves.
+    lua.r.zadd(f"{P}:scheduled", {'ghost\nd/1\n{"id":"g","task":"t"}': 0})
+    assert lua.call("promote", 100, 2)[1::2] == [1, 1]
+    assert lua.r.llen(f"{P}:dead") == 2
+
+
 def test_a_stalled_redis_does_not_make_the_first_daemon_to_speak_recover_the_others(
     lua: Script,
 ) -> None:

@@ -138,13 +138,33 @@ def test_enqueued_at_is_accepted_and_a_bad_one_is_rejected(
     assert any("'unique' needs an 'id'" in e["reason"] for e in dead_letters(r))
 
 
+Scrape = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape(port: int) -> Scrape:
+    """Every sample of a daemon's /metrics: name -> [(labels, value)]."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: Scrape = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def value(m: Scrape, name: str, **want: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``want``."""
+    return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == x for k, x in want.items()))
+
+
 def test_metrics_for_prometheus(
     r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
 ) -> None:
-    import urllib.request
-
     from helpers import free_port
-    from prometheus_client.parser import text_string_to_metric_families
 
     port = free_port()
     daemon(config(metrics={"listen": f"127.0.0.1:{port}"}))
@@ -156,20 +176,8 @@ def test_metrics_for_prometheus(
     wait_status(r, ["m1", "m2", "m3"])
     r.lpush("prioqd:queue:low", json.dumps({"task": "square", "args": [1]}))
 
-    def scrape() -> dict[str, list[tuple[dict[str, str], float]]]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        out: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out.setdefault(s.name, []).append((s.labels, s.value))
-        return out
-
-    def value(m: dict[str, list[tuple[dict[str, str], float]]], name: str, **want: str) -> float:
-        return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == x for k, x in want.items()))
-
     m = wait_for(
-        lambda: (s := scrape()) and value(s, "prioqd_queue_paused", priority="low") == 1 and s,
+        lambda: (s := scrape(port)) and value(s, "prioqd_queue_paused", priority="low") == 1 and s,
         10,
     )
     assert value(m, "prioqd_jobs_total", task="square", priority="high", outcome="succeeded") == 1
@@ -183,6 +191,57 @@ def test_metrics_for_prometheus(
     assert value(m, "prioqd_worker_restarts_total", reason="crashed") == 1
     assert next(lab for lab, _ in m["prioqd_build_info"])["version"]
     assert value(m, "prioqd_redis_errors_total") == 0
+
+
+def test_unknown_task_names_share_one_metric_label(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """A producer's bogus task names must not each add a series (memory and scrape size
+    would grow without bound)."""
+    from helpers import free_port
+
+    port = free_port()
+    daemon(config(metrics={"listen": f"127.0.0.1:{port}"}))
+    ids = [f"u{i}" for i in range(50)]
+    push(r, "normal", *({"id": i, "task": f"bogus_{i}_" + "x" * 200} for i in ids))
+    push(r, "normal", {"id": "bad-args", "task": "square", "args": "no"})
+    wait_status(r, [*ids, "bad-args"])
+    m = wait_for(lambda: (s := scrape(port)) and value(s, "prioqd_jobs_total") == 51 and s, 10)
+    series = m["prioqd_jobs_total"]
+    assert len(series) == 2, series
+    assert value(m, "prioqd_jobs_total", task="(unknown)", outcome="dead") == 50
+    # A known task rejected for its arguments keeps its name.
+    assert value(m, "prioqd_jobs_total", task="square", outcome="dead") == 1
+
+
+def test_every_dead_letter_trim_is_logged_and_counted(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """Trims by the cycle (a rejected job) and by the promotion of due jobs (a due job
+    of a priority nobody serves) both show in the log and in the metric."""
+    from helpers import free_port
+
+    port = free_port()
+    d = daemon(config(jobs={"dead_letters_max": 2}, metrics={"listen": f"127.0.0.1:{port}"}))
+    for i in range(3):
+        push(r, "normal", {"id": f"x{i}", "task": "nope"})
+        wait_status(r, [f"x{i}"])
+    d.wait_log("dead letters dropped, oldest first, to keep within dead_letters_max",
+               during="cycle")  # fmt: skip
+    # Due at once; the next heartbeat (every lease_s / 3) tells the scheduler.
+    job = json.dumps({"id": "ghost1", "task": "square", "args": [1]})
+    r.zadd("prioqd:scheduled", {f"ghost\nd/1\n{job}": 0})
+    d.wait_log("due jobs of a priority no daemon serves were dead-lettered")
+    d.wait_log("dead letters dropped, oldest first, to keep within dead_letters_max",
+               during="promote")  # fmt: skip
+    letters = [(e.get("id"), e["priority"]) for e in dead_letters(r)]
+    assert letters == [(None, "ghost"), ("x2", "normal")]
+    trims = d.events("dead letters dropped, oldest first, to keep within dead_letters_max")
+    assert sum(e["dropped"] for e in trims) == 2
+    assert all(e["dead_letters_max"] == 2 for e in trims)
+    m = scrape(port)
+    assert value(m, "prioqd_dead_letters_dropped_total") == 2
+    assert value(m, "prioqd_dead_letters") == 2
 
 
 # --- what a task knows and says ---------------------------------------------------------

@@ -130,6 +130,8 @@ class Daemon:
             on_redis_down=self._redis_down,
         )
         self.cycle.on_paused = self._set_paused
+        for part in (self.cycle, self.lease, self.scheduler):
+            part.on_trimmed = self._trimmed
         self.ticks = Ticks(
             self.broker,
             config,
@@ -229,7 +231,6 @@ class Daemon:
                 cfg.path, "metrics.listen", f"cannot listen on {listen}: {exc}"
             ) from exc
         self.dispatch.metrics = self.metrics
-        self.cycle.on_trimmed = self.metrics.dead_letters_dropped
         self.log.info("metrics served", url=f"http://{listen}/metrics")
 
     async def _start_up(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None) -> bool:
@@ -369,6 +370,16 @@ class Daemon:
         self.remote.paused = self.cycle.paused = paused
         self.watch.set_paused(paused)
         self.cycle.wake()  # a resumed priority may have jobs to claim
+
+    def _trimmed(self, n: int, during: str) -> None:
+        """A script call dropped the oldest dead letters to keep within the bound."""
+        self.log.warning(
+            "dead letters dropped, oldest first, to keep within dead_letters_max",
+            dropped=n,
+            dead_letters_max=self.config.jobs.dead_letters_max,
+            during=during,
+        )
+        self.metrics.dead_letters_dropped(n)
 
     def _unlanded(self, priority: str) -> None:
         self.watch.unlanded(priority)

@@ -731,7 +731,7 @@ end
 -- Returns {registered (1: D had no lease; it was recovered, or is new), lapsed (1: D's
 -- lease had expired but nobody had recovered it), recovered daemon ids joined by ',',
 -- jobs put back, jobs dead-lettered as poison, ms until the next scheduled job or -1,
--- Redis's clock in ms}.
+-- Redis's clock in ms, dead letters trimmed}.
 if command == 'heartbeat' then
     local d = ARGV[3]
     local lease_ms = tonumber(ARGV[4])
@@ -777,17 +777,20 @@ if command == 'heartbeat' then
         end
     end
     return {registered and 1 or 0, lapsed and 1 or 0, table.concat(expired, ','),
-        queued, dead, next_due_in(now), now}
+        queued, dead, next_due_in(now), now, trimmed}
 end
 
 -- recover D died max_recoveries max_dead p1 p2 ...
 -- Puts everything D holds back at the head of its queues and forgets D. Used by a
 -- daemon on a clean stop (for itself: died = 0) and at start-up for a dead
 -- predecessor on the same host (died = 1). The priorities are a fallback for a D
--- with no info hash. Returns {jobs put back, jobs dead-lettered as poison}.
+-- with no info hash. Returns {jobs put back, jobs dead-lettered as poison, dead
+-- letters trimmed}.
 if command == 'recover' then
     max_dead = tonumber(ARGV[6])
-    return recover(ARGV[3], {unpack(ARGV, 7)}, ARGV[4] == '1', tonumber(ARGV[5]))
+    local r = recover(ARGV[3], {unpack(ARGV, 7)}, ARGV[4] == '1', tonumber(ARGV[5]))
+    r[#r + 1] = trimmed
+    return r
 end
 
 -- undead entry p payload id payload_key
@@ -829,7 +832,8 @@ end
 -- Moves up to max due jobs from the schedule to the tail of their queues, in due
 -- order. A due job for a priority no registered daemon serves goes to the dead
 -- letters instead (it would otherwise wait forever in a queue nobody reads).
--- Returns {moved, dead-lettered, ms until the next scheduled job or -1}.
+-- Returns {moved, dead-lettered, ms until the next scheduled job or -1, dead letters
+-- trimmed}.
 if command == 'promote' then
     max_dead = tonumber(ARGV[4])
     local now = now_ms()
@@ -861,7 +865,7 @@ if command == 'promote' then
         -- (Nowhere to go: it stays in the schedule.)
     end
     if #done > 0 then redis.call('ZREM', scheduled_key, unpack(done)) end
-    return {moved, dead, next_due_in(now)}
+    return {moved, dead, next_due_in(now), trimmed}
 end
 
 -- periodic name tick_ms p payload catch_up
