@@ -1,6 +1,7 @@
 """``prioqd``: run the daemon, submit jobs, inspect queues and dead letters.
 
-Exit status: 0 success; 1 a job ended dead, or Redis could not be reached;
+Exit status: 0 success; 1 a job ended dead, Redis could not be reached, or the daemon
+could not serve [metrics] listen (perhaps only for now: systemd retries);
 2 bad usage or configuration, a Redis URL no connection can be made from included
 (systemd's ``RestartPreventExitStatus=2``).
 """
@@ -21,6 +22,7 @@ from prioqd.errors import (
     BrokerError,
     ConfigError,
     ConnectionSetupError,
+    MetricsListenError,
     PrioqdError,
     WorkerStartError,
 )
@@ -96,6 +98,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.get_logger().critical("cannot start worker processes", error=str(exc))
         print(f"prioqd: cannot start worker processes: {clean(exc)}", file=sys.stderr)
         return EXIT_CONFIG
+    except MetricsListenError as exc:
+        log.get_logger().critical("cannot serve metrics", error=str(exc))
+        print(f"prioqd: {clean(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except ConnectionSetupError as exc:
         log.get_logger().critical("bad redis.url", error=str(exc))
         print(f"prioqd: config error: {clean(cfg.path)}: redis.url: {clean(exc)}", file=sys.stderr)

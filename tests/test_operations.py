@@ -193,6 +193,27 @@ def test_metrics_for_prometheus(
     assert value(m, "prioqd_redis_errors_total") == 0
 
 
+def test_a_taken_metrics_port_exits_1_so_systemd_retries(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """Not a configuration error (exit 2 would stop systemd's restarts for good): the
+    port may be held by an old process for a moment."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = daemon(config(metrics={"listen": f"127.0.0.1:{port}"}), wait_ready=False)
+        assert d.wait(30) == 1
+    err = d.stderr()
+    assert f"[metrics] listen = '127.0.0.1:{port}'" in err and "Address already in use" in err
+    assert "Traceback" not in err
+    (line,) = d.events("cannot serve metrics")
+    assert line["level"] == "critical" and "Address already in use" in line["error"]
+    assert not r.zcard("prioqd:daemons")  # it never registered
+
+
 def test_unknown_task_names_share_one_metric_label(
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:

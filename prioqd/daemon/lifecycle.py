@@ -37,7 +37,7 @@ from prioqd.daemon.scheduler import Scheduler
 from prioqd.daemon.slots import Slots
 from prioqd.daemon.ticks import Ticks
 from prioqd.daemon.watch import Watch
-from prioqd.errors import BrokerError, ConfigError, WorkerStartError
+from prioqd.errors import BrokerError, MetricsListenError, WorkerStartError
 from prioqd.log import get_logger
 from prioqd.metrics import NO_METRICS, Metrics
 from prioqd.pool import Pool
@@ -227,8 +227,8 @@ class Daemon:
                 slots=lambda: (self.slots.busy, self.slots.total),
             )
         except OSError as exc:
-            raise ConfigError(
-                cfg.path, "metrics.listen", f"cannot listen on {listen}: {exc}"
+            raise MetricsListenError(
+                f"cannot serve metrics on [metrics] listen = {listen!r} ({cfg.path}): {exc}"
             ) from exc
         self.dispatch.metrics = self.metrics
         self.log.info("metrics served", url=f"http://{listen}/metrics")
