@@ -193,6 +193,151 @@ def test_metrics_for_prometheus(
     assert value(m, "prioqd_redis_errors_total") == 0
 
 
+def test_metrics_count_failed_cancelled_and_requeued_attempts(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    from helpers import free_port
+
+    port = free_port()
+    cfg = config(
+        workers={"slots": 1},
+        jobs={"max_retries": 1, "retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2},
+        metrics={"listen": f"127.0.0.1:{port}"},
+    )
+    d = daemon(cfg)
+    # failed (will retry), then dead
+    push(r, "normal", {"id": "f", "task": "fail"})
+    wait_status(r, ["f"], ("dead",))
+    # cancelled
+    push(r, "high", {"id": "c", "task": "nap", "args": [30_000]})
+    wait_status(r, ["c"], ("running",))
+    cancel_held(r, "c")
+    wait_status(r, ["c"], ("cancelled",))
+    # requeued: once `square` is known to be short, a claim takes several payloads of
+    # `low` for the one slot; the `nap`s among them cannot share its batch and go back
+    # to the head of their queue unrun (a "spill"). One LPUSH, a square at the head:
+    # the idle daemon's blocking wait takes it alone (a nap there would teach the
+    # daemon that `low` is slow), the next claim the naps.
+    def requeued() -> list[dict[str, object]]:
+        return [e for e in d.events("job finished") if e.get("outcome") == "requeued"]
+
+    for round_ in range(5):
+        warm = [f"w{round_}.{i}" for i in range(20)]
+        push(r, "low", *({"id": j, "task": "square", "args": [2]} for j in warm))
+        wait_status(r, warm)
+        naps = [f"n{round_}.{i}" for i in range(4)]
+        batch = [{"id": f"s{round_}", "task": "square", "args": [3]}]
+        batch += [{"id": j, "task": "nap", "args": [50]} for j in naps]
+        r.lpush("prioqd:queue:low", *(json.dumps(j) for j in batch))
+        wait_status(r, [f"s{round_}", *naps])
+        if requeued():
+            break
+    assert requeued(), "no job was put back: the scenario did not happen"
+    m = wait_for(
+        lambda: (s := scrape(port))
+        and value(s, "prioqd_jobs_total", outcome="requeued") == len(requeued())
+        and s,
+        10,
+    )
+    assert value(m, "prioqd_jobs_total", task="fail", priority="normal", outcome="failed") == 1
+    assert value(m, "prioqd_jobs_total", task="fail", priority="normal", outcome="dead") == 1
+    assert value(m, "prioqd_jobs_total", task="nap", priority="high", outcome="cancelled") == 1
+    assert value(m, "prioqd_worker_restarts_total", reason="cancelled") == 1
+
+
+def redis_calls(r: redis.Redis, command: str) -> int:
+    """How often the test's redis-server ran ``command`` (INFO commandstats)."""
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_metrics_gauges_read_redis_at_most_once_a_second_and_cover_every_queue(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """Scrapes within CACHE_S answer from the cache (ZCOUNT of the leases is the scrape's
+    own command: one per read of Redis); queues no daemon serves have a depth too."""
+    from helpers import free_port
+
+    r.lpush("prioqd:queue:orphan", "{}", "{}", "{}")  # a priority nobody serves
+    r.lpush("prioqd:queue:bad\x1bname", "{}")  # not a priority name: no series
+    port = free_port()
+    daemon(config(metrics={"listen": f"127.0.0.1:{port}"}))
+    first = scrape(port)
+    assert value(first, "prioqd_queue_depth", priority="orphan") == 3
+    assert value(first, "prioqd_queue_paused", priority="orphan") == 0
+    assert {lab["priority"] for lab, _ in first["prioqd_queue_depth"]} == {
+        "high", "normal", "low", "orphan"
+    }  # fmt: skip
+    # Two scrapes within a second: one read of Redis.
+    while True:
+        before = redis_calls(r, "zcount")
+        t0 = time.monotonic()
+        scrape(port)
+        scrape(port)
+        took = time.monotonic() - t0
+        if took < 0.5:  # else a loaded machine split them across a cache expiry: again
+            break
+    assert redis_calls(r, "zcount") - before <= 1
+    # A second later the cache is stale: the next scrape reads Redis again.
+    time.sleep(1.1)
+    before = redis_calls(r, "zcount")
+    scrape(port)
+    assert redis_calls(r, "zcount") - before == 1
+
+
+def test_a_scrape_waiting_on_redis_does_not_stall_the_event_loop(tmp_path: Path) -> None:
+    """The gauges read Redis in prometheus_client's server thread with a client of
+    their own: a scrape stuck on a stalled Redis (SIGSTOP) leaves the event loop free,
+    and answers prioqd_redis_readable 0 after its socket timeout."""
+    import asyncio
+    import signal
+
+    from helpers import RedisServer, free_port
+
+    from prioqd.config import Config as Cfg
+    from prioqd.config import RedisConfig
+    from prioqd.keys import Keys
+    from prioqd.prometheus import PrometheusMetrics, scrape_client
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    port = free_port()
+    cfg = Cfg().replace(redis=RedisConfig(url=server.url, socket_timeout_s=2.0))
+    metrics = PrometheusMetrics(
+        f"127.0.0.1:{port}",
+        client_factory=lambda: scrape_client(cfg),
+        keys=Keys("prioqd"),
+        priorities=["high", "low"],
+        slots=lambda: (0, 2),
+    )
+    assert server.proc is not None
+    try:
+        assert value(scrape(port), "prioqd_redis_readable") == 1
+        time.sleep(1.1)  # past the cache
+        server.proc.send_signal(signal.SIGSTOP)
+
+        async def meanwhile() -> tuple[Scrape, float, float]:
+            t0 = time.monotonic()
+            stuck = asyncio.ensure_future(asyncio.to_thread(scrape, port))
+            worst, last = 0.0, time.monotonic()
+            while not stuck.done():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                worst, last = max(worst, now - last), now
+            return stuck.result(), time.monotonic() - t0, worst
+
+        m, took, worst_gap = asyncio.run(meanwhile())
+        assert 1.5 <= took < 4.0, took  # it waited on Redis, one socket timeout
+        assert worst_gap < 0.25, worst_gap  # ...and the loop ran all along
+        assert value(m, "prioqd_redis_readable") == 0
+        server.proc.send_signal(signal.SIGCONT)
+        time.sleep(1.1)
+        assert value(scrape(port), "prioqd_redis_readable") == 1
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        metrics.close()
+        server.stop()
+
+
 def test_a_taken_metrics_port_exits_1_so_systemd_retries(
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:

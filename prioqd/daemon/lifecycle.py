@@ -41,7 +41,7 @@ from prioqd.errors import BrokerError, MetricsListenError, WorkerStartError
 from prioqd.log import get_logger
 from prioqd.metrics import NO_METRICS, Metrics
 from prioqd.pool import Pool
-from prioqd.systemd import Notifier, redis_password, watchdog_interval_s
+from prioqd.systemd import Notifier, watchdog_interval_s
 from prioqd.timing import Backoff, wait_event
 
 T = TypeVar("T")
@@ -204,24 +204,12 @@ class Daemon:
         if not listen:
             return
         cfg = self.config
-
-        def client() -> Any:
-            import redis
-
-            return redis.Redis.from_url(
-                cfg.redis.url,
-                password=redis_password(),
-                socket_timeout=cfg.redis.socket_timeout_s,
-                socket_connect_timeout=cfg.redis.connect_timeout_s,
-                client_name="prioqd-metrics",
-            )
-
-        from prioqd.prometheus import PrometheusMetrics
+        from prioqd.prometheus import PrometheusMetrics, scrape_client
 
         try:
             self.metrics = PrometheusMetrics(
                 listen,
-                client_factory=client,
+                client_factory=lambda: scrape_client(cfg),
                 keys=self.keys,
                 priorities=self.priorities,
                 slots=lambda: (self.slots.busy, self.slots.total),
