@@ -334,6 +334,10 @@ def test_heartbeat_recover_and_promote_return_the_dead_letters_they_trimmed(
     lua.r.zadd(f"{P}:scheduled", {'ghost\nd/1\n{"id":"g","task":"t"}': 0})
     assert lua.call("promote", 100, 2)[1::2] == [1, 1]
     assert lua.r.llen(f"{P}:dead") == 2
+    # Nothing due (and a schedule of another type): the same shape, nothing trimmed.
+    assert lua.call("promote", 100, 2) == [0, 0, -1, 0]
+    lua.r.set(f"{P}:scheduled", "x")
+    assert lua.call("promote", 100, 2) == [0, 0, -1, 0]
 
 
 def test_a_stalled_redis_does_not_make_the_first_daemon_to_speak_recover_the_others(

@@ -837,9 +837,9 @@ end
 if command == 'promote' then
     max_dead = tonumber(ARGV[4])
     local now = now_ms()
-    if unwritable(scheduled_key, 'zset') then return {0, 0, -1} end
+    if unwritable(scheduled_key, 'zset') then return {0, 0, -1, 0} end
     local due = redis.call('ZRANGEBYSCORE', scheduled_key, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-    if #due == 0 then return {0, 0, next_due_in(now)} end
+    if #due == 0 then return {0, 0, next_due_in(now), 0} end
     local served = {}
     for _, d in ipairs(redis.call('ZRANGE', daemons_key, 0, -1)) do
         local prios = redis.call('HGET', daemon_key(d), 'priorities')
