@@ -22,6 +22,7 @@ from helpers import (
     Daemon,
     RedisServer,
     job_hash,
+    prioqd,
     push,
     wait_for,
     wait_status,
@@ -196,6 +197,39 @@ def test_overview_shows_daemons_throughput_and_the_oldest_job(
         10,
         what="the bulk queue, unserved, oldest 2m0xs",
     )
+
+
+def throughput_table(body: str) -> dict[str, int]:
+    """The overview's throughput table summed over its minutes, by column."""
+    table = re.search(r'<table id="throughput">.*?</table>', body, re.S)
+    assert table, "no throughput table"
+    totals = dict.fromkeys(("succeeded", "failed", "dead", "cancelled"), 0)
+    rows = re.findall(r"<tr><td class=\"mono\">\d\d:\d\d</td>(.*?)</tr>", table.group(0), re.S)
+    assert len(rows) == 10, rows  # the last ten minutes
+    for row in rows:
+        cells = re.findall(r'<td class="num">(\d+)</td>', row)
+        for column, cell in zip(totals, cells, strict=True):
+            totals[column] += int(cell)
+    return totals
+
+
+def test_throughput_shows_outcomes_from_before_the_page_was_opened(
+    r: redis.Redis, web: Web, daemon: Daemon, config: Config
+) -> None:
+    """The daemons count outcomes in Redis as they record them: a dashboard started
+    afterwards shows them at its first view."""
+    cfg = config(jobs={"max_retries": 1, "retry_backoff_s": 0.05, "retry_backoff_max_s": 0.1})
+    daemon(cfg)
+    push(r, "high", *({"id": f"t{i}", "task": "square", "args": [i]} for i in range(5)))
+    push(r, "normal", {"id": "f", "task": "fail"}, {"id": "nope", "task": "nope"})
+    wait_status(r, [*(f"t{i}" for i in range(5)), "nope"])
+    wait_status(r, ["f"], ("dead",))
+    r.lpush("prioqd:queue:bulk", json.dumps({"id": "c", "task": "square"}))  # nobody serves it
+    assert prioqd("cancel", "--config", str(cfg), "c").returncode == 0
+    w = web()
+    status, body = Client(w.url).request("GET", "/")
+    assert status == 200
+    assert throughput_table(body) == {"succeeded": 5, "failed": 1, "dead": 2, "cancelled": 1}
 
 
 # --- pause -----------------------------------------------------------------------------

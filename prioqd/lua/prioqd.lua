@@ -55,6 +55,11 @@
 --                           runs it. The push gives it a safety expiry of result_ttl_s
 --                           plus the job's delay, for a lock nobody releases.
 --   P:periodic       HASH   schedule name -> the last tick (ms) enqueued for it.
+--   P:throughput:M   HASH   status (succeeded, failed, dead, cancelled) -> outcomes
+--                           published on P:events in minute M (Unix minutes, Redis
+--                           clock), for the dashboard. Each call adds its outcomes at
+--                           its end (one HINCRBY a status, not one a job); the key
+--                           expires an hour after its last new field.
 --   P:events         pub/sub channel: the outcome JSON of every attempt (and of every
 --                           cancel: `cancel_queued`, `cancel_scheduled`), and
 --                           {"id", "status": "duplicate"} for a unique job pushed twice.
@@ -86,6 +91,27 @@ local paused_key = prefix .. ':paused'
 local cancels_key = prefix .. ':cancels'
 local events_key = prefix .. ':events'
 local function unique_key(id) return prefix .. ':unique:' .. id end
+local function throughput_key(minute) return prefix .. ':throughput:' .. minute end
+local THROUGHPUT_TTL_S = 3600
+
+-- Outcomes this call published, by status; written by count_outcomes at its end.
+local outcomes = {}
+local function count(status) outcomes[status] = (outcomes[status] or 0) + 1 end
+
+-- Adds this call's outcomes to the current minute's P:throughput:M.
+local function count_outcomes()
+    if next(outcomes) == nil then return end
+    local t = redis.call('TIME')
+    local key = throughput_key(math.floor(tonumber(t[1]) / 60))
+    local new = false
+    for status, n in pairs(outcomes) do
+        -- (A key of another type must not fail the call after its writes: the
+        -- counts are only for show.)
+        new = redis.pcall('HINCRBY', key, status, n) == n or new
+    end
+    -- Only when a field was created (a few times a minute), not every call.
+    if new then redis.call('EXPIRE', key, THROUGHPUT_TTL_S) end
+end
 
 -- Dead letters kept at most (0: no bound); set by each command that may add one.
 local max_dead = 0
@@ -492,6 +518,7 @@ ops.finish = function(i)
     write_job(id, ttl, fields, attempt > 1 and {'error', 'traceback', 'retry_at'} or nil)
     push_done(id, ttl, outcome)
     redis.call('PUBLISH', events_key, outcome)
+    count('succeeded')
     settled(id, c, flags, ttl, false)
     return attempt, nxt
 end
@@ -533,6 +560,15 @@ ops['end'] = function(i)
         remember(json, recoveries, used(state))
     end
     redis.call('PUBLISH', events_key, outcome)
+    if member ~= '' then
+        count('failed')
+    elseif dead ~= '' then
+        count('dead')
+    elseif string.find(flags, 'c', 1, true) then
+        count('cancelled')
+    else
+        count('succeeded')
+    end
     settled(id, c, flags, ttl, member ~= '')
     return 1, nxt
 end
@@ -559,6 +595,7 @@ ops.reject = function(i)
         push_done(id, ttl, outcome)
     end
     redis.call('PUBLISH', events_key, outcome)
+    count('dead')
     return 1, nxt
 end
 
@@ -720,6 +757,7 @@ if command == 'cycle' then
             end
         end
     end
+    count_outcomes()
     return {results, claimed, held and 1 or 0, dropped, trimmed, paused}
 end
 
@@ -949,6 +987,8 @@ if command == 'cancel_queued' or command == 'cancel_scheduled' then
     write_job(id, ttl, fields, {'result', 'retry_at', 'traceback'})
     push_done(id, ttl, outcome)
     redis.call('PUBLISH', events_key, outcome)
+    count('cancelled')
+    count_outcomes()
     if unique and redis.call('GET', lock) == 'q' then redis.call('DEL', lock) end
     return 1
 end

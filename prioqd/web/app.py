@@ -11,7 +11,6 @@ import secrets
 import shlex
 import time
 import urllib.parse
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -77,91 +76,36 @@ class SecurityHeaders:
 
 
 class Throughput:
-    """Outcomes per minute, counted from ``P:events`` while someone looks.
+    """Outcomes per minute, as the daemons count them in Redis: the script call that
+    publishes outcomes on ``P:events`` adds them to ``P:throughput:<minute>`` (kept an
+    hour). So the table has the last minutes from the first view on, and a dashboard
+    nobody has open reads nothing. Prometheus keeps the longer history."""
 
-    The subscription starts with the first page view and ends ``idle_s`` after the
-    last one, so a dashboard nobody has open costs Redis nothing; what it shows
-    starts when the first page was opened (``since``). Prometheus keeps the history
-    (``prioqd_jobs_total``)."""
+    STATUSES = ("succeeded", "failed", "dead", "cancelled")
 
-    def __init__(self, broker: Broker, *, minutes: int = 10, idle_s: float = 60.0) -> None:
+    def __init__(self, broker: Broker, *, minutes: int = 10) -> None:
         self.broker = broker
         self.minutes = minutes
-        self.idle_s = idle_s
-        self.since: float | None = None
-        self._counts: dict[int, Counter[str]] = {}
-        self._seen = 0.0
-        self._task: asyncio.Task[None] | None = None
-        self.error = ""
 
-    def touch(self) -> None:
-        self._seen = time.monotonic()
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._run())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-
-    async def _run(self) -> None:
-        r: Any = self.broker.redis
-        while time.monotonic() - self._seen < self.idle_s:
-            pubsub = r.pubsub()
-            try:
-                with wrap_errors("subscribe to events"):
-                    await pubsub.subscribe(self.broker.keys.events)
-                    if self.since is None:
-                        self.since = time.time()
-                    self.error = ""
-                    while time.monotonic() - self._seen < self.idle_s:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if msg is not None and msg.get("type") == "message":
-                            self._count(msg["data"])
-            except BrokerError as exc:
-                self.error = str(exc)
-                await asyncio.sleep(2.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-        self.since = None
-        self._counts.clear()
-
-    def _count(self, data: bytes) -> None:
-        import json
-
-        try:
-            event = json.loads(data)
-        except ValueError:
-            return
-        status = event.get("status") if isinstance(event, dict) else None
-        if status not in ("succeeded", "failed", "dead", "cancelled"):
-            return
-        minute = int(time.time() // 60)
-        self._counts.setdefault(minute, Counter())[status] += 1
-        for old in [m for m in self._counts if m <= minute - self.minutes]:
-            del self._counts[old]
-
-    def rows(self) -> list[dict[str, Any]]:
+    async def rows(self) -> list[dict[str, Any]]:
         """The last minutes, newest first: {"minute": "12:34", status: count, "total"}."""
-        if self.since is None:
-            return []
-        now = int(time.time() // 60)
-        first = max(now - self.minutes + 1, int(self.since // 60))
+        r: Any = self.broker.redis
+        with wrap_errors("read throughput"):
+            now_s, _ = await r.time()
+            now = int(now_s) // 60
+            minutes = range(now, now - self.minutes, -1)
+            async with r.pipeline(transaction=False) as pipe:
+                for m in minutes:
+                    pipe.hgetall(self.broker.keys.throughput(m))
+                replies = await pipe.execute(raise_on_error=False)
         out = []
-        for m in range(now, first - 1, -1):
-            c = self._counts.get(m, Counter())
-            out.append(
-                {
-                    "minute": time.strftime("%H:%M", time.gmtime(m * 60)),
-                    "succeeded": c["succeeded"],
-                    "failed": c["failed"],
-                    "dead": c["dead"],
-                    "cancelled": c["cancelled"],
-                    "total": sum(c.values()),
-                }
-            )
+        for m, counts in zip(minutes, replies, strict=True):
+            row: dict[str, Any] = {"minute": time.strftime("%H:%M", time.gmtime(m * 60))}
+            for status in self.STATUSES:
+                raw = counts.get(status.encode()) if isinstance(counts, dict) else None
+                row[status] = int(raw) if raw is not None and raw.isdigit() else 0
+            row["total"] = sum(row[s] for s in self.STATUSES)
+            out.append(row)
         return out
 
 
@@ -290,19 +234,10 @@ class Dashboard:
     # --- pages ------------------------------------------------------------------------------
 
     async def overview(self, request: Request) -> Response:
-        self.throughput.touch()
         status = await self.admin.status()
-        rows = self.throughput.rows()
+        rows = await self.throughput.rows()
         peak = max([row["total"] for row in rows] + [1])
-        return self.render(
-            request,
-            "overview",
-            status=status,
-            throughput=rows,
-            peak=peak,
-            since=self.throughput.since,
-            throughput_error=self.throughput.error,
-        )
+        return self.render(request, "overview", status=status, throughput=rows, peak=peak)
 
     async def running(self, request: Request) -> Response:
         return self.render(request, "running", jobs=await self.admin.running())
@@ -483,7 +418,6 @@ def create_app(cfg: Config, *, token: str | None, read_only: bool) -> Starlette:
         try:
             yield
         finally:
-            await dash.throughput.close()
             await dash.broker.close()
 
     app = Starlette(
