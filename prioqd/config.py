@@ -102,6 +102,20 @@ def _web_listen(v: str) -> str | None:
     return None
 
 
+def _hosts(v: list[str]) -> str | None:
+    for host in v:
+        if host == "*":
+            continue
+        name = host[2:] if host.startswith("*.") else host
+        if not name or "*" in name or any(c.isspace() or c in "/:@" for c in name.strip("[]")):
+            return (
+                f"{host!r} is not a host name: give names as a browser sends them in the "
+                'Host header, without port ("prioqd.example.com", "*.example.com", or "*" '
+                "for any)"
+            )
+    return None
+
+
 _ROOT_PATH_RE = re.compile(r"^(/[A-Za-z0-9_.~-]+)*$")
 
 
@@ -222,6 +236,10 @@ class WebConfig:
     token_file: str = ""
     # The path prefix the reverse proxy serves the dashboard under ("" or "/prioqd").
     root_path: str = field(default="", metadata=_check(_root_path))
+    # Host header values answered besides localhost, 127.0.0.1, ::1 and the listen
+    # host (any other is refused with 400, against DNS rebinding): the name a reverse
+    # proxy passes on, e.g. ["prioqd.example.com"]; "*.example.com"; "*" for any.
+    allowed_hosts: list[str] = field(default_factory=list, metadata=_check(_hosts))
     # How often an open page refreshes itself.
     refresh_s: float = field(default=2.0, metadata=_check(_positive))
     # How long a sign-in lasts.

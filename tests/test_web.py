@@ -534,3 +534,44 @@ def test_behind_a_proxy_links_carry_the_root_path(r: redis.Redis, web: Web) -> N
     jar["prioqd_auth"] = auth.group(1)
     location, _ = post("/pause", {"priority": "low"})
     assert location == "/prioqd/" and r.smembers("prioqd:paused") == {b"low"}
+
+
+# --- the Host header (DNS rebinding) and odd job ids ---------------------------------------
+
+
+def get_with_host(w: WebProcess, path: str, host: str, method: str = "GET") -> tuple[int, str]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", w.port, timeout=10)
+    try:
+        conn.putrequest(method, path, skip_host=True)
+        conn.putheader("Host", host)
+        conn.putheader("Content-Length", "0")
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def test_a_host_header_not_allowed_is_refused(r: redis.Redis, web: Web) -> None:
+    """Reading needs no sign-in: a page elsewhere whose name is rebound to this
+    address would read every payload, unless foreign Host headers are refused."""
+    push(r, "low", {"id": "secret", "task": "square", "args": ["payload-secret"]})
+    w = web(web={"allowed_hosts": ["prioqd.example.com", "*.corp.example"]})
+    for host in ("evil.example", f"evil.example:{w.port}", "127.0.0.1.evil.example", ""):
+        for path in ("/", "/jobs/secret", "/healthz"):
+            status, body = get_with_host(w, path, host)
+            assert status == 400 and "payload-secret" not in body, (host, path, status)
+        assert get_with_host(w, "/pause", host, "POST")[0] == 400
+    for host in (f"127.0.0.1:{w.port}", f"localhost:{w.port}", "localhost",
+                 "prioqd.example.com", "prioqd.example.com:443", "a.corp.example"):  # fmt: skip
+        status, body = get_with_host(w, "/jobs/secret", host)
+        assert status == 200 and "payload-secret" in body, (host, status)
+
+
+def test_allowed_hosts_are_checked_at_start(config: Config) -> None:
+    for bad in (["prioqd.*"], ["a b"], [""], ["host:8080"]):
+        out = prioqd("web", "--config", str(config(web={"allowed_hosts": bad})), "--read-only")
+        assert out.returncode == 2 and "web.allowed_hosts" in out.stderr, (bad, out.stderr)
+        assert "Traceback" not in out.stderr

@@ -19,6 +19,7 @@ import jinja2
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -29,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prioqd import __version__
 from prioqd.admin import Admin, age_text, describe, when_text
 from prioqd.broker import Broker, wrap_errors
-from prioqd.config import Config
+from prioqd.config import Config, parse_listen
 from prioqd.errors import BrokerError, PrioqdError
 from prioqd.jobs import valid_id
 
@@ -381,7 +382,20 @@ def _with_state(dash: Dashboard, handler: Callable[[Request], Awaitable[Response
     return endpoint
 
 
-def create_app(cfg: Config, *, token: str | None, read_only: bool) -> Starlette:
+def allowed_hosts(cfg: Config, listen_host: str) -> list[str]:
+    """The Host header values answered: localhost names, the listen host, and
+    ``[web] allowed_hosts``. Reading needs no sign-in, so a page elsewhere that
+    rebinds its own name to this address must not be answered (DNS rebinding)."""
+    hosts = ["localhost", "127.0.0.1", "::1", "[::1]", listen_host]
+    if ":" in listen_host:
+        hosts.append(f"[{listen_host}]")  # an IPv6 literal, as a Host header has it
+    return list(dict.fromkeys([*hosts, *cfg.web.allowed_hosts]))
+
+
+def create_app(
+    cfg: Config, *, token: str | None, read_only: bool, listen_host: str | None = None
+) -> Starlette:
+    """The dashboard; ``listen_host``: where it listens (default: ``[web] listen``)."""
     dash = Dashboard(cfg, token=token, read_only=read_only)
 
     def page(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Route:
@@ -426,5 +440,8 @@ def create_app(cfg: Config, *, token: str | None, read_only: bool) -> Starlette:
         lifespan=lifespan,
     )
     app.add_middleware(SecurityHeaders)
+    host = listen_host if listen_host is not None else parse_listen(cfg.web.listen)[0]
+    # Added last, so it runs first: a refused Host costs nothing but the 400.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg, host))
     app.state.dashboard = dash
     return app
