@@ -575,3 +575,33 @@ def test_allowed_hosts_are_checked_at_start(config: Config) -> None:
         out = prioqd("web", "--config", str(config(web={"allowed_hosts": bad})), "--read-only")
         assert out.returncode == 2 and "web.allowed_hosts" in out.stderr, (bad, out.stderr)
         assert "Traceback" not in out.stderr
+
+
+def test_jobs_with_the_ids_dot_and_dot_dot_have_pages_and_cancels_of_their_own(
+    r: redis.Redis, web: Web
+) -> None:
+    """A path segment "." or ".." is resolved away by browsers (encoded or not):
+    /jobs/.. would be /. Such ids go in the query."""
+    for job_id in (".", ".."):
+        job = {"id": job_id, "task": "square", "args": [1]}
+        r.zadd("prioqd:scheduled", {f"high\nd/{job_id}\n{json.dumps(job)}": 4102444800000})
+    w = web()
+    client = Client(w.url)
+    assert client.sign_in() == 303
+    status, body = client.request("GET", "/scheduled")
+    assert status == 200
+    links = re.findall(r'href="(/jobs[^"]*)"', body)
+    actions = re.findall(r'action="(/cancel[^"]*)"', body)
+    assert sorted(links) == ["/jobs?id=.", "/jobs?id=.."]
+    assert sorted(actions) == ["/cancel?id=.", "/cancel?id=.."]
+    for href in links + actions:
+        # Where a browser goes: the query survives the resolution of the path.
+        resolved = urllib.parse.urlsplit(urllib.parse.urljoin(w.url + "/scheduled", href))
+        assert resolved.path in ("/jobs", "/cancel") and resolved.query.startswith("id=.")
+    status, body = client.request("GET", "/jobs?id=..")
+    assert status == 200 and "scheduled" in body and 'action="/cancel?id=.."' in body
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', body).group(1)  # type: ignore[union-attr]
+    status, _ = client.request("POST", "/cancel?id=..", {"csrf": csrf})
+    assert status == 303
+    assert job_hash(r, "..")["status"] == "cancelled" and not job_hash(r, ".")
+    assert r.zcard("prioqd:scheduled") == 1

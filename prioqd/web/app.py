@@ -133,7 +133,8 @@ class Dashboard:
         env.filters["age"] = age_text
         env.filters["when"] = when_text
         env.filters["describe"] = describe
-        env.filters["jobpath"] = lambda v: _quote(str(v))
+        env.filters["job_url"] = lambda v: job_url(str(v))
+        env.filters["cancel_url"] = lambda v: job_url(str(v), "/cancel")
         self.templates = Jinja2Templates(env=env)
 
     # --- cookies and guards ----------------------------------------------------------
@@ -244,7 +245,9 @@ class Dashboard:
         return self.render(request, "running", jobs=await self.admin.running())
 
     async def job(self, request: Request) -> Response:
-        job_id = request.path_params["job_id"]
+        return await self._job_page(request, request.path_params["job_id"])
+
+    async def _job_page(self, request: Request, job_id: str) -> Response:
         if not valid_id(job_id):
             raise HTTPException(404, "not a job id")
         info = await self.admin.inspect(job_id)
@@ -258,7 +261,9 @@ class Dashboard:
         job_id = request.query_params.get("id", "").strip()
         if not valid_id(job_id):
             return self.back(request, "/", "not a job id")
-        return RedirectResponse(f"{self.base}/jobs/{_quote(job_id)}", status_code=303)
+        if job_id in DOT_SEGMENTS:
+            return await self._job_page(request, job_id)  # its page lives here
+        return RedirectResponse(f"{self.base}{job_url(job_id)}", status_code=303)
 
     async def dead(self, request: Request) -> Response:
         try:
@@ -321,12 +326,12 @@ class Dashboard:
 
     async def cancel(self, request: Request) -> Response:
         form = await self.guard(request)
-        job_id = request.path_params["job_id"]
+        job_id = request.path_params.get("job_id") or request.query_params.get("id", "")
         if not valid_id(job_id):
             raise HTTPException(404, "not a job id")
         (result,) = await self.admin.cancel([job_id])
         back = form.get("back", "")
-        path = back if back in ("/running", "/scheduled") else f"/jobs/{_quote(job_id)}"
+        path = back if back in ("/running", "/scheduled") else job_url(job_id)
         return self.back(request, path, f"{job_id}: {result.outcome} ({result.detail})")
 
     async def requeue(self, request: Request) -> Response:
@@ -354,8 +359,19 @@ class Dashboard:
         return PlainTextResponse("ok\n")
 
 
-def _quote(job_id: str) -> str:
-    return urllib.parse.quote(job_id, safe="")
+#: Ids that a path cannot carry: a browser (and any URL library) resolves a "." or
+#: ".." segment, encoded or not, so /jobs/.. would be /. Their pages take the id in
+#: the query instead.
+DOT_SEGMENTS = (".", "..")
+
+
+def job_url(job_id: str, under: str = "/jobs") -> str:
+    """Where job ``job_id``'s page (or, under "/cancel", its cancel) is, below the
+    base: the id is one path segment (a "/" in it encoded), or the query for the
+    ids a path cannot carry."""
+    if job_id in DOT_SEGMENTS:
+        return f"{under}?{urllib.parse.urlencode({'id': job_id})}"
+    return f"{under}/{urllib.parse.quote(job_id, safe='')}"
 
 
 def _with_state(dash: Dashboard, handler: Callable[[Request], Awaitable[Response]]) -> Any:
@@ -417,6 +433,7 @@ def create_app(
         action("/login", dash.login),
         action("/logout", dash.logout),
         action("/pause", dash.pause),
+        action("/cancel", dash.cancel),
         action("/cancel/{job_id:path}", dash.cancel),
         action("/dead/requeue", dash.requeue),
         action("/dead/purge", dash.purge),
