@@ -91,6 +91,8 @@ class Heartbeat:
     poisoned: int
     next_due_ms: int | None
     redis_now_ms: int
+    #: Dead letters dropped, oldest first, to keep within dead_letters_max.
+    trimmed: int = 0
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,7 @@ class Broker:
         for k, v in info.items():
             args += (k, v)
         reply = await self._beat.evalsha(args)
-        registered, lapsed, daemons, jobs, poisoned, due, now = reply
+        registered, lapsed, daemons, jobs, poisoned, due, now, trimmed = reply
         return Heartbeat(
             registered=bool(registered),
             lapsed=bool(lapsed),
@@ -273,6 +275,7 @@ class Broker:
             poisoned=int(poisoned),
             next_due_ms=None if int(due) < 0 else int(due),
             redis_now_ms=int(now),
+            trimmed=int(trimmed),
         )
 
     async def recover(
@@ -283,12 +286,13 @@ class Broker:
         died: bool,
         max_recoveries: int,
         max_dead: int,
-    ) -> tuple[int, int]:
-        """Put back every job ``daemon_id`` holds; (jobs put back, jobs dead as poison)."""
-        queued, dead = await self._call(
+    ) -> tuple[int, int, int]:
+        """Put back every job ``daemon_id`` holds; (jobs put back, jobs dead as poison,
+        dead letters trimmed to keep within ``max_dead``)."""
+        queued, dead, trimmed = await self._call(
             "recover", "recover", daemon_id, int(died), max_recoveries, max_dead, *priorities
         )
-        return int(queued), int(dead)
+        return int(queued), int(dead), int(trimmed)
 
     async def undead(
         self, entry: bytes, priority: str, payload: bytes, job_id: str, payload_key: str
@@ -329,10 +333,13 @@ class Broker:
         )  # fmt: skip
         return int(reply) == 1
 
-    async def promote(self, max_dead: int, max_jobs: int = 1000) -> tuple[int, int, int | None]:
-        """(moved to their queues, dead-lettered, ms until the next due job or None)."""
-        moved, dead, due = await self._call("promote", "promote", max_jobs, max_dead)
-        return int(moved), int(dead), None if int(due) < 0 else int(due)
+    async def promote(
+        self, max_dead: int, max_jobs: int = 1000
+    ) -> tuple[int, int, int | None, int]:
+        """(moved to their queues, dead-lettered, ms until the next due job or None,
+        dead letters trimmed to keep within ``max_dead``)."""
+        moved, dead, due, trimmed = await self._call("promote", "promote", max_jobs, max_dead)
+        return int(moved), int(dead), None if int(due) < 0 else int(due), int(trimmed)
 
     async def queues(self) -> dict[str, int]:
         """Every ``<prefix>:queue:*`` list and its depth, served or not."""

@@ -1,6 +1,7 @@
 """``prioqd``: run the daemon, submit jobs, inspect queues and dead letters.
 
-Exit status: 0 success; 1 a job ended dead, or Redis could not be reached;
+Exit status: 0 success; 1 a job ended dead, Redis could not be reached, or the daemon
+could not serve [metrics] listen (perhaps only for now: systemd retries);
 2 bad usage or configuration, a Redis URL no connection can be made from included
 (systemd's ``RestartPreventExitStatus=2``).
 """
@@ -16,11 +17,12 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prioqd import __version__
-from prioqd.config import DEFAULT_CONFIG_PATH, Config, RedisConfig, load
+from prioqd.config import DEFAULT_CONFIG_PATH, Config, RedisConfig, check_redis_url, load, mask_url
 from prioqd.errors import (
     BrokerError,
     ConfigError,
     ConnectionSetupError,
+    MetricsListenError,
     PrioqdError,
     WorkerStartError,
 )
@@ -43,6 +45,9 @@ def _config(args: argparse.Namespace, *, must_exist: bool) -> Config:
     else:
         cfg = load(path or DEFAULT_CONFIG_PATH)
     if getattr(args, "url", None):
+        # Checked as [redis] url is: a password in it would end up in shell histories.
+        if problem := check_redis_url(args.url):
+            raise ConfigError("--url", None, f"{problem}, got {mask_url(args.url)!r}")
         cfg = cfg.replace(redis=RedisConfig(**{**cfg.redis.__dict__, "url": args.url}))
     return cfg
 
@@ -91,17 +96,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_async(serve(cfg))
     except WorkerStartError as exc:
         log.get_logger().critical("cannot start worker processes", error=str(exc))
-        print(f"prioqd: cannot start worker processes: {exc}", file=sys.stderr)
+        print(f"prioqd: cannot start worker processes: {clean(exc)}", file=sys.stderr)
         return EXIT_CONFIG
+    except MetricsListenError as exc:
+        log.get_logger().critical("cannot serve metrics", error=str(exc))
+        print(f"prioqd: {clean(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except ConnectionSetupError as exc:
         log.get_logger().critical("bad redis.url", error=str(exc))
-        print(f"prioqd: config error: {cfg.path}: redis.url: {exc}", file=sys.stderr)
+        print(f"prioqd: config error: {clean(cfg.path)}: redis.url: {clean(exc)}", file=sys.stderr)
         return EXIT_CONFIG
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args, must_exist=True)
-    print(f"{cfg.path}: ok")
+    print(f"{clean(cfg.path)}: ok")
     return EXIT_OK
 
 
@@ -115,7 +124,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         try:
             kwargs = json.loads(args.kwargs)
         except ValueError as exc:
-            print(f"prioqd: --kwargs is not valid JSON: {exc}", file=sys.stderr)
+            print(f"prioqd: --kwargs is not valid JSON: {clean(exc)}", file=sys.stderr)
             return EXIT_CONFIG
         if not isinstance(kwargs, dict):
             print("prioqd: --kwargs must be a JSON object", file=sys.stderr)
@@ -153,7 +162,7 @@ async def _submit(
         except ValueError as exc:
             print(f"prioqd: {clean(exc)}", file=sys.stderr)
             return EXIT_CONFIG
-        print(handle.id, flush=True)
+        print(clean(handle.id), flush=True)
         if handle.duplicate:
             print(
                 f"prioqd: duplicate: unique job {clean(handle.id)} is already queued or "
@@ -321,15 +330,22 @@ async def _dead(cfg: Config, args: argparse.Namespace) -> int:
             return _dead_list([x.to_dict() for x in letters], args.json)
         if args.action == "purge":
             n = await admin.purge()
-            print(f"purged {n} dead letter(s)")
+            if args.json:
+                print(json.dumps({"purged": n}))
+            else:
+                print(f"purged {n} dead letter(s)")
             return EXIT_OK
         res = await admin.requeue(args.ids, everything=args.all)
+    code = EXIT_FAILED if res.missing else EXIT_OK
+    if args.json:
+        print(json.dumps({"requeued": res.moved, "missing": res.missing, "gone": res.gone}))
+        return code
     for job_id in res.gone:
         print(f"prioqd: the payload of {clean(job_id)} is gone", file=sys.stderr)
     print(f"requeued {res.moved} dead letter(s)")
     for job_id in res.missing:
         print(f"prioqd: no dead letter with id {clean(job_id)!r}", file=sys.stderr)
-    return EXIT_FAILED if res.missing else EXIT_OK
+    return code
 
 
 def _dead_list(entries: list[dict[str, Any]], as_json: bool) -> int:
@@ -441,10 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"prioqd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    p = sub.add_parser("run", parents=[client], help="run the daemon in the foreground")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check-config", parents=[common], help="validate the configuration")
+    p = sub.add_parser("check-config", parents=[client], help="validate the configuration")
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("submit", parents=[client], help="push a job, optionally wait for it")
@@ -511,7 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("requeue", parents=[client], help="push dead letters back on their queue")
     d.add_argument("ids", nargs="*", metavar="ID")
     d.add_argument("--all", action="store_true")
+    d.add_argument("--json", action="store_true")
     d = dsub.add_parser("purge", parents=[client], help="delete every dead letter")
+    d.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dead)
     return parser
 
@@ -523,17 +541,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("dead requeue: give job ids or --all")
     try:
         return int(args.func(args))
+    # Error texts carry what Redis or a file held (queue names, keys, paths): escaped
+    # like every other output.
     except ConfigError as exc:
-        print(f"prioqd: config error: {exc}", file=sys.stderr)
+        print(f"prioqd: config error: {clean(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     except ConnectionSetupError as exc:
-        print(f"prioqd: config error: redis.url: {exc}", file=sys.stderr)
+        print(f"prioqd: config error: redis.url: {clean(exc)}", file=sys.stderr)
         return EXIT_CONFIG
     except BrokerError as exc:
-        print(f"prioqd: redis error: {exc}", file=sys.stderr)
+        print(f"prioqd: redis error: {clean(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except PrioqdError as exc:
-        print(f"prioqd: {exc}", file=sys.stderr)
+        print(f"prioqd: {clean(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

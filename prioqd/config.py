@@ -40,7 +40,8 @@ def _name(v: str) -> str | None:
     return "may only contain letters, digits, '_', '-' and '.'"
 
 
-def _redis_url(v: str) -> str | None:
+def check_redis_url(v: str) -> str | None:
+    """The problem with a Redis URL, or None."""
     parts = urllib.parse.urlsplit(v)
     if parts.scheme not in ("redis", "rediss", "unix"):
         return f"scheme must be redis://, rediss:// or unix://, got {parts.scheme or 'none'!r}"
@@ -101,6 +102,20 @@ def _web_listen(v: str) -> str | None:
     return None
 
 
+def _hosts(v: list[str]) -> str | None:
+    for host in v:
+        if host == "*":
+            continue
+        name = host[2:] if host.startswith("*.") else host
+        if not name or "*" in name or any(c.isspace() or c in "/:@" for c in name.strip("[]")):
+            return (
+                f"{host!r} is not a host name: give names as a browser sends them in the "
+                'Host header, without port ("prioqd.example.com", "*.example.com", or "*" '
+                "for any)"
+            )
+    return None
+
+
 _ROOT_PATH_RE = re.compile(r"^(/[A-Za-z0-9_.~-]+)*$")
 
 
@@ -125,7 +140,7 @@ def _check(fn: Callable[[Any], str | None]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(_redis_url))
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(check_redis_url))
     # Commands other than the blocking fetch fail after this long; the fetch has its
     # own connections without a read timeout (it may block for hours by design).
     socket_timeout_s: float = field(default=5.0, metadata=_check(_positive))
@@ -221,6 +236,10 @@ class WebConfig:
     token_file: str = ""
     # The path prefix the reverse proxy serves the dashboard under ("" or "/prioqd").
     root_path: str = field(default="", metadata=_check(_root_path))
+    # Host header values answered besides localhost, 127.0.0.1, ::1 and the listen
+    # host (any other is refused with 400, against DNS rebinding): the name a reverse
+    # proxy passes on, e.g. ["prioqd.example.com"]; "*.example.com"; "*" for any.
+    allowed_hosts: list[str] = field(default_factory=list, metadata=_check(_hosts))
     # How often an open page refreshes itself.
     refresh_s: float = field(default=2.0, metadata=_check(_positive))
     # How long a sign-in lasts.

@@ -41,6 +41,12 @@ class ConnectionSetupError(PrioqdError):
     """
 
 
+class MetricsListenError(PrioqdError):
+    """``[metrics] listen`` could not be served (the port is taken, the address is not
+    ours). Not a configuration error: the port may be free again after a restart (an
+    old process still holding it), so the daemon exits 1 and systemd retries."""
+
+
 class WorkerStartError(PrioqdError):
     """A worker process could not start (bad task modules, missing interpreter)."""
 

@@ -85,6 +85,11 @@ class Keys:
         """HASH schedule name -> the last tick (ms) enqueued for it."""
         return f"{self.prefix}:periodic"
 
+    def throughput(self, minute: int) -> str:
+        """HASH status -> outcomes published in Unix minute ``minute`` (Redis clock);
+        written by the script call that publishes them, expiring after an hour."""
+        return f"{self.prefix}:throughput:{minute}"
+
     def unique(self, job_id: str) -> str:
         """STRING: the lock of a unique job ("q" queued, "<daemon>/<claim>" running)."""
         return f"{self.prefix}:unique:{job_id}"

@@ -12,6 +12,9 @@ the real thing).
 
 from __future__ import annotations
 
+#: The ``task`` label of a job whose task is not one the daemon has.
+UNKNOWN_TASK = "(unknown)"
+
 
 class Metrics:
     """What the daemon counts. This base class counts nothing (metrics are off)."""

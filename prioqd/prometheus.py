@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,12 +13,40 @@ from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from prioqd import __version__
+from prioqd.config import Config
 from prioqd.keys import Keys
 from prioqd.metrics import Metrics, parse_listen
+from prioqd.systemd import redis_password
 
 #: Job durations and waits span milliseconds to hours.
 _BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600, float("inf"))
+#: A burst of scrapes reads Redis once.
 CACHE_S = 1.0
+#: How often the queues nobody here serves are looked for (a SCAN of the keyspace).
+QUEUES_SCAN_S = 60.0
+#: Queues of other priorities shown at most: each is a series, and anyone who can
+#: LPUSH can make queues.
+MAX_OTHER_QUEUES = 100
+#: A queue's name must be one a daemon could serve ([queues] priorities) to be a label.
+_PRIORITY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+def scrape_client(cfg: Config) -> Any:
+    """The scrape thread's own synchronous client. No retries (redis-py's default is
+    three): a stalled Redis must cost a scrape one socket timeout, answered with
+    prioqd_redis_readable 0, not four and a scrape that times out without an answer."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        cfg.redis.url,
+        password=redis_password(),
+        socket_timeout=cfg.redis.socket_timeout_s,
+        socket_connect_timeout=cfg.redis.connect_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        client_name="prioqd-metrics",
+    )
 
 
 class _RedisState(Collector):
@@ -38,6 +67,8 @@ class _RedisState(Collector):
         self._lock = threading.Lock()
         self._cached: list[Any] = []
         self._at = 0.0
+        self._others: list[str] = []
+        self._scanned_at: float | None = None
 
     def collect(self) -> Iterator[Any]:
         busy, total = self._slots()
@@ -63,29 +94,39 @@ class _RedisState(Collector):
             if self._client is None:
                 self._client = self._factory()
             r = self._client
+            queues = [*self._priorities, *self._other_queues(r)]
             pipe = r.pipeline(transaction=False)
-            for p in self._priorities:
+            for p in queues:
                 pipe.llen(keys.queue(p))
             pipe.smembers(keys.paused)
             pipe.zcard(keys.scheduled)
             pipe.llen(keys.dead)
             pipe.time()
-            replies = pipe.execute()
+            # (A queue key of another type must not cost the other gauges.)
+            replies = pipe.execute(raise_on_error=False)
+            n = len(queues)
+            for reply in replies[n:]:
+                if isinstance(reply, Exception):
+                    raise reply
             now_s, now_us = replies[-1]
             alive = r.zcount(keys.daemons, now_s * 1000 + now_us // 1000, "+inf")
         except Exception:  # a scrape must answer even when Redis does not
             self._client = None
             errors.add_metric([], 0)
             return [errors]
-        n = len(self._priorities)
-        depth = GaugeMetricFamily("prioqd_queue_depth", "Jobs waiting", labels=["priority"])
+        depth = GaugeMetricFamily(
+            "prioqd_queue_depth",
+            "Jobs waiting, in every queue found (served by a daemon or not)",
+            labels=["priority"],
+        )
         paused = GaugeMetricFamily(
             "prioqd_queue_paused", "1 if the priority is paused", labels=["priority"]
         )
-        paused_set = {p.decode() for p in replies[n]}
-        for p, d in zip(self._priorities, replies[:n], strict=True):
-            depth.add_metric([p], d)
-            paused.add_metric([p], 1 if p in paused_set else 0)
+        paused_set = {p.decode(errors="replace") for p in replies[n]}
+        for p, d in zip(queues, replies[:n], strict=True):
+            if isinstance(d, int):
+                depth.add_metric([p], d)
+                paused.add_metric([p], 1 if p in paused_set else 0)
         errors.add_metric([], 1)
         return [
             depth,
@@ -95,6 +136,21 @@ class _RedisState(Collector):
             GaugeMetricFamily("prioqd_daemons_alive", "Daemons whose lease is held", alive),
             errors,
         ]
+
+    def _other_queues(self, r: Any) -> list[str]:
+        """Queues of priorities this daemon does not serve, found by a SCAN every
+        QUEUES_SCAN_S: jobs no daemon reads are what the alerts must see."""
+        now = time.monotonic()
+        if self._scanned_at is not None and now - self._scanned_at < QUEUES_SCAN_S:
+            return self._others
+        found = set()
+        for key in r.scan_iter(match=self._keys.queue_pattern, count=1000):
+            p = self._keys.priority_of(key.decode(errors="replace"))
+            if p not in self._priorities and _PRIORITY_RE.match(p):
+                found.add(p)
+        self._others = sorted(found)[:MAX_OTHER_QUEUES]
+        self._scanned_at = now
+        return self._others
 
 
 class PrometheusMetrics(Metrics):

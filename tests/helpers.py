@@ -450,6 +450,15 @@ def wait_status(
     return wait_for(done, timeout_s, 0.02, what=f"{len(job_ids)} jobs to reach {statuses}")  # type: ignore[no-any-return]
 
 
+def worker_gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended and been reaped (a zombie still answers)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def waits_blocked(client: redis.Redis) -> int:
     """How many connections are blocked in a BLMOVE (an idle daemon: one a priority)."""
     return sum(c.get("cmd") == "blmove" for c in client.client_list())

@@ -223,6 +223,57 @@ def test_reject(lua: Script) -> None:
     assert lua.r.llen(f"{P}:dead") == 1 and lua.r.llen(f"{P}:done:r") == 1
 
 
+def throughput(r: redis.Redis) -> dict[str, int]:
+    """Outcomes counted in every P:throughput:<minute>, by status."""
+    out: dict[str, int] = {}
+    for key in r.keys(f"{P}:throughput:*"):
+        assert 0 < r.ttl(key) <= 3600
+        for status, n in r.hgetall(key).items():
+            out[status.decode()] = out.get(status.decode(), 0) + int(n)
+    return out
+
+
+def test_outcomes_are_counted_per_minute_once_each(lua: Script) -> None:
+    run_ok = jobs.RunResult("ok", "1", started_at=1.0, finished_at=2.0)
+    ended = []
+    runs: list[tuple[str, jobs.RunStatus, int]] = [
+        ("e1", "ok", 1), ("e2", "error", 1), ("e3", "error", 0), ("e4", "cancelled", 1)
+    ]  # fmt: skip
+    for claim, (job_id, status, retries) in enumerate(runs, start=1):
+        job = claim_one(lua, {"id": job_id, "task": "t", "max_retries": retries}, claim)
+        lua.cycle([jobs.start_op(job, daemon_id=D, ttl_s=60)])
+        run = jobs.RunResult(status, "7", "E: x", "", 1.0, 2.0)
+        ended.append(
+            jobs.end_op(job, run, daemon_id=D, policy=POLICY, now_ms=0, rng=random.Random(1))
+        )
+    finished = claim_one(lua, {"id": "f1", "task": "t"}, 5)
+    raw = b'{"id":"r","task":"nope"}'
+    lua.r.lpush(f"{P}:queue:high", raw)
+    lua.cycle(next_claim=6, tokens=1)
+    rej = jobs.parse(raw, "high", known_tasks={"t"}, max_payload_bytes=100, now=0)
+    assert isinstance(rej, jobs.Rejected)
+    batch = [
+        *ended,
+        jobs.finish_op(finished, run_ok, daemon_id=D, ttl_s=60),
+        jobs.reject_op(rej, 6, daemon_id=D, ttl_s=60, now=0),
+    ]
+    assert lua.cycle(batch)[0] == [1, 1, 1, 1, 1, 1]
+    expected = {"succeeded": 2, "failed": 1, "dead": 2, "cancelled": 1}
+    assert throughput(lua.r) == expected
+    lua.cycle(batch)  # a lost reply, repeated: counted once
+    assert throughput(lua.r) == expected
+
+
+def test_a_throughput_key_of_another_type_costs_nothing_but_the_count(lua: Script) -> None:
+    now_s = lua.r.time()[0]
+    for m in range(now_s // 60 - 1, now_s // 60 + 2):
+        lua.r.lpush(f"{P}:throughput:{m}", "x")
+    job = claim_one(lua, {"id": "f", "task": "t"})
+    run = jobs.RunResult("ok", "42", started_at=1.0, finished_at=2.0)
+    assert lua.cycle([jobs.finish_op(job, run, daemon_id=D, ttl_s=60)])[0] == [1]
+    assert lua.r.hget(f"{P}:job:f", "status") == b"succeeded" and inflight(lua) == {}
+
+
 def test_schedule(lua: Script) -> None:
     job = claim_one(lua, {"id": "s", "task": "t", "delay_s": 5})
     job = parsed(job.raw, 1)  # due 5 s after now=1e9
@@ -309,6 +360,35 @@ def test_recovery_of_a_dead_daemon_counts_it_and_poison_goes_to_the_dead_letters
     (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
     assert letter["reason"] == "poison: its daemon died 4 times while holding it"
     assert lua.r.get(letter["payload_key"]) == raw
+
+
+def test_heartbeat_recover_and_promote_return_the_dead_letters_they_trimmed(
+    lua: Script,
+) -> None:
+    """Each command that may add a dead letter says how many old ones it dropped to
+    keep within max_dead (the daemon logs and counts them)."""
+    lua.r.lpush(f"{P}:dead", "old1", "old2")
+    # heartbeat: a recovered poison payload (its daemon died max_recoveries + 1 times).
+    raw = b'{"id":"p","task":"t"}'
+    lua.r.lpush(f"{P}:queue:high", raw)
+    lua.beat("d2")
+    for _ in range(4):
+        lua.cycle(next_claim=1, tokens=1)
+        lua.r.zadd(f"{P}:daemons", {D: 1})
+        reply = lua.call("heartbeat", "d2", 60_000, 10, 3, 2)
+        lua.beat(D)
+    assert reply[4] == 1 and reply[7] == 1  # one poisoned, one old letter dropped
+    # recover: with max_recoveries 0, the held payload is poison at once.
+    claim_one(lua, {"id": "q", "task": "t"})
+    assert lua.call("recover", D, 1, 0, 2, "high") == [0, 1, 1]
+    # promote: a due job of a priority nobody serves.
+    lua.r.zadd(f"{P}:scheduled", {'ghost\nd/1\n{"id":"g","task":"t"}': 0})
+    assert lua.call("promote", 100, 2)[1::2] == [1, 1]
+    assert lua.r.llen(f"{P}:dead") == 2
+    # Nothing due (and a schedule of another type): the same shape, nothing trimmed.
+    assert lua.call("promote", 100, 2) == [0, 0, -1, 0]
+    lua.r.set(f"{P}:scheduled", "x")
+    assert lua.call("promote", 100, 2) == [0, 0, -1, 0]
 
 
 def test_a_stalled_redis_does_not_make_the_first_daemon_to_speak_recover_the_others(

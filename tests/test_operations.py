@@ -8,11 +8,22 @@ tests hold whichever client sends them."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import redis
-from helpers import Config, Daemon, dead_letters, job_hash, push, wait_for, wait_status
+from helpers import (
+    Config,
+    Daemon,
+    dead_letters,
+    job_hash,
+    push,
+    wait_for,
+    wait_status,
+    waits_blocked,
+    worker_gone,
+)
 
 
 def pause(r: redis.Redis, *priorities: str) -> None:
@@ -59,12 +70,18 @@ def test_cancel_kills_the_running_job_within_a_second_and_it_is_not_retried(
     d = daemon(config(jobs={"max_retries": 3}))
     push(r, "normal", {"id": "long", "task": "nap", "args": [30_000]})
     wait_for(lambda: job_hash(r, "long").get("status") == "running", 10)
+    worker = int(job_hash(r, "long")["worker_pid"])
+    os.kill(worker, 0)  # alive
     asked = time.monotonic()
     cancel_held(r, "long")
+    wait_for(lambda: worker_gone(worker), 10, 0.005, what="the worker killed and reaped")
+    killed = time.monotonic() - asked
     reply = r.blpop(["prioqd:done:long"], timeout=10)
-    took = time.monotonic() - asked
+    ended = time.monotonic() - asked
     assert reply is not None and json.loads(reply[1])["status"] == "cancelled"
-    assert took < 3.0, took  # within a second of the note, with margin for a loaded box
+    # Within a second of the note; half a second more for a loaded 2-CPU machine.
+    assert killed <= 1.5, killed
+    assert ended <= 1.5, ended
     assert job_hash(r, "long")["status"] == "cancelled"
     assert r.zcard("prioqd:cancels") == 0 and r.zcard("prioqd:scheduled") == 0
     assert not dead_letters(r)
@@ -72,6 +89,31 @@ def test_cancel_kills_the_running_job_within_a_second_and_it_is_not_retried(
     push(r, "normal", {"id": "next", "task": "square", "args": [4]})
     assert wait_status(r, ["next"])["next"]["result"] == "16"
     assert d.events("job cancelled by an operator")
+
+
+def test_a_pause_is_applied_by_a_running_daemon_within_a_second(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """The note on the control channel is heard at once (no polling): the daemon logs
+    the pause within a second of the publish, and its blocking wait, which was
+    watching the idle queue, no longer takes what is pushed there."""
+    from datetime import datetime
+
+    d = daemon(config())
+    wait_for(lambda: waits_blocked(r) >= 3, 10, what="the idle daemon waiting on 3 queues")
+    sent = time.time()
+    pause(r, "low")
+    line = d.wait_log("paused priorities", paused=["low"])
+    applied = datetime.fromisoformat(line["timestamp"]).timestamp() - sent
+    assert applied <= 1.0, applied
+    push(r, "low", {"id": "waits", "task": "square", "args": [2]})
+    push(r, "high", {"id": "goes", "task": "square", "args": [2]})
+    wait_status(r, ["goes"])
+    time.sleep(0.3)
+    assert r.llen("prioqd:queue:low") == 1 and not job_hash(r, "waits")
+    assert not r.keys("prioqd:landing:*")
+    resume(r, "low")
+    wait_status(r, ["waits"])
 
 
 def test_a_cancel_asked_before_the_claim_stops_the_job_when_claimed(
@@ -138,13 +180,33 @@ def test_enqueued_at_is_accepted_and_a_bad_one_is_rejected(
     assert any("'unique' needs an 'id'" in e["reason"] for e in dead_letters(r))
 
 
+Scrape = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape(port: int) -> Scrape:
+    """Every sample of a daemon's /metrics: name -> [(labels, value)]."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: Scrape = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def value(m: Scrape, name: str, **want: str) -> float:
+    """The sum of the samples of ``name`` whose labels include ``want``."""
+    return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == x for k, x in want.items()))
+
+
 def test_metrics_for_prometheus(
     r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
 ) -> None:
-    import urllib.request
-
     from helpers import free_port
-    from prometheus_client.parser import text_string_to_metric_families
 
     port = free_port()
     daemon(config(metrics={"listen": f"127.0.0.1:{port}"}))
@@ -156,20 +218,8 @@ def test_metrics_for_prometheus(
     wait_status(r, ["m1", "m2", "m3"])
     r.lpush("prioqd:queue:low", json.dumps({"task": "square", "args": [1]}))
 
-    def scrape() -> dict[str, list[tuple[dict[str, str], float]]]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        out: dict[str, list[tuple[dict[str, str], float]]] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out.setdefault(s.name, []).append((s.labels, s.value))
-        return out
-
-    def value(m: dict[str, list[tuple[dict[str, str], float]]], name: str, **want: str) -> float:
-        return sum(v for lab, v in m.get(name, []) if all(lab.get(k) == x for k, x in want.items()))
-
     m = wait_for(
-        lambda: (s := scrape()) and value(s, "prioqd_queue_paused", priority="low") == 1 and s,
+        lambda: (s := scrape(port)) and value(s, "prioqd_queue_paused", priority="low") == 1 and s,
         10,
     )
     assert value(m, "prioqd_jobs_total", task="square", priority="high", outcome="succeeded") == 1
@@ -183,6 +233,223 @@ def test_metrics_for_prometheus(
     assert value(m, "prioqd_worker_restarts_total", reason="crashed") == 1
     assert next(lab for lab, _ in m["prioqd_build_info"])["version"]
     assert value(m, "prioqd_redis_errors_total") == 0
+
+
+def test_metrics_count_failed_cancelled_and_requeued_attempts(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    from helpers import free_port
+
+    port = free_port()
+    cfg = config(
+        workers={"slots": 1},
+        jobs={"max_retries": 1, "retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2},
+        metrics={"listen": f"127.0.0.1:{port}"},
+    )
+    d = daemon(cfg)
+    # failed (will retry), then dead
+    push(r, "normal", {"id": "f", "task": "fail"})
+    wait_status(r, ["f"], ("dead",))
+    # cancelled
+    push(r, "high", {"id": "c", "task": "nap", "args": [30_000]})
+    wait_status(r, ["c"], ("running",))
+    cancel_held(r, "c")
+    wait_status(r, ["c"], ("cancelled",))
+    # requeued: once `square` is known to be short, a claim takes several payloads of
+    # `low` for the one slot; the `nap`s among them cannot share its batch and go back
+    # to the head of their queue unrun (a "spill"). One LPUSH, a square at the head:
+    # the idle daemon's blocking wait takes it alone (a nap there would teach the
+    # daemon that `low` is slow), the next claim the naps.
+    def requeued() -> list[dict[str, object]]:
+        return [e for e in d.events("job finished") if e.get("outcome") == "requeued"]
+
+    for round_ in range(5):
+        warm = [f"w{round_}.{i}" for i in range(20)]
+        push(r, "low", *({"id": j, "task": "square", "args": [2]} for j in warm))
+        wait_status(r, warm)
+        naps = [f"n{round_}.{i}" for i in range(4)]
+        batch = [{"id": f"s{round_}", "task": "square", "args": [3]}]
+        batch += [{"id": j, "task": "nap", "args": [50]} for j in naps]
+        r.lpush("prioqd:queue:low", *(json.dumps(j) for j in batch))
+        wait_status(r, [f"s{round_}", *naps])
+        if requeued():
+            break
+    assert requeued(), "no job was put back: the scenario did not happen"
+    m = wait_for(
+        lambda: (s := scrape(port))
+        and value(s, "prioqd_jobs_total", outcome="requeued") == len(requeued())
+        and s,
+        10,
+    )
+    assert value(m, "prioqd_jobs_total", task="fail", priority="normal", outcome="failed") == 1
+    assert value(m, "prioqd_jobs_total", task="fail", priority="normal", outcome="dead") == 1
+    assert value(m, "prioqd_jobs_total", task="nap", priority="high", outcome="cancelled") == 1
+    assert value(m, "prioqd_worker_restarts_total", reason="cancelled") == 1
+
+
+def redis_calls(r: redis.Redis, command: str) -> int:
+    """How often the test's redis-server ran ``command`` (INFO commandstats)."""
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_metrics_gauges_read_redis_at_most_once_a_second_and_cover_every_queue(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """Scrapes within CACHE_S answer from the cache (ZCOUNT of the leases is the scrape's
+    own command: one per read of Redis); queues no daemon serves have a depth too."""
+    from helpers import free_port
+
+    r.lpush("prioqd:queue:orphan", "{}", "{}", "{}")  # a priority nobody serves
+    r.lpush("prioqd:queue:bad\x1bname", "{}")  # not a priority name: no series
+    port = free_port()
+    daemon(config(metrics={"listen": f"127.0.0.1:{port}"}))
+    first = scrape(port)
+    assert value(first, "prioqd_queue_depth", priority="orphan") == 3
+    assert value(first, "prioqd_queue_paused", priority="orphan") == 0
+    assert {lab["priority"] for lab, _ in first["prioqd_queue_depth"]} == {
+        "high", "normal", "low", "orphan"
+    }  # fmt: skip
+    # Two scrapes within a second: one read of Redis.
+    while True:
+        before = redis_calls(r, "zcount")
+        t0 = time.monotonic()
+        scrape(port)
+        scrape(port)
+        took = time.monotonic() - t0
+        if took < 0.5:  # else a loaded machine split them across a cache expiry: again
+            break
+    assert redis_calls(r, "zcount") - before <= 1
+    # A second later the cache is stale: the next scrape reads Redis again.
+    time.sleep(1.1)
+    before = redis_calls(r, "zcount")
+    scrape(port)
+    assert redis_calls(r, "zcount") - before == 1
+
+
+def test_a_scrape_waiting_on_redis_does_not_stall_the_event_loop(tmp_path: Path) -> None:
+    """The gauges read Redis in prometheus_client's server thread with a client of
+    their own: a scrape stuck on a stalled Redis (SIGSTOP) leaves the event loop free,
+    and answers prioqd_redis_readable 0 after its socket timeout."""
+    import asyncio
+    import signal
+
+    from helpers import RedisServer, free_port
+
+    from prioqd.config import Config as Cfg
+    from prioqd.config import RedisConfig
+    from prioqd.keys import Keys
+    from prioqd.prometheus import PrometheusMetrics, scrape_client
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    port = free_port()
+    cfg = Cfg().replace(redis=RedisConfig(url=server.url, socket_timeout_s=2.0))
+    metrics = PrometheusMetrics(
+        f"127.0.0.1:{port}",
+        client_factory=lambda: scrape_client(cfg),
+        keys=Keys("prioqd"),
+        priorities=["high", "low"],
+        slots=lambda: (0, 2),
+    )
+    assert server.proc is not None
+    try:
+        assert value(scrape(port), "prioqd_redis_readable") == 1
+        time.sleep(1.1)  # past the cache
+        server.proc.send_signal(signal.SIGSTOP)
+
+        async def meanwhile() -> tuple[Scrape, float, float]:
+            t0 = time.monotonic()
+            stuck = asyncio.ensure_future(asyncio.to_thread(scrape, port))
+            worst, last = 0.0, time.monotonic()
+            while not stuck.done():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                worst, last = max(worst, now - last), now
+            return stuck.result(), time.monotonic() - t0, worst
+
+        m, took, worst_gap = asyncio.run(meanwhile())
+        assert 1.5 <= took < 4.0, took  # it waited on Redis, one socket timeout
+        assert worst_gap < 0.25, worst_gap  # ...and the loop ran all along
+        assert value(m, "prioqd_redis_readable") == 0
+        server.proc.send_signal(signal.SIGCONT)
+        time.sleep(1.1)
+        assert value(scrape(port), "prioqd_redis_readable") == 1
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        metrics.close()
+        server.stop()
+
+
+def test_a_taken_metrics_port_exits_1_so_systemd_retries(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """Not a configuration error (exit 2 would stop systemd's restarts for good): the
+    port may be held by an old process for a moment."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = daemon(config(metrics={"listen": f"127.0.0.1:{port}"}), wait_ready=False)
+        assert d.wait(30) == 1
+    err = d.stderr()
+    assert f"[metrics] listen = '127.0.0.1:{port}'" in err and "Address already in use" in err
+    assert "Traceback" not in err
+    (line,) = d.events("cannot serve metrics")
+    assert line["level"] == "critical" and "Address already in use" in line["error"]
+    assert not r.zcard("prioqd:daemons")  # it never registered
+
+
+def test_unknown_task_names_share_one_metric_label(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """A producer's bogus task names must not each add a series (memory and scrape size
+    would grow without bound)."""
+    from helpers import free_port
+
+    port = free_port()
+    daemon(config(metrics={"listen": f"127.0.0.1:{port}"}))
+    ids = [f"u{i}" for i in range(50)]
+    push(r, "normal", *({"id": i, "task": f"bogus_{i}_" + "x" * 200} for i in ids))
+    push(r, "normal", {"id": "bad-args", "task": "square", "args": "no"})
+    wait_status(r, [*ids, "bad-args"])
+    m = wait_for(lambda: (s := scrape(port)) and value(s, "prioqd_jobs_total") == 51 and s, 10)
+    series = m["prioqd_jobs_total"]
+    assert len(series) == 2, series
+    assert value(m, "prioqd_jobs_total", task="(unknown)", outcome="dead") == 50
+    # A known task rejected for its arguments keeps its name.
+    assert value(m, "prioqd_jobs_total", task="square", outcome="dead") == 1
+
+
+def test_every_dead_letter_trim_is_logged_and_counted(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """Trims by the cycle (a rejected job) and by the promotion of due jobs (a due job
+    of a priority nobody serves) both show in the log and in the metric."""
+    from helpers import free_port
+
+    port = free_port()
+    d = daemon(config(jobs={"dead_letters_max": 2}, metrics={"listen": f"127.0.0.1:{port}"}))
+    for i in range(3):
+        push(r, "normal", {"id": f"x{i}", "task": "nope"})
+        wait_status(r, [f"x{i}"])
+    d.wait_log("dead letters dropped, oldest first, to keep within dead_letters_max",
+               during="cycle")  # fmt: skip
+    # Due at once; the next heartbeat (every lease_s / 3) tells the scheduler.
+    job = json.dumps({"id": "ghost1", "task": "square", "args": [1]})
+    r.zadd("prioqd:scheduled", {f"ghost\nd/1\n{job}": 0})
+    d.wait_log("due jobs of a priority no daemon serves were dead-lettered")
+    d.wait_log("dead letters dropped, oldest first, to keep within dead_letters_max",
+               during="promote")  # fmt: skip
+    letters = [(e.get("id"), e["priority"]) for e in dead_letters(r)]
+    assert letters == [(None, "ghost"), ("x2", "normal")]
+    trims = d.events("dead letters dropped, oldest first, to keep within dead_letters_max")
+    assert sum(e["dropped"] for e in trims) == 2
+    assert all(e["dead_letters_max"] == 2 for e in trims)
+    m = scrape(port)
+    assert value(m, "prioqd_dead_letters_dropped_total") == 2
+    assert value(m, "prioqd_dead_letters") == 2
 
 
 # --- what a task knows and says ---------------------------------------------------------

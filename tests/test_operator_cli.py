@@ -14,13 +14,19 @@ from typing import Any
 import pytest
 import redis
 from helpers import (
+    PRIOQD,
+    ROOT,
     Config,
     Daemon,
+    RedisServer,
+    env_with_taskmods,
     job_hash,
     prioqd,
     push,
     wait_for,
     wait_status,
+    worker_gone,
+    write_config,
 )
 
 
@@ -158,14 +164,24 @@ def test_cancel_a_running_job(r: redis.Redis, config: Config, daemon: Daemon) ->
     daemon(cfg)
     push(r, "high", {"id": "slow", "task": "nap", "args": [30000]})
     wait_status(r, ["slow"], ("running",))
+    worker = int(job_hash(r, "slow")["worker_pid"])
     control = r.pubsub(ignore_subscribe_messages=True)
     control.subscribe("prioqd:control")
-    t0 = time.monotonic()
-    out = ok("cancel", "--config", str(cfg), "slow")
-    assert "slow: cancelled (stopped by its daemon)" in out.stdout
-    assert time.monotonic() - t0 < 10  # the CLI's start-up included
-    msg = wait_for(lambda: control.get_message(timeout=0.1), 5)
+    wait_for(lambda: control.get_message(timeout=0.1) is None, 5)  # the subscription's reply
+    cli = subprocess.Popen(
+        [*PRIOQD, "cancel", "--config", str(cfg), "slow"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env_with_taskmods(), cwd=str(ROOT),
+    )  # fmt: skip
+    msg = wait_for(lambda: control.get_message(timeout=0.01), 30)  # the CLI's start-up
+    published = time.monotonic()
     assert json.loads(msg["data"]) == {"op": "cancel", "ids": ["slow"]}
+    wait_for(lambda: worker_gone(worker), 10, 0.005, what="the worker killed and reaped")
+    # Within a second of the command's note (0.5 s more for a loaded machine).
+    assert time.monotonic() - published <= 1.5
+    stdout, stderr = cli.communicate(timeout=30)
+    assert cli.returncode == 0, stdout + stderr
+    assert "slow: cancelled (stopped by its daemon)" in stdout
     assert job_hash(r, "slow")["status"] == "cancelled"
     # Not retried; the only slot is free again.
     assert r.zcard("prioqd:scheduled") == 0 and r.llen("prioqd:queue:high") == 0
@@ -287,3 +303,55 @@ def test_web_config_errors(tmp_path: Path, config: Config) -> None:
     out = prioqd("web", "--config", cfg4)
     assert out.returncode == 2 and "web.root_path" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# --- every command takes --config and --url; output is escaped, errors included ----------
+
+
+def test_run_and_check_config_take_url(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # The file names a Redis nobody listens on; --url names the test's.
+    real = redis_server.url
+    cfg = write_config(tmp_path / "elsewhere.toml", "redis://127.0.0.1:1/0")
+    out = ok("check-config", "--config", str(cfg), "--url", real)
+    assert out.stdout.strip() == f"{cfg}: ok"
+    # A bad --url is a configuration error like a bad [redis] url.
+    bad = prioqd("check-config", "--config", str(cfg), "--url", "http://x")
+    assert bad.returncode == 2 and "--url: scheme must be" in bad.stderr, bad.stderr
+
+    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [*PRIOQD, "run", "--config", str(cfg), "--url", real],
+        stdout=log, stderr=subprocess.STDOUT, env=env_with_taskmods(), cwd=str(ROOT),
+    )  # fmt: skip
+    try:
+        push(r, "high", {"id": "via-url", "task": "square", "args": [5]})
+        assert wait_status(r, ["via-url"], timeout_s=30)["via-url"]["result"] == "25"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def test_errors_are_escaped_like_every_other_output(r: redis.Redis, config: Config) -> None:
+    # The unknown-priority error lists the queues found in Redis, by their key names.
+    r.lpush("prioqd:queue:\x1b]0;owned\x07evil", "{}")
+    out = prioqd("pause", "--config", str(config()), "urgent")
+    assert out.returncode == 1 and "unknown priority 'urgent'" in out.stderr, out.stderr
+    assert "\x1b" not in out.stderr and "\x07" not in out.stderr
+    assert "\\x1b]0;owned\\x07evil" in out.stderr
+
+
+def test_dead_requeue_and_purge_print_json(r: redis.Redis, config: Config) -> None:
+    cfg = str(config())
+    for i in range(3):
+        payload = json.dumps({"id": f"j{i}", "task": "t"})
+        letter = {"reason": "r", "id": f"j{i}", "priority": "low", "payload": payload}
+        r.lpush("prioqd:dead", json.dumps(letter))
+    out = prioqd("dead", "requeue", "--config", cfg, "j0", "nope", "--json")
+    assert out.returncode == 1, out.stderr
+    assert json.loads(out.stdout) == {"requeued": 1, "missing": ["nope"], "gone": []}
+    out = ok("dead", "purge", "--config", cfg, "--json")
+    assert json.loads(out.stdout) == {"purged": 2}
+    assert r.llen("prioqd:dead") == 0 and r.llen("prioqd:queue:low") == 1

@@ -77,7 +77,8 @@ class Cycle:
         #: What the last claim saw as paused, and whom to tell when it changes.
         self.paused: set[str] = set()
         self.on_paused: Callable[[set[str]], None] = lambda paused: None
-        self.on_trimmed: Callable[[int], None] = lambda n: None
+        #: Dead letters dropped to keep within dead_letters_max: (how many, by what).
+        self.on_trimmed: Callable[[int, str], None] = lambda n, during: None
         #: Called when a claim brought payloads (the daemon is busy).
         self.on_claimed: Callable[[], None] = lambda: None
         #: Claim numbers are ours to give; each claim reserves its whole range first.
@@ -203,12 +204,7 @@ class Cycle:
             for reason in reply.dropped:
                 self.log.warning("job rejected", reason=reason)
             if reply.trimmed:
-                self.log.warning(
-                    "dead letters dropped, oldest first, to keep within dead_letters_max",
-                    dropped=reply.trimmed,
-                    dead_letters_max=self.config.jobs.dead_letters_max,
-                )
-                self.on_trimmed(reply.trimmed)
+                self.on_trimmed(reply.trimmed, "cycle")
             if tokens and set(reply.paused) != self.paused:
                 self.on_paused(set(reply.paused))
             if not reply.lease_held:

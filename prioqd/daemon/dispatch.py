@@ -22,7 +22,7 @@ from prioqd import jobs
 from prioqd.config import Config
 from prioqd.daemon.slots import BatchSlot, Slots
 from prioqd.jobs import Job, JobState, RunResult
-from prioqd.metrics import NO_METRICS, Metrics
+from prioqd.metrics import NO_METRICS, UNKNOWN_TASK, Metrics
 from prioqd.ops import (
     FAILED,
     LOST,
@@ -535,7 +535,10 @@ class Dispatcher:
                     if ending.retry_in_s:
                         self._due_in_ms(int(ending.retry_in_s * 1000))
             case Reject(rejected=rej):
-                self.metrics.job_ended(rej.task or "-", rej.priority, "dead", None)
+                # A producer's name for a task we do not have: one label for all of
+                # them, or each bogus name would add a series for good.
+                task = rej.task if rej.task in self.pool.task_names else UNKNOWN_TASK
+                self.metrics.job_ended(task, rej.priority, "dead", None)
                 self.log.warning(
                     "job rejected", job_id=rej.id or None, task=rej.task or None,
                     queue=rej.priority, reason=rej.reason,

@@ -74,6 +74,8 @@ class Lease:
         self.log = log
         self._on_redis_down = on_redis_down
         self._on_due_in_ms = on_due_in_ms
+        #: Dead letters dropped to keep within dead_letters_max: (how many, by what).
+        self.on_trimmed: Callable[[int, str], None] = lambda n, during: None
         self.slots = 0
         #: The daemon's last error, as ``prioqd status`` and the dashboard show it.
         self.last_error: Callable[[], str] = lambda: ""
@@ -151,7 +153,7 @@ class Lease:
                 continue
             same_place = all(info.get(k) == me[k] and me[k] for k in ("host", "boot_id", "pidns"))
             if same_place and not _pid_alive(int(info["pid"])):
-                queued, dead = await self.broker.recover(
+                queued, dead, trimmed = await self.broker.recover(
                     other,
                     self.config.queues.priorities,
                     died=True,
@@ -161,6 +163,8 @@ class Lease:
                 self.log.warning(
                     "recovered a dead daemon's jobs", dead_daemon=other, jobs=queued, poison=dead
                 )
+                if trimmed:
+                    self.on_trimmed(trimmed, "recover")
 
     async def beat(self) -> Heartbeat:
         sent = time.time()
@@ -192,6 +196,8 @@ class Lease:
                 "dead-lettered payloads whose daemons kept dying while holding them",
                 jobs=beat.poisoned,
             )
+        if beat.trimmed:
+            self.on_trimmed(beat.trimmed, "heartbeat")
         if beat.next_due_ms is not None:
             self._on_due_in_ms(beat.next_due_ms)
         error = self.last_error()[:500]
@@ -230,11 +236,13 @@ class Lease:
 
     async def deregister(self) -> int:
         """Put back whatever we still hold and forget us; how many jobs went back."""
-        queued, _ = await self.broker.recover(
+        queued, _, trimmed = await self.broker.recover(
             self.id,
             self.config.queues.priorities,
             died=False,
             max_recoveries=self.config.jobs.max_recoveries,
             max_dead=self.config.jobs.dead_letters_max,
         )
+        if trimmed:
+            self.on_trimmed(trimmed, "recover")
         return queued

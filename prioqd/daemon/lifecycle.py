@@ -37,11 +37,11 @@ from prioqd.daemon.scheduler import Scheduler
 from prioqd.daemon.slots import Slots
 from prioqd.daemon.ticks import Ticks
 from prioqd.daemon.watch import Watch
-from prioqd.errors import BrokerError, ConfigError, WorkerStartError
+from prioqd.errors import BrokerError, MetricsListenError, WorkerStartError
 from prioqd.log import get_logger
 from prioqd.metrics import NO_METRICS, Metrics
 from prioqd.pool import Pool
-from prioqd.systemd import Notifier, redis_password, watchdog_interval_s
+from prioqd.systemd import Notifier, watchdog_interval_s
 from prioqd.timing import Backoff, wait_event
 
 T = TypeVar("T")
@@ -130,6 +130,8 @@ class Daemon:
             on_redis_down=self._redis_down,
         )
         self.cycle.on_paused = self._set_paused
+        for part in (self.cycle, self.lease, self.scheduler):
+            part.on_trimmed = self._trimmed
         self.ticks = Ticks(
             self.broker,
             config,
@@ -205,34 +207,21 @@ class Daemon:
         if not listen:
             return
         cfg = self.config
-
-        def client() -> Any:
-            import redis
-
-            return redis.Redis.from_url(
-                cfg.redis.url,
-                password=redis_password(),
-                socket_timeout=cfg.redis.socket_timeout_s,
-                socket_connect_timeout=cfg.redis.connect_timeout_s,
-                client_name="prioqd-metrics",
-            )
-
-        from prioqd.prometheus import PrometheusMetrics
+        from prioqd.prometheus import PrometheusMetrics, scrape_client
 
         try:
             self.metrics = PrometheusMetrics(
                 listen,
-                client_factory=client,
+                client_factory=lambda: scrape_client(cfg),
                 keys=self.keys,
                 priorities=self.priorities,
                 slots=lambda: (self.slots.busy, self.slots.total),
             )
         except OSError as exc:
-            raise ConfigError(
-                cfg.path, "metrics.listen", f"cannot listen on {listen}: {exc}"
+            raise MetricsListenError(
+                f"cannot serve metrics on [metrics] listen = {listen!r} ({cfg.path}): {exc}"
             ) from exc
         self.dispatch.metrics = self.metrics
-        self.cycle.on_trimmed = self.metrics.dead_letters_dropped
         self.log.info("metrics served", url=f"http://{listen}/metrics")
 
     async def _start_up(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None) -> bool:
@@ -370,6 +359,16 @@ class Daemon:
         self.remote.paused = self.cycle.paused = paused
         self.watch.set_paused(paused)
         self.cycle.wake()  # a resumed priority may have jobs to claim
+
+    def _trimmed(self, n: int, during: str) -> None:
+        """A script call dropped the oldest dead letters to keep within the bound."""
+        self.log.warning(
+            "dead letters dropped, oldest first, to keep within dead_letters_max",
+            dropped=n,
+            dead_letters_max=self.config.jobs.dead_letters_max,
+            during=during,
+        )
+        self.metrics.dead_letters_dropped(n)
 
     def _unlanded(self, priority: str) -> None:
         self.watch.unlanded(priority)

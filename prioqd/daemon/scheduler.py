@@ -30,6 +30,8 @@ class Scheduler:
         self.config = config
         self.log = log
         self._on_redis_down = on_redis_down
+        #: Dead letters dropped to keep within dead_letters_max: (how many, by what).
+        self.on_trimmed: Callable[[int, str], None] = lambda n, during: None
         self._next_at: float | None = None  # monotonic
         self._wake = asyncio.Event()
         self._closing = False
@@ -54,7 +56,9 @@ class Scheduler:
                 continue
             self._next_at = None
             try:
-                moved, dead, next_due = await self.broker.promote(self.config.jobs.dead_letters_max)
+                moved, dead, next_due, trimmed = await self.broker.promote(
+                    self.config.jobs.dead_letters_max
+                )
                 backoff.reset()
             except BrokerError as exc:
                 self.due_in(int(self._on_redis_down("promote", exc, backoff) * 1000))
@@ -65,6 +69,8 @@ class Scheduler:
                 self.log.error(
                     "due jobs of a priority no daemon serves were dead-lettered", jobs=dead
                 )
+            if trimmed:
+                self.on_trimmed(trimmed, "promote")
             if next_due is not None:
                 self.due_in(next_due)
 

@@ -57,6 +57,11 @@
 --                           runs it. The push gives it a safety expiry of result_ttl_s
 --                           plus the job's delay, for a lock nobody releases.
 --   P:periodic       HASH   schedule name -> the last tick (ms) enqueued for it.
+--   P:throughput:M   HASH   status (succeeded, failed, dead, cancelled) -> outcomes
+--                           published on P:events in minute M (Unix minutes, Redis
+--                           clock), for the dashboard. Each call adds its outcomes at
+--                           its end (one HINCRBY a status, not one a job); the key
+--                           expires an hour after its last new field.
 --   P:events         pub/sub channel: the outcome JSON of every attempt (and of every
 --                           cancel: `cancel_queued`, `cancel_scheduled`), and
 --                           {"id", "status": "duplicate"} for a unique job pushed twice.
@@ -88,6 +93,27 @@ local paused_key = prefix .. ':paused'
 local cancels_key = prefix .. ':cancels'
 local events_key = prefix .. ':events'
 local function unique_key(id) return prefix .. ':unique:' .. id end
+local function throughput_key(minute) return prefix .. ':throughput:' .. minute end
+local THROUGHPUT_TTL_S = 3600
+
+-- Outcomes this call published, by status; written by count_outcomes at its end.
+local outcomes = {}
+local function count(status) outcomes[status] = (outcomes[status] or 0) + 1 end
+
+-- Adds this call's outcomes to the current minute's P:throughput:M.
+local function count_outcomes()
+    if next(outcomes) == nil then return end
+    local t = redis.call('TIME')
+    local key = throughput_key(math.floor(tonumber(t[1]) / 60))
+    local new = false
+    for status, n in pairs(outcomes) do
+        -- (A key of another type must not fail the call after its writes: the
+        -- counts are only for show.)
+        new = redis.pcall('HINCRBY', key, status, n) == n or new
+    end
+    -- Only when a field was created (a few times a minute), not every call.
+    if new then redis.call('EXPIRE', key, THROUGHPUT_TTL_S) end
+end
 
 -- Dead letters kept at most (0: no bound); set by each command that may add one.
 local max_dead = 0
@@ -494,6 +520,7 @@ ops.finish = function(i)
     write_job(id, ttl, fields, attempt > 1 and {'error', 'traceback', 'retry_at'} or nil)
     push_done(id, ttl, outcome)
     redis.call('PUBLISH', events_key, outcome)
+    count('succeeded')
     settled(id, c, flags, ttl, false)
     return attempt, nxt
 end
@@ -535,6 +562,15 @@ ops['end'] = function(i)
         remember(json, recoveries, used(state))
     end
     redis.call('PUBLISH', events_key, outcome)
+    if member ~= '' then
+        count('failed')
+    elseif dead ~= '' then
+        count('dead')
+    elseif string.find(flags, 'c', 1, true) then
+        count('cancelled')
+    else
+        count('succeeded')
+    end
     settled(id, c, flags, ttl, member ~= '')
     return 1, nxt
 end
@@ -561,6 +597,7 @@ ops.reject = function(i)
         push_done(id, ttl, outcome)
     end
     redis.call('PUBLISH', events_key, outcome)
+    count('dead')
     return 1, nxt
 end
 
@@ -722,6 +759,7 @@ if command == 'cycle' then
             end
         end
     end
+    count_outcomes()
     return {results, claimed, held and 1 or 0, dropped, trimmed, paused}
 end
 
@@ -733,7 +771,7 @@ end
 -- Returns {registered (1: D had no lease; it was recovered, or is new), lapsed (1: D's
 -- lease had expired but nobody had recovered it), recovered daemon ids joined by ',',
 -- jobs put back, jobs dead-lettered as poison, ms until the next scheduled job or -1,
--- Redis's clock in ms}.
+-- Redis's clock in ms, dead letters trimmed}.
 if command == 'heartbeat' then
     local d = ARGV[3]
     local lease_ms = tonumber(ARGV[4])
@@ -779,17 +817,20 @@ if command == 'heartbeat' then
         end
     end
     return {registered and 1 or 0, lapsed and 1 or 0, table.concat(expired, ','),
-        queued, dead, next_due_in(now), now}
+        queued, dead, next_due_in(now), now, trimmed}
 end
 
 -- recover D died max_recoveries max_dead p1 p2 ...
 -- Puts everything D holds back at the head of its queues and forgets D. Used by a
 -- daemon on a clean stop (for itself: died = 0) and at start-up for a dead
 -- predecessor on the same host (died = 1). The priorities are a fallback for a D
--- with no info hash. Returns {jobs put back, jobs dead-lettered as poison}.
+-- with no info hash. Returns {jobs put back, jobs dead-lettered as poison, dead
+-- letters trimmed}.
 if command == 'recover' then
     max_dead = tonumber(ARGV[6])
-    return recover(ARGV[3], {unpack(ARGV, 7)}, ARGV[4] == '1', tonumber(ARGV[5]))
+    local r = recover(ARGV[3], {unpack(ARGV, 7)}, ARGV[4] == '1', tonumber(ARGV[5]))
+    r[#r + 1] = trimmed
+    return r
 end
 
 -- undead entry p payload id payload_key
@@ -831,13 +872,14 @@ end
 -- Moves up to max due jobs from the schedule to the tail of their queues, in due
 -- order. A due job for a priority no registered daemon serves goes to the dead
 -- letters instead (it would otherwise wait forever in a queue nobody reads).
--- Returns {moved, dead-lettered, ms until the next scheduled job or -1}.
+-- Returns {moved, dead-lettered, ms until the next scheduled job or -1, dead letters
+-- trimmed}.
 if command == 'promote' then
     max_dead = tonumber(ARGV[4])
     local now = now_ms()
-    if unwritable(scheduled_key, 'zset') then return {0, 0, -1} end
+    if unwritable(scheduled_key, 'zset') then return {0, 0, -1, 0} end
     local due = redis.call('ZRANGEBYSCORE', scheduled_key, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
-    if #due == 0 then return {0, 0, next_due_in(now)} end
+    if #due == 0 then return {0, 0, next_due_in(now), 0} end
     local served = {}
     for _, d in ipairs(redis.call('ZRANGE', daemons_key, 0, -1)) do
         local prios = redis.call('HGET', daemon_key(d), 'priorities')
@@ -863,7 +905,7 @@ if command == 'promote' then
         -- (Nowhere to go: it stays in the schedule.)
     end
     if #done > 0 then redis.call('ZREM', scheduled_key, unpack(done)) end
-    return {moved, dead, next_due_in(now)}
+    return {moved, dead, next_due_in(now), trimmed}
 end
 
 -- periodic name tick_ms p payload catch_up
@@ -947,6 +989,8 @@ if command == 'cancel_queued' or command == 'cancel_scheduled' then
     write_job(id, ttl, fields, {'result', 'retry_at', 'traceback'})
     push_done(id, ttl, outcome)
     redis.call('PUBLISH', events_key, outcome)
+    count('cancelled')
+    count_outcomes()
     if unique and redis.call('GET', lock) == 'q' then redis.call('DEL', lock) end
     return 1
 end

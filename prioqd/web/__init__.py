@@ -4,6 +4,8 @@ Redis only (``prioqd.admin``), served by uvicorn with Starlette.
 Security, in short (docs/design.md has the reasoning):
 
 - It listens on localhost by default; remote access goes through a reverse proxy.
+- Requests whose Host header is not localhost, the listen address or one of
+  ``[web] allowed_hosts`` get 400 (DNS rebinding: reading needs no sign-in).
 - Reading needs nothing. Every action (pause, resume, cancel, requeue, purge) is a
   POST that needs a sign-in with the token from ``[web] token_file`` (or the
   ``web-token`` credential) and a CSRF token bound to the browser's cookie.
@@ -75,7 +77,7 @@ def serve(cfg: Config, *, listen: str | None = None, read_only: bool = False) ->
             "no token for actions: set [web] token_file, or the web-token credential "
             "(LoadCredential=), or pass --read-only",
         )
-    app = create_app(cfg, token=token, read_only=read_only)
+    app = create_app(cfg, token=token, read_only=read_only, listen_host=host)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -11,7 +11,6 @@ import secrets
 import shlex
 import time
 import urllib.parse
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import jinja2
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from prioqd import __version__
 from prioqd.admin import Admin, age_text, describe, when_text
 from prioqd.broker import Broker, wrap_errors
-from prioqd.config import Config
+from prioqd.config import Config, parse_listen
 from prioqd.errors import BrokerError, PrioqdError
 from prioqd.jobs import valid_id
 
@@ -77,91 +77,36 @@ class SecurityHeaders:
 
 
 class Throughput:
-    """Outcomes per minute, counted from ``P:events`` while someone looks.
+    """Outcomes per minute, as the daemons count them in Redis: the script call that
+    publishes outcomes on ``P:events`` adds them to ``P:throughput:<minute>`` (kept an
+    hour). So the table has the last minutes from the first view on, and a dashboard
+    nobody has open reads nothing. Prometheus keeps the longer history."""
 
-    The subscription starts with the first page view and ends ``idle_s`` after the
-    last one, so a dashboard nobody has open costs Redis nothing; what it shows
-    starts when the first page was opened (``since``). Prometheus keeps the history
-    (``prioqd_jobs_total``)."""
+    STATUSES = ("succeeded", "failed", "dead", "cancelled")
 
-    def __init__(self, broker: Broker, *, minutes: int = 10, idle_s: float = 60.0) -> None:
+    def __init__(self, broker: Broker, *, minutes: int = 10) -> None:
         self.broker = broker
         self.minutes = minutes
-        self.idle_s = idle_s
-        self.since: float | None = None
-        self._counts: dict[int, Counter[str]] = {}
-        self._seen = 0.0
-        self._task: asyncio.Task[None] | None = None
-        self.error = ""
 
-    def touch(self) -> None:
-        self._seen = time.monotonic()
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._run())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-
-    async def _run(self) -> None:
-        r: Any = self.broker.redis
-        while time.monotonic() - self._seen < self.idle_s:
-            pubsub = r.pubsub()
-            try:
-                with wrap_errors("subscribe to events"):
-                    await pubsub.subscribe(self.broker.keys.events)
-                    if self.since is None:
-                        self.since = time.time()
-                    self.error = ""
-                    while time.monotonic() - self._seen < self.idle_s:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if msg is not None and msg.get("type") == "message":
-                            self._count(msg["data"])
-            except BrokerError as exc:
-                self.error = str(exc)
-                await asyncio.sleep(2.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-        self.since = None
-        self._counts.clear()
-
-    def _count(self, data: bytes) -> None:
-        import json
-
-        try:
-            event = json.loads(data)
-        except ValueError:
-            return
-        status = event.get("status") if isinstance(event, dict) else None
-        if status not in ("succeeded", "failed", "dead", "cancelled"):
-            return
-        minute = int(time.time() // 60)
-        self._counts.setdefault(minute, Counter())[status] += 1
-        for old in [m for m in self._counts if m <= minute - self.minutes]:
-            del self._counts[old]
-
-    def rows(self) -> list[dict[str, Any]]:
+    async def rows(self) -> list[dict[str, Any]]:
         """The last minutes, newest first: {"minute": "12:34", status: count, "total"}."""
-        if self.since is None:
-            return []
-        now = int(time.time() // 60)
-        first = max(now - self.minutes + 1, int(self.since // 60))
+        r: Any = self.broker.redis
+        with wrap_errors("read throughput"):
+            now_s, _ = await r.time()
+            now = int(now_s) // 60
+            minutes = range(now, now - self.minutes, -1)
+            async with r.pipeline(transaction=False) as pipe:
+                for m in minutes:
+                    pipe.hgetall(self.broker.keys.throughput(m))
+                replies = await pipe.execute(raise_on_error=False)
         out = []
-        for m in range(now, first - 1, -1):
-            c = self._counts.get(m, Counter())
-            out.append(
-                {
-                    "minute": time.strftime("%H:%M", time.gmtime(m * 60)),
-                    "succeeded": c["succeeded"],
-                    "failed": c["failed"],
-                    "dead": c["dead"],
-                    "cancelled": c["cancelled"],
-                    "total": sum(c.values()),
-                }
-            )
+        for m, counts in zip(minutes, replies, strict=True):
+            row: dict[str, Any] = {"minute": time.strftime("%H:%M", time.gmtime(m * 60))}
+            for status in self.STATUSES:
+                raw = counts.get(status.encode()) if isinstance(counts, dict) else None
+                row[status] = int(raw) if raw is not None and raw.isdigit() else 0
+            row["total"] = sum(row[s] for s in self.STATUSES)
+            out.append(row)
         return out
 
 
@@ -188,7 +133,8 @@ class Dashboard:
         env.filters["age"] = age_text
         env.filters["when"] = when_text
         env.filters["describe"] = describe
-        env.filters["jobpath"] = lambda v: _quote(str(v))
+        env.filters["job_url"] = lambda v: job_url(str(v))
+        env.filters["cancel_url"] = lambda v: job_url(str(v), "/cancel")
         self.templates = Jinja2Templates(env=env)
 
     # --- cookies and guards ----------------------------------------------------------
@@ -290,25 +236,18 @@ class Dashboard:
     # --- pages ------------------------------------------------------------------------------
 
     async def overview(self, request: Request) -> Response:
-        self.throughput.touch()
         status = await self.admin.status()
-        rows = self.throughput.rows()
+        rows = await self.throughput.rows()
         peak = max([row["total"] for row in rows] + [1])
-        return self.render(
-            request,
-            "overview",
-            status=status,
-            throughput=rows,
-            peak=peak,
-            since=self.throughput.since,
-            throughput_error=self.throughput.error,
-        )
+        return self.render(request, "overview", status=status, throughput=rows, peak=peak)
 
     async def running(self, request: Request) -> Response:
         return self.render(request, "running", jobs=await self.admin.running())
 
     async def job(self, request: Request) -> Response:
-        job_id = request.path_params["job_id"]
+        return await self._job_page(request, request.path_params["job_id"])
+
+    async def _job_page(self, request: Request, job_id: str) -> Response:
         if not valid_id(job_id):
             raise HTTPException(404, "not a job id")
         info = await self.admin.inspect(job_id)
@@ -322,7 +261,9 @@ class Dashboard:
         job_id = request.query_params.get("id", "").strip()
         if not valid_id(job_id):
             return self.back(request, "/", "not a job id")
-        return RedirectResponse(f"{self.base}/jobs/{_quote(job_id)}", status_code=303)
+        if job_id in DOT_SEGMENTS:
+            return await self._job_page(request, job_id)  # its page lives here
+        return RedirectResponse(f"{self.base}{job_url(job_id)}", status_code=303)
 
     async def dead(self, request: Request) -> Response:
         try:
@@ -385,12 +326,12 @@ class Dashboard:
 
     async def cancel(self, request: Request) -> Response:
         form = await self.guard(request)
-        job_id = request.path_params["job_id"]
+        job_id = request.path_params.get("job_id") or request.query_params.get("id", "")
         if not valid_id(job_id):
             raise HTTPException(404, "not a job id")
         (result,) = await self.admin.cancel([job_id])
         back = form.get("back", "")
-        path = back if back in ("/running", "/scheduled") else f"/jobs/{_quote(job_id)}"
+        path = back if back in ("/running", "/scheduled") else job_url(job_id)
         return self.back(request, path, f"{job_id}: {result.outcome} ({result.detail})")
 
     async def requeue(self, request: Request) -> Response:
@@ -418,8 +359,19 @@ class Dashboard:
         return PlainTextResponse("ok\n")
 
 
-def _quote(job_id: str) -> str:
-    return urllib.parse.quote(job_id, safe="")
+#: Ids that a path cannot carry: a browser (and any URL library) resolves a "." or
+#: ".." segment, encoded or not, so /jobs/.. would be /. Their pages take the id in
+#: the query instead.
+DOT_SEGMENTS = (".", "..")
+
+
+def job_url(job_id: str, under: str = "/jobs") -> str:
+    """Where job ``job_id``'s page (or, under "/cancel", its cancel) is, below the
+    base: the id is one path segment (a "/" in it encoded), or the query for the
+    ids a path cannot carry."""
+    if job_id in DOT_SEGMENTS:
+        return f"{under}?{urllib.parse.urlencode({'id': job_id})}"
+    return f"{under}/{urllib.parse.quote(job_id, safe='')}"
 
 
 def _with_state(dash: Dashboard, handler: Callable[[Request], Awaitable[Response]]) -> Any:
@@ -446,7 +398,20 @@ def _with_state(dash: Dashboard, handler: Callable[[Request], Awaitable[Response
     return endpoint
 
 
-def create_app(cfg: Config, *, token: str | None, read_only: bool) -> Starlette:
+def allowed_hosts(cfg: Config, listen_host: str) -> list[str]:
+    """The Host header values answered: localhost names, the listen host, and
+    ``[web] allowed_hosts``. Reading needs no sign-in, so a page elsewhere that
+    rebinds its own name to this address must not be answered (DNS rebinding)."""
+    hosts = ["localhost", "127.0.0.1", "::1", "[::1]", listen_host]
+    if ":" in listen_host:
+        hosts.append(f"[{listen_host}]")  # an IPv6 literal, as a Host header has it
+    return list(dict.fromkeys([*hosts, *cfg.web.allowed_hosts]))
+
+
+def create_app(
+    cfg: Config, *, token: str | None, read_only: bool, listen_host: str | None = None
+) -> Starlette:
+    """The dashboard; ``listen_host``: where it listens (default: ``[web] listen``)."""
     dash = Dashboard(cfg, token=token, read_only=read_only)
 
     def page(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Route:
@@ -468,6 +433,7 @@ def create_app(cfg: Config, *, token: str | None, read_only: bool) -> Starlette:
         action("/login", dash.login),
         action("/logout", dash.logout),
         action("/pause", dash.pause),
+        action("/cancel", dash.cancel),
         action("/cancel/{job_id:path}", dash.cancel),
         action("/dead/requeue", dash.requeue),
         action("/dead/purge", dash.purge),
@@ -483,7 +449,6 @@ def create_app(cfg: Config, *, token: str | None, read_only: bool) -> Starlette:
         try:
             yield
         finally:
-            await dash.throughput.close()
             await dash.broker.close()
 
     app = Starlette(
@@ -492,5 +457,8 @@ def create_app(cfg: Config, *, token: str | None, read_only: bool) -> Starlette:
         lifespan=lifespan,
     )
     app.add_middleware(SecurityHeaders)
+    host = listen_host if listen_host is not None else parse_listen(cfg.web.listen)[0]
+    # Added last, so it runs first: a refused Host costs nothing but the 400.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(cfg, host))
     app.state.dashboard = dash
     return app
