@@ -151,3 +151,13 @@ def logjob(path: str) -> str:
     finally:
         os.close(fd)
     return job_id
+
+
+@task
+def kill_my_daemon(path: str, tag: str, ms: float = 0.0) -> None:
+    """Appends ``tag`` to ``path``, naps, then SIGKILLs the daemon running it."""
+    import signal
+
+    logrun(path, tag, ms)
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(60)
