@@ -58,7 +58,9 @@
 --                           it, at least the job's timeout plus the lease (ops.lock), so
 --                           that it outlasts the run; a safety net for a lock nobody
 --                           releases (its job deleted by hand, say).
---   P:periodic       HASH   schedule name -> the last tick (ms) enqueued for it.
+--   P:periodic       HASH   schedule name -> the last tick (ms) handled for it (enqueued, or
+--                           recorded without a push: see `periodic`); "<name>:enqueued"
+--                           -> the last tick (ms) actually pushed. (Names have no ':'.)
 --   P:events         pub/sub channel: the outcome JSON of every attempt (and of every
 --                           cancel: `cancel_queued`, `cancel_scheduled`), and
 --                           {"id", "status": "duplicate"} for a unique job pushed twice.
@@ -937,11 +939,17 @@ end
 
 -- periodic name tick_ms p payload catch_up
 -- Enqueues a [[schedule]] tick exactly once, whichever daemons offer it: only if no
--- tick of that name as late or later was enqueued. A catch-up (catch_up = 1: the
+-- tick of that name as late or later was handled. A catch-up (catch_up = 1: the
 -- tick is long past) for a name never seen before is only recorded, not enqueued:
--- nothing was missed, the schedule is new. Returns 1 enqueued, 0 already done.
+-- nothing was missed, the schedule is new (so is a tick whose queue has the wrong
+-- type). A tick later than Redis's clock by more than FUTURE_TICK_MS is refused: the
+-- clock of the daemon offering it jumped ahead, and recorded, it would make every
+-- daemon skip the real ticks up to it. Returns 1 enqueued, 0 already handled (or
+-- recorded only), -1 refused as later than Redis's clock.
+local FUTURE_TICK_MS = 1000
 if command == 'periodic' then
     local name, tick, p, payload, catch_up = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+    if tick > now_ms() + FUTURE_TICK_MS then return -1 end
     local key = prefix .. ':periodic'
     local last = redis.call('HGET', key, name)
     if last and tonumber(last) >= tick then return 0 end
@@ -949,6 +957,7 @@ if command == 'periodic' then
     if catch_up == '1' and not last then return 0 end
     if unwritable(queue_key(p), 'list') then return 0 end
     redis.call('LPUSH', queue_key(p), payload)
+    redis.call('HSET', key, name .. ':enqueued', tick)
     return 1
 end
 
