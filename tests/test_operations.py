@@ -233,6 +233,27 @@ def test_progress_reaches_the_job_hash_at_most_twice_a_second(
     assert steps == sorted(steps)
 
 
+def test_a_task_calling_set_progress_in_a_loop_costs_redis_two_writes_a_second(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """However often a task calls set_progress, the job hash is written at most twice
+    a second (counted by Redis: INFO commandstats), and the last value, given within
+    half a second of the one before, arrives when the job ends."""
+    daemon(config(workers={"slots": 1}))
+    push(r, "normal", {"id": "spam", "task": "progress_spam", "args": [3.0]})
+    wait_for(lambda: job_hash(r, "spam").get("status") == "running", 10)
+    r.config_resetstat()
+    since = time.time()
+    h = wait_status(r, ["spam"])["spam"]
+    took = float(h["finished_at"]) - since
+    writes = int(r.info("commandstats").get("cmdstat_hset", {}).get("calls", 0))
+    calls = int(h["result"])
+    assert calls > 1000, calls  # the task called it in a tight loop
+    # Two a second, the first at once; and the ending's own write of the job hash.
+    assert 2 <= writes <= 2 * took + 3, (writes, took)
+    assert json.loads(h["progress"]) == {"calls": calls, "last": True}
+
+
 def test_async_tasks_run_fail_retry_and_time_out_like_sync_ones(
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:

@@ -204,3 +204,18 @@ async def async_leaky(path: str, ms: float) -> str:
 
     _left_running.add(asyncio.get_running_loop().create_task(later()))
     return "started"
+
+
+@task
+def progress_spam(seconds: float) -> int:
+    """Reports progress as fast as it can for ``seconds``, then a last value at once
+    (throttled: it must arrive all the same); returns how many calls it made."""
+    from prioqd import set_progress
+
+    n = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        n += 1
+        set_progress({"calls": n})
+    set_progress({"calls": n, "last": True})
+    return n
