@@ -363,9 +363,10 @@ class Broker:
 
     async def periodic(
         self, name: str, tick_ms: int, priority: str, payload: str, *, catch_up: bool
-    ) -> bool:
-        """Enqueue a schedule's tick unless some daemon did; True if this call did."""
-        return bool(
+    ) -> int:
+        """Enqueue a schedule's tick unless some daemon did: 1 if this call did, 0 if
+        not, -1 if the tick is later than Redis's clock (refused: see the script)."""
+        return int(
             await self._call(
                 "periodic job", "periodic", name, tick_ms, priority, payload, int(catch_up)
             )

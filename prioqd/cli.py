@@ -413,7 +413,10 @@ async def _schedule_list(cfg: Config, as_json: bool) -> int:
     now = now_s + now_us / 1e6
     rows = []
     for entry in cfg.schedule:
-        done = last.get(entry.name.encode())
+        # The tick last handled may not have been pushed (the first catch-up of a new
+        # schedule is only recorded): "last enqueued" is the last one pushed.
+        handled = last.get(entry.name.encode())
+        pushed = last.get(f"{entry.name}:enqueued".encode())
         rows.append(
             {
                 "name": entry.name,
@@ -422,7 +425,8 @@ async def _schedule_list(cfg: Config, as_json: bool) -> int:
                 "priority": entry.priority,
                 "catch_up": entry.catch_up,
                 "next_run": periodic.iso(periodic.next_tick(entry, now)),
-                "last_enqueued": periodic.iso(int(done) / 1000) if done else None,
+                "last_enqueued": periodic.iso(int(pushed) / 1000) if pushed else None,
+                "last_handled": periodic.iso(int(handled) / 1000) if handled else None,
             }
         )
     if as_json:
@@ -435,7 +439,10 @@ async def _schedule_list(cfg: Config, as_json: bool) -> int:
             f"{clean(row['name'])}: {clean(row['when'])} -> {clean(row['task'])} "
             f"(queue {clean(row['priority'])}, catch_up {row['catch_up']})"
         )
-        print(f"    next run {row['next_run']}, last enqueued {row['last_enqueued'] or 'never'}")
+        line = f"    next run {row['next_run']}, last enqueued {row['last_enqueued'] or 'never'}"
+        if row["last_handled"] and row["last_handled"] != row["last_enqueued"]:
+            line += f" (tick {row['last_handled']} recorded, not enqueued)"
+        print(line)
     return EXIT_OK
 
 

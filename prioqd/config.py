@@ -34,6 +34,21 @@ def _non_negative(v: float) -> str | None:
     return None if v >= 0 else "must be 0 or greater"
 
 
+#: ``every_s`` bounds: a shorter period is a busy loop, not a schedule; a longer one
+#: overflows the dates its ticks are named by (use cron, e.g. @yearly).
+MIN_EVERY_S = 1.0
+MAX_EVERY_S = 10 * 366 * 86400.0
+
+
+def _every(v: float) -> str | None:
+    if v == 0 or MIN_EVERY_S <= v <= MAX_EVERY_S:
+        return None
+    return (
+        f"must be at least {MIN_EVERY_S:g} (seconds) and at most {MAX_EVERY_S:g} "
+        "(ten years): a schedule ticks at most once a second"
+    )
+
+
 def _name(v: str) -> str | None:
     if _NAME_RE.match(v):
         return None
@@ -254,7 +269,7 @@ class ScheduleConfig:
     # Exactly one of: a cron expression (5 fields, or @hourly and the like) ...
     cron: str = ""
     # ... or a period: ticks fall on multiples of it since the Unix epoch.
-    every_s: float = field(default=0.0, metadata=_check(_non_negative))
+    every_s: float = field(default=0.0, metadata=_check(_every))
     task: str = ""
     args: list[Any] = field(default_factory=list)
     kwargs: dict[str, Any] = field(default_factory=dict)

@@ -4,14 +4,16 @@
 The worker process sets the context around each call (a ``ContextVar``, so an
 ``async def`` task sees it too). Progress goes to the daemon over the worker's result
 pipe and from there to the job hash's ``progress`` field, at most twice a second a
-job: a call within half a second of the last one only keeps its value, which is sent
-by the next call after that, or when the job ends.
+job: a call within half a second of the last one sent only keeps its value (not even
+encoded: a throttled call costs next to nothing), which is sent by the next call
+after that, or when the job ends, so the last value always arrives.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -48,16 +50,21 @@ class JobContext:
     deadline: float
 
 
+_NOTHING: Any = object()
+
+
 @dataclass
 class _Progress:
     send: Callable[[str], None]
     sent_at: float = -math.inf
-    pending: str | None = None
+    #: The last value given and not sent yet, as given (encoded when it is sent).
+    pending: Any = _NOTHING
 
     def flush(self) -> None:
-        if self.pending is not None:
-            self.send(self.pending)
-            self.pending = None
+        """Send the value waiting, if any; ``ValueError`` if it is no progress value."""
+        if self.pending is not _NOTHING:
+            value, self.pending = self.pending, _NOTHING
+            self.send(encode_progress(value))
             self.sent_at = time.monotonic()
 
 
@@ -82,7 +89,11 @@ def set_progress(value: float | dict[str, Any]) -> None:
     """Report progress: a number, or a small JSON object (at most 4 KiB as JSON).
 
     Written to the job hash's ``progress`` field (visible in ``prioqd inspect`` and
-    the client), at most twice a second; it costs the task a few microseconds.
+    the client), at most twice a second; the last value when the job ends. A value
+    is encoded when it is sent, so a dict changed after the call is sent as it then
+    is, and a bad one (not JSON, over 4 KiB) raises ``ValueError`` from the call that
+    sends it; one still waiting when the job ends is dropped, with a warning on
+    stderr. A call that only keeps its value costs well under a microsecond.
     """
     running = _current.get()
     if running is None:
@@ -90,7 +101,7 @@ def set_progress(value: float | dict[str, Any]) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
         raise TypeError("progress must be a number or a JSON object (a dict)")
     progress = running.progress
-    progress.pending = encode_progress(value)
+    progress.pending = value
     if time.monotonic() - progress.sent_at >= PROGRESS_EVERY_S:
         progress.flush()
 
@@ -98,7 +109,10 @@ def set_progress(value: float | dict[str, Any]) -> None:
 def encode_progress(value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("progress must be a finite number")
-    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, RecursionError) as exc:
+        raise ValueError(f"progress must be JSON: {exc}") from exc
     if len(text) > MAX_PROGRESS_BYTES:
         raise ValueError(f"progress is {len(text)} bytes of JSON, over {MAX_PROGRESS_BYTES}")
     return text
@@ -110,8 +124,14 @@ def enter(job: JobContext, send: Callable[[str], None]) -> object:
 
 
 def leave(token: object) -> None:
-    """Clear the context after a job, sending its last progress if any is waiting."""
+    """Clear the context after a job, sending its last progress if any is waiting.
+    (The job has ended: a value that cannot be sent is dropped with a warning, not
+    turned into the job's failure.)"""
     running = _current.get()
-    if running is not None:
-        running.progress.flush()
     _current.reset(token)  # type: ignore[arg-type]
+    if running is None:
+        return
+    try:
+        running.progress.flush()
+    except ValueError as exc:
+        print(f"prioqd: last progress of job {running.job.id} dropped: {exc}", file=sys.stderr)

@@ -82,7 +82,8 @@ class Keys:
 
     @property
     def periodic(self) -> str:
-        """HASH schedule name -> the last tick (ms) enqueued for it."""
+        """HASH schedule name -> the last tick (ms) handled for it (enqueued, or only
+        recorded); ``<name>:enqueued`` -> the last tick (ms) actually enqueued."""
         return f"{self.prefix}:periodic"
 
     def throughput(self, minute: int) -> str:

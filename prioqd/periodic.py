@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import time
 import zoneinfo
 from typing import TYPE_CHECKING, Any
 
@@ -40,8 +41,9 @@ def _croniter() -> Any:
     return croniter
 
 
-def check_entry(entry: ScheduleConfig) -> None:
-    """Raise ``ScheduleError`` (naming the key) if the entry cannot tick."""
+def check_entry(entry: ScheduleConfig, now_s: float | None = None) -> None:
+    """Raise ``ScheduleError`` (naming the key) if the entry cannot tick: its next and
+    last ticks around ``now_s`` (default: now) are computed, as the daemon will."""
     _zone(entry)
     if entry.cron:
         if not _croniter().is_valid(entry.cron):
@@ -50,6 +52,14 @@ def check_entry(entry: ScheduleConfig) -> None:
             raise ScheduleError(
                 "cron", f"expected 5 fields or @hourly and the like: {entry.cron!r}"
             )
+    now = time.time() if now_s is None else now_s
+    try:
+        next_tick(entry, now)
+        last_tick(entry, now)
+    except Exception as exc:  # croniter's CroniterBadDateError, an overflow...
+        key = "cron" if entry.cron else "every_s"
+        what = repr(entry.cron) if entry.cron else f"{entry.every_s:g} s"
+        raise ScheduleError(key, f"{what} never fires ({exc})") from exc
     try:
         json.dumps([entry.args, entry.kwargs])
     except (TypeError, ValueError) as exc:

@@ -92,6 +92,30 @@ def _error_line(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(exc)).strip()
 
 
+def _cancel_left_running(loop: Any) -> None:
+    """Cancel the tasks a job started and left running, and wait for them to finish
+    cancelling, as ``asyncio.run`` does: the loop serves the next job, and work of
+    this one (with this job's context) must not carry on into it. One that raised
+    something else than its cancellation is reported as ``asyncio.run`` would."""
+    import asyncio
+
+    left = asyncio.all_tasks(loop)
+    if not left:
+        return
+    for t in left:
+        t.cancel()
+    loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+    for t in left:
+        if not t.cancelled() and t.exception() is not None:
+            loop.call_exception_handler(
+                {
+                    "message": "unhandled exception in a task the job left running",
+                    "exception": t.exception(),
+                    "task": t,
+                }
+            )
+
+
 class Runner:
     def __init__(
         self, tasks: dict[str, Callable[..., Any]], send: Callable[[Any], None] | None = None
@@ -108,7 +132,10 @@ class Runner:
             import uvloop
 
             self._loop = uvloop.new_event_loop()
-        return self._loop.run_until_complete(awaitable)
+        try:
+            return self._loop.run_until_complete(awaitable)
+        finally:
+            _cancel_left_running(self._loop)
 
     def _signature(self, name: str, fn: Callable[..., Any]) -> inspect.Signature | None:
         if name not in self._signatures:

@@ -327,3 +327,31 @@ def test_auto_log_format_is_json_off_a_terminal(
     lines = out_path.read_text().splitlines()
     events = [json.loads(line) for line in lines]  # every line is JSON
     assert {"daemon starting", "daemon ready", "daemon stopped"} <= {e["event"] for e in events}
+
+
+def test_the_readme_timer_unit_pushes_one_fixed_unique_id(r: redis.Redis, config: Config) -> None:
+    """The README's systemd timer alternative to [[schedule]]: its service is no
+    template (a %i there would expand to nothing), and its ExecStart, run as systemd
+    would, pushes `nightly-report`; the next tick while that one waits is a duplicate."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(
+        r"```ini\n(# /etc/systemd/system/nightly-report\.service.*?)```", readme, re.S
+    )
+    assert block, "the timer example is gone from the README"
+    unit = block.group(1)
+    exec_start = re.search(r"^ExecStart=(.*?[^\\])$", unit, re.S | re.M)
+    assert exec_start
+    command = exec_start.group(1).replace("\\\n", " ")
+    assert "%" not in command, f"a specifier in a unit that is no template: {command}"
+    argv = command.split()
+    assert argv[0] == "/opt/prioqd/bin/prioqd"
+    cfg = config()
+    run = [*PRIOQD, *argv[1:], "--config", str(cfg)]
+    outputs = [
+        subprocess.run(run, capture_output=True, text=True, timeout=60, env=env_with_taskmods())
+        for _ in range(2)
+    ]
+    assert [o.returncode for o in outputs] == [0, 0], [o.stderr for o in outputs]
+    assert outputs[0].stdout.split() == ["nightly-report"]
+    assert "duplicate: unique job nightly-report is already queued" in outputs[1].stderr
+    assert job_ids(r, "low") == ["nightly-report"]

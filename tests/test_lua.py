@@ -344,6 +344,70 @@ def test_an_op_on_a_wrong_type_key_fails_alone_before_writing(lua: Script) -> No
     assert lua.r.hget(f"{P}:job:w", "status") == b"succeeded"
 
 
+def test_a_unique_lock_follows_its_job_on_every_path(lua: Script) -> None:
+    """The lock says "q" while its job waits, "D/C" while a claim holds it, and is gone
+    once the job has ended, however it ended; an enqueue finds a lock whose claim is
+    gone free."""
+
+    def enqueue(job_id: str) -> int:
+        payload = json.dumps({"id": job_id, "task": "t", "unique": True})
+        return int(lua.call("enqueue", "high", payload, job_id, "1", 60))
+
+    def lock(job_id: str) -> bytes | None:
+        return lua.r.get(f"{P}:unique:{job_id}")  # type: ignore[return-value]
+
+    def claim(job_id: str, c: int) -> jobs.Job:
+        assert enqueue(job_id) == 1 and lock(job_id) == b"q"
+        _, claimed, _ = lua.cycle(next_claim=c, tokens=1)
+        job = parsed(claimed[0][1], c)
+        assert lua.cycle([ops.Lock(job, 600)])[0] == [1]
+        assert lock(job_id) == f"{D}/{c}".encode() and lua.r.ttl(f"{P}:unique:{job_id}") > 590  # type: ignore[operator]
+        return job
+
+    # Put back (a higher job took its place): it waits again, and keeps its expiry.
+    claim("rel", 1)
+    lua.cycle([ops.Release([1])])
+    assert lock("rel") == b"q" and lua.r.ttl(f"{P}:unique:rel") > 590  # type: ignore[operator]
+    assert enqueue("rel") == 0
+    lua.r.delete(f"{P}:queue:high")
+    # Buried, or an op Redis refused: dead letters; the id is free.
+    claim("bur", 2)
+    lua.cycle([ops.Bury(2, "refused", "bur")])
+    assert lock("bur") is None
+    job = claim("wrong", 3)
+    lua.r.lpush(f"{P}:job:wrong", "x")
+    assert lua.cycle([jobs.start_op(job, daemon_id=D, ttl_s=60)])[0] == [ops.FAILED]
+    assert lock("wrong") is None
+    # Rejected before it took the lock (its task is unknown): the "q" goes.
+    assert enqueue("rej") == 1
+    _, claimed, _ = lua.cycle(next_claim=4, tokens=1)
+    rej = jobs.parse(claimed[0][1], "high", known_tasks=set(), max_payload_bytes=10_000, now=0)
+    assert isinstance(rej, jobs.Rejected)
+    lua.cycle([jobs.reject_op(rej, 4, daemon_id=D, ttl_s=60, now=0)])
+    assert lock("rej") is None
+    # Its daemon died: recovered to its queue, it waits again; dying once too often
+    # (max_recoveries = 0 here), it is poison: dead letters, and the id is free.
+    lua.beat("d2")  # registered: from its next beat on, its lease is unbroken
+    claim("rec", 5)
+    lua.r.zadd(f"{P}:daemons", {D: 1})
+    lua.beat("d2")
+    assert lock("rec") == b"q" and lua.r.llen(f"{P}:queue:high") == 1
+    lua.beat(D)
+    _, claimed, _ = lua.cycle(next_claim=6, tokens=1)
+    assert lua.cycle([ops.Lock(parsed(claimed[0][1], 6), 600)])[0] == [1]
+    lua.r.zadd(f"{P}:daemons", {D: 1})
+    assert lua.call("heartbeat", "d2", 60_000, 10, 0, 0)[4] == 1  # one poison payload
+    assert lock("rec") is None
+    lua.beat(D)
+    # A lock whose claim is gone (an ending that never reached it) holds nothing.
+    lua.r.delete(f"{P}:queue:high")
+    lua.r.set(f"{P}:unique:gone", "d9/7")
+    assert enqueue("gone") == 1 and lock("gone") == b"q"
+    lua.r.hset(f"{P}:inflight:d9", "8", "high\nc0\n0\nx")
+    lua.r.set(f"{P}:unique:live", "d9/8")
+    assert enqueue("live") == 0 and lock("live") == b"d9/8"
+
+
 def test_recovery_of_a_dead_daemon_counts_it_and_poison_goes_to_the_dead_letters(
     lua: Script,
 ) -> None:

@@ -500,6 +500,27 @@ def test_progress_reaches_the_job_hash_at_most_twice_a_second(
     assert steps == sorted(steps)
 
 
+def test_a_task_calling_set_progress_in_a_loop_costs_redis_two_writes_a_second(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """However often a task calls set_progress, the job hash is written at most twice
+    a second (counted by Redis: INFO commandstats), and the last value, given within
+    half a second of the one before, arrives when the job ends."""
+    daemon(config(workers={"slots": 1}))
+    push(r, "normal", {"id": "spam", "task": "progress_spam", "args": [3.0]})
+    wait_for(lambda: job_hash(r, "spam").get("status") == "running", 10)
+    r.config_resetstat()
+    since = time.time()
+    h = wait_status(r, ["spam"])["spam"]
+    took = float(h["finished_at"]) - since
+    writes = int(r.info("commandstats").get("cmdstat_hset", {}).get("calls", 0))
+    calls = int(h["result"])
+    assert calls > 1000, calls  # the task called it in a tight loop
+    # Two a second, the first at once; and the ending's own write of the job hash.
+    assert 2 <= writes <= 2 * took + 3, (writes, took)
+    assert json.loads(h["progress"]) == {"calls": calls, "last": True}
+
+
 def test_async_tasks_run_fail_retry_and_time_out_like_sync_ones(
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:
@@ -512,3 +533,57 @@ def test_async_tasks_run_fail_retry_and_time_out_like_sync_ones(
     assert h["a2"]["status"] == "dead" and "RuntimeError: boom" in h["a2"]["error"]
     assert "raise RuntimeError(message)" in h["a2"]["traceback"]
     assert h["a3"]["status"] == "dead" and "timed out after 1s" in h["a3"]["error"]
+
+
+def test_an_async_task_that_kills_its_worker_is_charged_as_a_crash_and_retried(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    d = daemon(config(jobs={"retry_backoff_s": 0.05, "retry_backoff_max_s": 0.2}))
+    push(r, "normal", {"id": "ac", "task": "async_crash", "max_retries": 1})
+    h = wait_status(r, ["ac"], timeout_s=30, daemon=d)["ac"]
+    assert h["status"] == "dead" and h["attempts"] == "2"
+    assert h["error"] == "worker process exited with code 13"
+    assert len(d.wait_count("worker process died", 2)) == 2
+    push(r, "normal", {"id": "after", "task": "async_square", "args": [3]})
+    assert wait_status(r, ["after"], daemon=d)["after"]["result"] == "9"
+
+
+def test_cancelling_a_running_async_task_kills_its_worker_and_it_is_not_retried(
+    r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
+) -> None:
+    import psutil
+    from helpers import prioqd
+
+    cfg = config(jobs={"max_retries": 3})
+    d = daemon(cfg)
+    pid_file = tmp_path / "pid"
+    push(r, "normal", {"id": "along", "task": "async_nap_pid", "args": [str(pid_file), 30]})
+    wait_for(lambda: job_hash(r, "along").get("status") == "running" and pid_file.exists(), 10)
+    worker = int(pid_file.read_text().split()[0])
+    out = prioqd("cancel", "--config", str(cfg), "along")
+    assert out.returncode == 0, out.stderr
+    reply = r.blpop(["prioqd:done:along"], timeout=10)
+    assert reply is not None and json.loads(reply[1])["status"] == "cancelled"
+    h = job_hash(r, "along")
+    assert h["status"] == "cancelled" and h["attempts"] == "1"
+    wait_for(lambda: not psutil.pid_exists(worker), 10, what="the worker to be killed")
+    assert r.zcard("prioqd:scheduled") == 0 and not dead_letters(r)
+    push(r, "normal", {"id": "next", "task": "async_square", "args": [4]})
+    assert wait_status(r, ["next"], daemon=d)["next"]["result"] == "16"
+    assert job_hash(r, "along")["status"] == "cancelled"  # still: no retry ran
+
+
+def test_tasks_an_async_job_leaves_running_are_cancelled_when_it_ends(
+    r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
+) -> None:
+    """The worker's event loop serves the next job: what one job started and did not
+    await must not run on during it (with the old job's context)."""
+    daemon(config(workers={"slots": 1}))
+    marks = tmp_path / "marks"
+    push(r, "normal", {"id": "leaky", "task": "async_leaky", "args": [str(marks), 300]})
+    push(r, "normal", {"id": "next", "task": "async_square", "args": [2, 1.0]})
+    h = wait_status(r, ["leaky", "next"])
+    assert h["leaky"]["result"] == '"started"' and h["next"]["result"] == "4"
+    # Cancelled as its job ended, before the next job started on the same loop.
+    assert marks.read_text().split() == ["cancelled"]
+    assert float(h["next"]["started_at"]) >= float(h["leaky"]["finished_at"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import random
 import time
 from collections import deque
@@ -71,6 +72,10 @@ PREFETCH_MARGIN_S = 0.0005
 #: A job still running this long after dispatch has its start ("running") written;
 #: one that ends sooner is recorded in one step, which halves its Redis work.
 START_RECORD_AFTER_S = 0.02
+#: A unique job's lock, once a claim takes it, lasts its timeout plus the lease plus
+#: this: longer than the run can (a timeout kills it; a daemon that stops beating
+#: has it recovered within the lease), so a second run cannot start beside it.
+LOCK_MARGIN_S = 60
 
 
 def batch_size(average_s: float | None) -> int:
@@ -237,7 +242,7 @@ class Dispatcher:
             elif item.unique:
                 # Runs only once it holds its lock: never twice at the same time.
                 self._locking[claim] = item
-                self._outbox.append(Lock(item, cfg.result_ttl_s))
+                self._outbox.append(Lock(item, self._lock_ttl_s(item)))
             else:
                 runnable.append(item)
         batches, spill = self._batches(runnable, tokens)
@@ -255,6 +260,13 @@ class Dispatcher:
             self.on_change()
         if self._outbox:
             self._wake()
+
+    def _lock_ttl_s(self, job: Job) -> int:
+        """How long the lock a unique job's claim takes lasts (see LOCK_MARGIN_S); at
+        least result_ttl_s, which the lock keeps if the job goes back to its queue."""
+        cfg = self.config
+        run_s = (job.timeout_s or cfg.jobs.timeout_s) + cfg.daemon.lease_s + LOCK_MARGIN_S
+        return max(cfg.jobs.result_ttl_s, math.ceil(run_s))
 
     def _batches(self, runnable: list[Job], tokens: int) -> tuple[list[list[Job]], list[Job]]:
         """Split runnable jobs into at most ``tokens`` batches, keeping claim order.

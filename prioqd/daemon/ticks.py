@@ -43,11 +43,14 @@ class Ticks:
         self._on_redis_down = on_redis_down
         #: The last tick handled here, by entry name.
         self._handled: dict[str, float] = {}
+        #: Entries whose ticks cannot be computed, logged once (until a reload).
+        self._broken: set[str] = set()
         self._wake = asyncio.Event()
         self._closing = False
 
     def reconfigured(self) -> None:
         """The schedule changed (a reload): look at it afresh."""
+        self._broken.clear()
         self._wake.set()
 
     def close(self) -> None:
@@ -62,15 +65,36 @@ class Ticks:
             next_at = math.inf
             try:
                 for entry in self.config.schedule:
-                    tick = periodic.last_tick(entry, now)
+                    ticks = self._ticks(entry, now)
+                    if ticks is None:
+                        continue
+                    tick, following = ticks
                     if tick > self._handled.get(entry.name, -math.inf):
                         await self._offer(entry, tick, late=now - tick > ON_TIME_S)
                         self._handled[entry.name] = tick
-                    next_at = min(next_at, periodic.next_tick(entry, now))
+                    next_at = min(next_at, following)
                 backoff.reset()
             except BrokerError as exc:
                 next_at = now + self._on_redis_down("periodic jobs", exc, backoff)
             await wait_event(self._wake, None if next_at == math.inf else next_at - now)
+
+    def _ticks(self, entry: Any, now: float) -> tuple[float, float] | None:
+        """The entry's last tick at or before ``now``, and its next one; None (logged
+        once) if they cannot be computed. The config check computes them too, so this
+        is for what it cannot foresee; one such entry must not stop the daemon, nor
+        the other entries."""
+        try:
+            return periodic.last_tick(entry, now), periodic.next_tick(entry, now)
+        except Exception as exc:
+            if entry.name not in self._broken:
+                self._broken.add(entry.name)
+                self.log.error(
+                    "schedule entry skipped: its ticks cannot be computed",
+                    schedule=entry.name,
+                    when=periodic.describe(entry),
+                    error=repr(exc),
+                )
+            return None
 
     async def _offer(self, entry: Any, tick: float, *, late: bool) -> None:
         if late and entry.catch_up == "none":
@@ -82,7 +106,14 @@ class Ticks:
             periodic.payload(entry, tick),
             catch_up=late,
         )
-        if pushed:
+        if pushed < 0:
+            self.log.warning(
+                "periodic tick not enqueued: it is later than Redis's clock "
+                "(this host's clock jumped?)",
+                schedule=entry.name,
+                job_id=periodic.job_id(entry, tick),
+            )
+        elif pushed:
             self.log.info(
                 "periodic job enqueued",
                 schedule=entry.name,

@@ -54,9 +54,15 @@
 --                           the daemon that ends such a job as cancelled removes it.
 --   P:unique:<id>    STRING the lock of a unique job: "q" while it is queued or scheduled
 --                           (set by the push, `enqueue`), "D/C" while claim C of daemon D
---                           runs it. The push gives it a safety expiry of result_ttl_s
---                           plus the job's delay, for a lock nobody releases.
---   P:periodic       HASH   schedule name -> the last tick (ms) enqueued for it.
+--                           runs it, deleted when the job ends, whichever way (`unlock`).
+--                           A "D/C" whose claim is gone holds nothing. Expiry: result_ttl_s
+--                           plus the job's delay from the push; from the claim that takes
+--                           it, at least the job's timeout plus the lease (ops.lock), so
+--                           that it outlasts the run; a safety net for a lock nobody
+--                           releases (its job deleted by hand, say).
+--   P:periodic       HASH   schedule name -> the last tick (ms) handled for it (enqueued, or
+--                           recorded without a push: see `periodic`); "<name>:enqueued"
+--                           -> the last tick (ms) actually pushed. (Names have no ':'.)
 --   P:throughput:M   HASH   status (succeeded, failed, dead, cancelled) -> outcomes
 --                           published on P:events in minute M (Unix minutes, Redis
 --                           clock), for the dashboard. Each call adds its outcomes at
@@ -226,6 +232,62 @@ local function mark_dead(id, p, reason)
         {id = id, priority = p, status = 'dead', result = cjson.null, error = reason}))
 end
 
+-- Unique jobs' locks (P:unique:<id>) follow their job on every path it takes: "q"
+-- while it waits (in a queue or the schedule), "D/C" while claim C of daemon D holds
+-- it to run, gone once it has ended (done, dead-lettered, rejected, cancelled).
+-- A lock an ended job left behind would turn every later push of its id into a
+-- "duplicate" until the lock expired.
+
+-- The id of a unique job's payload, or nil. (A payload that does not mention
+-- "unique" at all is not decoded: most are not unique.)
+local function unique_id(payload)
+    if not string.find(payload, '"unique"', 1, true) then return nil end
+    local ok, job = pcall(cjson.decode, payload)
+    if ok and type(job) == 'table' and job.unique == true and type(job.id) == 'string' then
+        return job.id
+    end
+    return nil
+end
+
+-- Whether the lock value `cur` still stands for a job: "q" (it waits), or a claim
+-- still in its daemon's inflight hash. A claim that is gone (its daemon died and
+-- was recovered, or an ending never reached the lock) holds nothing.
+local function lock_live(cur)
+    if cur == 'q' then return true end
+    local d2, c2 = string.match(cur, '^(.*)/(%d+)$')
+    return d2 ~= nil and redis.call('HEXISTS', inflight_key(d2), c2) == 1
+end
+
+-- The lock of job `id`, if it names the claim whose inflight entry is `v` (a
+-- daemon's claim being recovered, whose number the caller does not know), else nil.
+local function entry_holder(id, v)
+    if not id then return nil end
+    local cur = redis.pcall('GET', unique_key(id))
+    if type(cur) ~= 'string' then return nil end
+    local d2, c2 = string.match(cur, '^(.*)/(%d+)$')
+    if d2 and redis.call('HGET', inflight_key(d2), c2) == v then return cur end
+    return nil
+end
+
+-- Unique job `id` (nil: not a unique job) is no longer held by `holder` ("D/C"; nil
+-- for a claim that never took the lock): its lock goes, or with `waits` (the job is
+-- back in a queue or the schedule) says "q" again, for `ttl` seconds if given, else
+-- for what is left of its expiry. A lock another run holds is left alone; so is a
+-- key of another type (nothing is written to it).
+local function unlock(id, holder, waits, ttl)
+    if not id then return end
+    local key = unique_key(id)
+    local cur = redis.pcall('GET', key)
+    if type(cur) ~= 'string' or (cur ~= 'q' and cur ~= holder) then return end
+    if not waits then
+        redis.call('DEL', key)
+    elseif ttl then
+        redis.call('SET', key, 'q', 'EX', ttl)
+    elseif cur ~= 'q' then
+        redis.call('SET', key, 'q', 'KEEPTTL')
+    end
+end
+
 local function dead_by_reference(p, payload, reason, fields)
     local sha = redis.sha1hex(payload)
     redis.call('SET', payload_key(sha), payload)
@@ -267,10 +329,14 @@ local function put_back(v, died, max_recoveries)
     if died then recoveries = recoveries + 1 end
     if died and recoveries > max_recoveries and dead_writable() then
         local reason = 'poison: its daemon died ' .. recoveries .. ' times while holding it'
+        local uid = unique_id(payload)
+        unlock(uid, entry_holder(uid, v), false)
         dead_by_reference(p, payload, reason, {id = id or cjson.null})
         mark_dead(id, p, reason)
         return 'dead'
     end
+    local uid = unique_id(payload)
+    unlock(uid, entry_holder(uid, v), true)
     redis.call('RPUSH', queue_key(p), payload)
     remember(payload, recoveries, used(state))
     if id and unwritable(job_key(id), 'hash') == nil then
@@ -384,28 +450,33 @@ local function fail_op(c, v, why)
     local p, _, _, payload = parse_entry(v)
     redis.call('HDEL', inflight, c)
     dead_by_reference(p, payload, 'redis error: ' .. why)
+    unlock(unique_id(payload), D .. '/' .. c, false)
     return -2
 end
 
 local ops = {}
 
--- Claim C's job ended (or went to the schedule, with `scheduled`): what it held as
--- a unique job, and a cancel asked for it, go. `flags` holds "u" for a unique job,
--- "c" for one that ended cancelled (so jobs that are neither pay nothing here).
-local function settled(id, c, flags, ttl, scheduled)
+-- Claim C's job ended (or went to the schedule to run at due_ms, if given): what it
+-- held as a unique job, and a cancel asked for it, go. `flags` holds "u" for a unique
+-- job, "c" for one that ended cancelled (so jobs that are neither pay nothing here).
+-- The lock may still say "q": a job cancelled before it took it.
+local function settled(id, c, flags, ttl, due_ms)
     if string.find(flags, 'u', 1, true) then
-        local key = unique_key(id)
-        if redis.call('GET', key) == D .. '/' .. c then
-            if scheduled then redis.call('SET', key, 'q', 'EX', ttl) else redis.call('DEL', key) end
+        local lock_ttl = nil
+        if due_ms then
+            -- Until it is due, and result_ttl_s after that, as a push would give it.
+            lock_ttl = tonumber(ttl) + math.max(0, math.ceil((due_ms - now_ms()) / 1000))
         end
+        unlock(id, D .. '/' .. c, due_ms ~= nil, lock_ttl)
     end
     if string.find(flags, 'c', 1, true) then redis.call('ZREM', cancels_key, id) end
 end
 
--- lock C id ttl: claim C is a unique job: it takes the job's lock, unless a live
--- run of the same id holds it, in which case this claim is a duplicate: it is
--- dropped (not run, not dead-lettered) and "duplicate" is published. 1 locked, 0
--- dropped as a duplicate, -1 the claim is gone.
+-- lock C id ttl: claim C is a unique job: it takes the job's lock for ttl seconds
+-- (the daemon makes that outlast the run: its timeout plus the lease, at least),
+-- unless a live run of the same id holds it, in which case this claim is a
+-- duplicate: it is dropped (not run, not dead-lettered) and "duplicate" is
+-- published. 1 locked, 0 dropped as a duplicate, -1 the claim is gone.
 ops.lock = function(i)
     local c, id, ttl = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local v = entry(c)
@@ -414,13 +485,10 @@ ops.lock = function(i)
     local why = unwritable(key, 'string')
     if why then return fail_op(c, v, why), i + 4 end
     local cur = redis.call('GET', key)
-    if cur and cur ~= 'q' and cur ~= me then
-        local d2, c2 = string.match(cur, '^(.*)/(%d+)$')
-        if d2 and redis.call('HEXISTS', inflight_key(d2), c2) == 1 then
-            redis.call('HDEL', inflight, c)
-            redis.call('PUBLISH', events_key, cjson.encode({id = id, status = 'duplicate'}))
-            return 0, i + 4
-        end
+    if cur and cur ~= 'q' and cur ~= me and lock_live(cur) then
+        redis.call('HDEL', inflight, c)
+        redis.call('PUBLISH', events_key, cjson.encode({id = id, status = 'duplicate'}))
+        return 0, i + 4
     end
     redis.call('SET', key, me, 'EX', ttl)
     return 1, i + 4
@@ -521,7 +589,7 @@ ops.finish = function(i)
     push_done(id, ttl, outcome)
     redis.call('PUBLISH', events_key, outcome)
     count('succeeded')
-    settled(id, c, flags, ttl, false)
+    settled(id, c, flags, ttl, nil)
     return attempt, nxt
 end
 
@@ -571,7 +639,7 @@ ops['end'] = function(i)
     else
         count('succeeded')
     end
-    settled(id, c, flags, ttl, member ~= '')
+    settled(id, c, flags, ttl, member ~= '' and tonumber(due_ms) or nil)
     return 1, nxt
 end
 
@@ -596,6 +664,8 @@ ops.reject = function(i)
         write_job(id, ttl, fields, nil)
         push_done(id, ttl, outcome)
     end
+    local _, _, _, payload = parse_entry(v)
+    unlock(unique_id(payload), D .. '/' .. c, false)
     redis.call('PUBLISH', events_key, outcome)
     count('dead')
     return 1, nxt
@@ -636,6 +706,7 @@ ops.release = function(i)
             else
                 redis.call('HDEL', inflight, c)
                 redis.call('RPUSH', queue_key(p), payload)
+                unlock(unique_id(payload), D .. '/' .. c, true)
                 -- Uncharged: a started one's attempt is taken back.
                 local before = used(state)
                 if not is_claimed(state) then before = before - 1 end
@@ -667,6 +738,7 @@ ops.bury = function(i)
     redis.call('HDEL', inflight, c)
     dead_by_reference(p, payload, reason, {id = id ~= '' and id or cjson.null})
     if id ~= '' then mark_dead(id, p, reason) end
+    unlock(unique_id(payload), D .. '/' .. c, false)
     return 1, i + 4
 end
 
@@ -899,6 +971,7 @@ if command == 'promote' then
             local reason = 'no daemon serves priority ' .. p
             if served[p] then reason = 'redis error: ' .. unwritable(queue_key(p), 'list') end
             dead_by_reference(p, json, reason)
+            unlock(unique_id(json), nil, false)
             dead = dead + 1
             done[#done + 1] = member
         end
@@ -910,11 +983,17 @@ end
 
 -- periodic name tick_ms p payload catch_up
 -- Enqueues a [[schedule]] tick exactly once, whichever daemons offer it: only if no
--- tick of that name as late or later was enqueued. A catch-up (catch_up = 1: the
+-- tick of that name as late or later was handled. A catch-up (catch_up = 1: the
 -- tick is long past) for a name never seen before is only recorded, not enqueued:
--- nothing was missed, the schedule is new. Returns 1 enqueued, 0 already done.
+-- nothing was missed, the schedule is new (so is a tick whose queue has the wrong
+-- type). A tick later than Redis's clock by more than FUTURE_TICK_MS is refused: the
+-- clock of the daemon offering it jumped ahead, and recorded, it would make every
+-- daemon skip the real ticks up to it. Returns 1 enqueued, 0 already handled (or
+-- recorded only), -1 refused as later than Redis's clock.
+local FUTURE_TICK_MS = 1000
 if command == 'periodic' then
     local name, tick, p, payload, catch_up = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
+    if tick > now_ms() + FUTURE_TICK_MS then return -1 end
     local key = prefix .. ':periodic'
     local last = redis.call('HGET', key, name)
     if last and tonumber(last) >= tick then return 0 end
@@ -922,6 +1001,7 @@ if command == 'periodic' then
     if catch_up == '1' and not last then return 0 end
     if unwritable(queue_key(p), 'list') then return 0 end
     redis.call('LPUSH', queue_key(p), payload)
+    redis.call('HSET', key, name .. ':enqueued', tick)
     return 1
 end
 
@@ -934,10 +1014,11 @@ end
 -- Pushes `payload` (the job JSON, with its id) onto P:queue:p as a producer's LPUSH
 -- would. What an earlier job with this id left (P:job:<id>, P:done:<id>, a cancel in
 -- P:cancels) is deleted first, so that it cannot answer a waiter or shorten the new
--- job's retries. With unique = "1" the push happens only if `SET P:unique:<id> q NX
--- EX ttl` succeeds (the check and the push are this one step); otherwise nothing is
--- written but {"id", "status": "duplicate"} on P:events. `ttl` is a safety expiry for
--- a lock nobody releases (the daemons take it over when they claim the job).
+-- job's retries. With unique = "1" the push happens only if no live lock is there
+-- (P:unique:<id> absent, or naming a claim that is gone: see `lock_live`) and then
+-- sets it to "q" EX ttl (the check and the push are this one step); otherwise nothing
+-- is written but {"id", "status": "duplicate"} on P:events. `ttl` is a safety expiry
+-- for a lock nobody releases (the daemons take it over when they claim the job).
 -- Returns 1 pushed, 0 a duplicate of a live unique job.
 if command == 'enqueue' then
     local p, payload, id, unique, ttl = ARGV[3], ARGV[4], ARGV[5], ARGV[6] == '1', ARGV[7]
@@ -947,9 +1028,13 @@ if command == 'enqueue' then
     if unique then targets[#targets + 1] = {lock, 'string'} end
     local why = check(targets)
     if why then return redis.error_reply('prioqd: ' .. why) end
-    if unique and not redis.call('SET', lock, 'q', 'NX', 'EX', ttl) then
-        redis.call('PUBLISH', events_key, cjson.encode({id = id, status = 'duplicate'}))
-        return 0
+    if unique then
+        local cur = redis.call('GET', lock)
+        if cur and lock_live(cur) then
+            redis.call('PUBLISH', events_key, cjson.encode({id = id, status = 'duplicate'}))
+            return 0
+        end
+        redis.call('SET', lock, 'q', 'EX', ttl)
     end
     redis.call('DEL', job_key(id), done_key(id))
     redis.call('ZREM', cancels_key, id)

@@ -151,3 +151,71 @@ def logjob(path: str) -> str:
     finally:
         os.close(fd)
     return job_id
+
+
+@task
+def kill_my_daemon(path: str, tag: str, ms: float = 0.0) -> None:
+    """Appends ``tag`` to ``path``, naps, then SIGKILLs the daemon running it."""
+    import signal
+
+    logrun(path, tag, ms)
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(60)
+
+
+@task
+async def async_crash(code: int = 13) -> None:
+    """Kills its worker from inside the event loop."""
+    import asyncio
+
+    await asyncio.sleep(0)
+    os._exit(code)
+
+
+@task
+async def async_nap_pid(path: str, seconds: float) -> int:
+    """Writes its worker's pid to ``path``, then sleeps on the event loop."""
+    import asyncio
+
+    logrun(path, str(os.getpid()))
+    await asyncio.sleep(seconds)
+    return os.getpid()
+
+
+#: Strong references to the tasks ``async_leaky`` starts (the loop keeps weak ones).
+_left_running: set[object] = set()
+
+
+@task
+async def async_leaky(path: str, ms: float) -> str:
+    """Starts a task it never awaits, which would append ``late:<job id>`` to ``path``
+    ``ms`` later (``cancelled`` if it is cancelled first), and returns at once."""
+    import asyncio
+
+    from prioqd import current_job
+
+    async def later() -> None:
+        try:
+            await asyncio.sleep(ms / 1000)
+        except asyncio.CancelledError:
+            logrun(path, "cancelled")
+            raise
+        logrun(path, f"late:{current_job().id}")
+
+    _left_running.add(asyncio.get_running_loop().create_task(later()))
+    return "started"
+
+
+@task
+def progress_spam(seconds: float) -> int:
+    """Reports progress as fast as it can for ``seconds``, then a last value at once
+    (throttled: it must arrive all the same); returns how many calls it made."""
+    from prioqd import set_progress
+
+    n = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        n += 1
+        set_progress({"calls": n})
+    set_progress({"calls": n, "last": True})
+    return n
