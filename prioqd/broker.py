@@ -416,8 +416,12 @@ class _Direct:
         self._what = what
         self._conn: AbstractConnection | None = None
         self._parser = hiredis.Reader()
+        #: Bumped by each close: a call that sees it change had its connection torn
+        #: down under it (a shutdown closing the waits while a barrier connects).
+        self._closes = 0
 
     async def close(self) -> None:
+        self._closes += 1
         self._parser = hiredis.Reader()  # whatever was half read belongs to the old one
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -425,6 +429,7 @@ class _Direct:
                 await conn.disconnect()
 
     async def call(self, *args: str | bytes | int) -> Any:
+        closes = self._closes
         try:
             conn = self._conn
             if conn is None:
@@ -440,8 +445,13 @@ class _Direct:
         except BaseException as exc:
             # Anything else (a timeout, a reset, a cancellation mid-read) leaves the
             # connection in an unknown state: the reply may be lost mid-way.
+            closed_under_us = self._closes != closes
             await self.close()
-            if isinstance(exc, (redis.exceptions.RedisError, OSError, RuntimeError)):
+            if isinstance(exc, (redis.exceptions.RedisError, OSError, RuntimeError)) or (
+                # redis-py's connect() fails with whatever it finds half torn down
+                # (an AttributeError on a None stream): a closed connection, not a bug.
+                closed_under_us and isinstance(exc, Exception)
+            ):
                 raise _classify(self._what, exc) from exc
             raise
 
