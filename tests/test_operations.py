@@ -587,3 +587,29 @@ def test_tasks_an_async_job_leaves_running_are_cancelled_when_it_ends(
     # Cancelled as its job ended, before the next job started on the same loop.
     assert marks.read_text().split() == ["cancelled"]
     assert float(h["next"]["started_at"]) >= float(h["leaky"]["finished_at"])
+
+
+def test_a_settled_cancel_is_forgotten_by_every_daemon_so_the_id_can_run_again(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """Every daemon keeps the cancels in memory; the one that ends the cancelled job
+    removes it from Redis and must tell the others, or a daemon that heard the cancel
+    would cancel the next job pushed with that id (a raw LPUSH, a retry from a
+    producer) for the ten minutes the cancel is kept."""
+    cfg = config(workers={"slots": 1})
+    a = daemon(cfg)
+    push(r, "normal", {"id": "again", "task": "nap", "args": [30_000]})
+    wait_for(lambda: job_hash(r, "again").get("status") == "running", 10)
+    b = daemon(cfg)  # idle; hears the cancel below too
+    cancel_held(r, "again")
+    assert wait_status(r, ["again"], ("cancelled",))["again"]["status"] == "cancelled"
+    wait_for(lambda: not r.zscore("prioqd:cancels", "again"), 10, what="cancel settled")
+    assert a.stop() == 0  # only b is left to take the id pushed again
+    r.delete("prioqd:done:again", "prioqd:job:again")
+    # b busy on its one slot, so its next claim (not its idle wait) takes the id.
+    push(r, "normal", {"id": "blocker", "task": "nap", "args": [300]})
+    wait_for(lambda: job_hash(r, "blocker").get("status") == "running", 10)
+    push(r, "normal", {"id": "again", "task": "square", "args": [4]})
+    outcome = wait_status(r, ["again"], ("succeeded", "cancelled", "dead"))["again"]
+    assert outcome["status"] == "succeeded" and outcome["result"] == "16", outcome
+    assert not b.events("job cancelled by an operator")

@@ -73,7 +73,11 @@
 --                           {"id", "status": "duplicate"} for a unique job pushed twice.
 --   P:control        pub/sub channel: operators' commands to the daemons (pause,
 --                           resume, cancel), as JSON: {"op": "pause", "priorities": [..]},
---                           {"op": "resume", "priorities": [..]}, {"op": "cancel", "ids": [..]}.
+--                           {"op": "resume", "priorities": [..]}, {"op": "cancel", "ids": [..]};
+--                           and {"op": "uncancel", "ids": [id]} when a cancel is settled
+--                           or withdrawn (`withdraw_cancel`): every daemon reads
+--                           P:cancels afresh, so none keeps a stale cancel in memory
+--                           and cancels a later job of the same id.
 --
 -- Invariant: a job is always in exactly one of P:queue:p, P:landing:D:p,
 -- P:inflight:D, P:scheduled or P:dead (or it has ended), and every move between them
@@ -98,6 +102,7 @@ local history_key = prefix .. ':history'
 local paused_key = prefix .. ':paused'
 local cancels_key = prefix .. ':cancels'
 local events_key = prefix .. ':events'
+local control_key = prefix .. ':control'
 local function unique_key(id) return prefix .. ':unique:' .. id end
 local function throughput_key(minute) return prefix .. ':throughput:' .. minute end
 local THROUGHPUT_TTL_S = 3600
@@ -456,6 +461,14 @@ end
 
 local ops = {}
 
+-- A cancel that no longer applies (its job ended, or the id was pushed anew) leaves
+-- P:cancels, and the daemons are told to read it again (they keep it in memory).
+local function withdraw_cancel(id)
+    if redis.call('ZREM', cancels_key, id) == 1 then
+        redis.call('PUBLISH', control_key, cjson.encode({op = 'uncancel', ids = {id}}))
+    end
+end
+
 -- Claim C's job ended (or went to the schedule to run at due_ms, if given): what it
 -- held as a unique job, and a cancel asked for it, go. `flags` holds "u" for a unique
 -- job, "c" for one that ended cancelled (so jobs that are neither pay nothing here).
@@ -469,7 +482,7 @@ local function settled(id, c, flags, ttl, due_ms)
         end
         unlock(id, D .. '/' .. c, due_ms ~= nil, lock_ttl)
     end
-    if string.find(flags, 'c', 1, true) then redis.call('ZREM', cancels_key, id) end
+    if string.find(flags, 'c', 1, true) then withdraw_cancel(id) end
 end
 
 -- lock C id ttl: claim C is a unique job: it takes the job's lock for ttl seconds
@@ -1037,7 +1050,7 @@ if command == 'enqueue' then
         redis.call('SET', lock, 'q', 'EX', ttl)
     end
     redis.call('DEL', job_key(id), done_key(id))
-    redis.call('ZREM', cancels_key, id)
+    withdraw_cancel(id)
     redis.call('LPUSH', queue_key(p), payload)
     return 1
 end
@@ -1095,7 +1108,7 @@ if command == 'cancel_held' then
     local now = now_ms()
     redis.call('ZREMRANGEBYSCORE', cancels_key, '-inf', '(' .. now)
     for _, id in ipairs(ids) do redis.call('ZADD', cancels_key, now + keep_ms, id) end
-    return redis.call('PUBLISH', prefix .. ':control', cjson.encode({op = 'cancel', ids = ids}))
+    return redis.call('PUBLISH', control_key, cjson.encode({op = 'cancel', ids = ids}))
 end
 
 return redis.error_reply('prioqd: unknown command ' .. tostring(command))
