@@ -466,6 +466,7 @@ def high_and_low_together(
     daemon with one slot: their replies land in one turn of Redis, in no set order,
     and whichever the daemon reads first, the high one must end before the low starts."""
     for round_ in range(rounds):
+        wait_for(lambda: waits_blocked(client) == 3, 10, what="the daemon idle (blocked on all)")
         lo, hi = f"lo{round_}", f"hi{round_}"
         jobs = [("low", lo), ("high", hi)]
         pipe = client.pipeline(transaction=False)
@@ -475,7 +476,6 @@ def high_and_low_together(
         pipe.execute()
         h = wait_status(client, [lo, hi], daemon=daemon)
         assert float(h[hi]["finished_at"]) <= float(h[lo]["started_at"]), f"round {round_}"
-        time.sleep(0.03)
 
 
 def dead_letters(client: redis.Redis, prefix: str = "prioqd") -> list[dict[str, Any]]:

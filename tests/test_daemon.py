@@ -130,7 +130,8 @@ def test_idle_daemon_issues_no_commands_and_starts_a_pushed_job_at_once(
 ) -> None:
     # lease_s=30: one heartbeat every 10 s, none inside the window below.
     daemon(config(daemon={"lease_s": 30}))
-    time.sleep(0.5)  # let start-up traffic settle into the blocking wait
+    # Start-up traffic over: blocked on every queue.
+    wait_for(lambda: waits_blocked(r) == 3, 10, what="the daemon blocked on all three queues")
     r.config_resetstat()
     time.sleep(2.0)
     stats = r.info("commandstats")
@@ -141,13 +142,13 @@ def test_idle_daemon_issues_no_commands_and_starts_a_pushed_job_at_once(
     }
     assert others == {}, f"an idle daemon polled Redis: {others}"
     for priority in ("low", "high", "normal"):
+        wait_for(lambda: waits_blocked(r) == 3, 10, what="the daemon idle again")
         pushed = time.time()
         push(r, priority, {"id": f"idle-{priority}", "task": "square", "args": [2]})
         h = wait_status(r, [f"idle-{priority}"])[f"idle-{priority}"]
         # "At once": far below any polling interval, with room for a loaded 2-CPU box;
         # bench/ measures the real figure (about 1 ms).
         assert float(h["started_at"]) - pushed < 1.0
-        time.sleep(0.2)
 
 
 def test_an_idle_pickup_costs_three_commands_and_leaves_the_other_waits_in_place(
@@ -286,6 +287,7 @@ def test_a_job_racing_into_the_blocking_wait_does_not_jump_the_priority_order(
     # normal ones, however the burst lands.
     daemon(config(workers={"slots": 2}))
     for round_ in range(15):
+        wait_for(lambda: waits_blocked(r) == 3, 10, what="the daemon idle again")
         ids = [f"a{round_}", f"b{round_}", f"c{round_}"]
         pipe = r.pipeline(transaction=False)
         pipe.lpush("prioqd:queue:normal", json.dumps({"id": ids[0], "task": "nap", "args": [30]}))
@@ -295,7 +297,6 @@ def test_a_job_racing_into_the_blocking_wait_does_not_jump_the_priority_order(
         h = wait_status(r, ids)
         first_free = min(float(h[ids[0]]["finished_at"]), float(h[ids[1]]["finished_at"]))
         assert float(h[ids[2]]["started_at"]) >= first_free, f"round {round_}: low jumped ahead"
-        time.sleep(0.05)
 
 
 def test_a_higher_job_pushed_with_a_lower_one_runs_first_on_the_one_free_slot(
