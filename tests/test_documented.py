@@ -212,16 +212,20 @@ def test_a_paused_daemon_that_wakes_after_recovery_never_overwrites_the_outcome(
     paused.signal(signal.SIGCONT)
     # The paused daemon wakes with a finished run of a job it no longer holds.
     paused.wait_log("job finished but its lease was lost; not recorded here", job_id="twice")
-    time.sleep(0.5)  # anything it would still write, it has written by now
+    # ...and goes on serving, alone now: its ops run in order, so once it has recorded
+    # these, anything it would still write about "twice" is written.
+    assert survivor.stop() == 0
+    push(r, "high", *({"id": f"after{i}", "task": "square", "args": [i]} for i in range(4)))
+    after = wait_status(r, [f"after{i}" for i in range(4)], daemon=paused)
+    assert {a["daemon"] for a in after.values()} == {paused.daemon_id}
     assert job_hash(r, "twice") == h
     assert [json.loads(x) for x in r.lrange("prioqd:done:twice", 0, -1)] == [outcome]
-    later = sub.get_message(timeout=0.5)
-    assert later is None or later["type"] != "message", later
+    published = []
+    while (msg := sub.get_message(timeout=0.2)) is not None:
+        if msg["type"] == "message":
+            published.append(json.loads(msg["data"])["id"])
+    assert sorted(published) == [f"after{i}" for i in range(4)], published
     sub.close()
-    assert paused.proc is not None and paused.proc.poll() is None
-    # ...and it goes on serving.
-    push(r, "high", *({"id": f"after{i}", "task": "square", "args": [i]} for i in range(4)))
-    wait_status(r, [f"after{i}" for i in range(4)])
 
 
 # --- batching ---------------------------------------------------------------------------

@@ -213,9 +213,11 @@ def test_a_paused_priority_waits_and_running_jobs_finish(
     wait_status(r, ["running"], ("running",))
     ok("pause", "--config", str(cfg), "normal")
     push(r, "normal", {"id": "waits", "task": "square", "args": [2]})
-    push(r, "high", {"id": "goes", "task": "square", "args": [2]})
-    wait_status(r, ["goes", "running"])  # the running one finishes
-    time.sleep(1.0)
+    wait_status(r, ["running"])  # the running one finishes
+    # A job below the paused priority, pushed after: a daemon that claimed from the
+    # paused one would have taken "waits" first.
+    push(r, "low", {"id": "goes", "task": "square", "args": [2]})
+    wait_status(r, ["goes"])
     assert r.llen("prioqd:queue:normal") == 1 and job_hash(r, "waits") == {}
     ok("resume", "--config", str(cfg), "normal")
     wait_status(r, ["waits"], ("succeeded",), timeout_s=10)
