@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+import psutil
 import pytest
 import redis
 
@@ -144,6 +145,13 @@ class RedisServer:
             "--logfile", str(self.workdir / "redis.log"),
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            self._wait_up()
+        except BaseException:
+            self.stop()  # the caller's teardown may never run: it has no server yet
+            raise
+
+    def _wait_up(self) -> None:
         client = self.client(socket_timeout=1)
 
         def up() -> bool:
@@ -157,8 +165,10 @@ class RedisServer:
                     raise AssertionError(f"redis-server exited:\n{log[-2000:]}") from None
                 return False
 
-        wait_for(up, 10, what=f"redis-server ({self.transport}) on {self.url}")
-        client.close()
+        try:
+            wait_for(up, 10, what=f"redis-server ({self.transport}) on {self.url}")
+        finally:
+            client.close()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -387,10 +397,27 @@ class DaemonProcess:
         return self.wait(timeout_s)
 
     def kill(self) -> None:
-        """SIGKILL, and make sure its workers are gone too (they die with it)."""
+        """SIGKILL, and make sure its workers are gone too: they die with it
+        (PR_SET_PDEATHSIG). One that outlives it is killed, and the test fails."""
         assert self.proc is not None
+        try:
+            workers = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            workers = []
         self.proc.kill()
         self.wait()
+
+        def alive() -> list[psutil.Process]:
+            return [w for w in workers if _running(w)]
+
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not alive(), 10)
+        orphans = alive()
+        for w in orphans:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                w.kill()
+        wait_for(lambda: not alive(), 10, what="the orphaned workers to die")
+        assert not orphans, f"workers outlived their SIGKILLed daemon: {orphans}"
 
     def cleanup(self) -> None:
         """End it if it still runs: SIGTERM (a clean stop, which also lets coverage
@@ -410,6 +437,14 @@ class DaemonProcess:
         for f in ("_out", "_err"):
             with contextlib.suppress(AttributeError):
                 getattr(self, f).close()
+
+
+def _running(p: psutil.Process) -> bool:
+    """Still there and not a zombie (same pid, same start time: psutil checks)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 #: The types of the ``daemon`` and ``config`` fixtures (conftest.py).
