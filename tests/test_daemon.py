@@ -30,7 +30,7 @@ def test_outcome_in_job_hash_done_list_and_events(
     d = daemon(config())
     events = r.pubsub()
     events.subscribe("prioqd:events")
-    push(r, "high", {"id": "sq7", "task": "square", "args": [7]})
+    push(r, "high", {"id": "sq7", "task": "square", "args": [7, 0.05]})  # 50 ms
 
     reply = r.blpop(["prioqd:done:sq7"], timeout=10)
     assert reply is not None
@@ -59,7 +59,9 @@ def test_outcome_in_job_hash_done_list_and_events(
     started = d.wait_log("job started", job_id="sq7")
     finished = d.wait_log("job finished", job_id="sq7")
     assert started["task"] == "square" and started["queue"] == "high" and started["attempt"] == 1
-    assert finished["outcome"] == "succeeded" and finished["duration_s"] >= 0
+    assert finished["outcome"] == "succeeded" and 0.05 <= finished["duration_s"] < 5
+    took_s = float(h["finished_at"]) - float(h["started_at"])  # the hash says the same
+    assert abs(finished["duration_s"] - took_s) < 0.002, (finished, h)
     assert finished["daemon_id"] == started["daemon_id"]
 
 

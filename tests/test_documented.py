@@ -37,9 +37,8 @@ from helpers import (
 
 
 class Broken(Exception):
-    """A documented behaviour does not hold. The xfail(strict) tests below expect
-    exactly this, so that any other failure in them (a timeout, a precondition) is
-    reported as a failure, not taken for the known defect."""
+    """A documented behaviour does not hold: raised by ``expect`` for the promise a
+    test is about, so that it reads apart from a failed precondition or a timeout."""
 
 
 def expect(condition: bool, message: str) -> None:
@@ -342,7 +341,8 @@ def test_auto_log_format_is_json_off_a_terminal(
         try:
             wait_for(lambda: b"daemon ready" in out_path.read_bytes(), 30, what="daemon ready")
         finally:
-            assert stop_process(proc) == 0
+            rc = stop_process(proc)
+    assert rc == 0
     lines = out_path.read_text().splitlines()
     events = [json.loads(line) for line in lines]  # every line is JSON
     assert {"daemon starting", "daemon ready", "daemon stopped"} <= {e["event"] for e in events}
