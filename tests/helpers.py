@@ -560,34 +560,22 @@ def _payload_id(payload: str) -> str:
     return f"<payload without id: {payload[:40]}>"
 
 
-def _in_flight_states(r: RedisLike, prefix: str) -> dict[str, dict[str, str]]:
-    """Daemon id -> {job id: "claimed" | "started"} for everything it holds: the
-    entries of its inflight hash and its landing lists (see the Lua header)."""
+def in_flight(r: RedisLike, prefix: str = "prioqd") -> dict[str, set[str]]:
+    """Daemon id -> ids of the jobs it has taken off a queue and not yet settled
+    (claimed, or recorded as running): the entries of its inflight hash and its
+    landing lists (see the Lua header). Daemons holding nothing are left out."""
     cmd = _command(r)
-    held: dict[str, dict[str, str]] = {}
+    held: dict[str, set[str]] = {}
     for key in cmd("KEYS", f"{prefix}:inflight:*") or []:
         daemon_id = key[len(f"{prefix}:inflight:") :]
         for value in cmd("HVALS", key) or []:
-            _, state, _, payload = value.split("\n", 3)
-            started = "started" if not state.startswith("c") else "claimed"
-            held.setdefault(daemon_id, {})[_payload_id(payload)] = started
+            payload = value.split("\n", 3)[3]
+            held.setdefault(daemon_id, set()).add(_payload_id(payload))
     for key in cmd("KEYS", f"{prefix}:landing:*") or []:
         daemon_id = key[len(f"{prefix}:landing:") :].rpartition(":")[0]
         for value in cmd("LRANGE", key, "0", "-1") or []:
-            held.setdefault(daemon_id, {})[_payload_id(value)] = "claimed"
+            held.setdefault(daemon_id, set()).add(_payload_id(value))
     return held
-
-
-def in_flight(r: RedisLike, prefix: str = "prioqd") -> dict[str, set[str]]:
-    """Daemon id -> ids of the jobs it has taken off a queue and not yet settled
-    (claimed, or recorded as running). Daemons holding nothing are left out."""
-    return {d: set(jobs) for d, jobs in _in_flight_states(r, prefix).items()}
-
-
-def started_ids(r: RedisLike, prefix: str = "prioqd") -> list[str]:
-    """Ids of held jobs whose start is recorded, across daemons."""
-    states = _in_flight_states(r, prefix).values()
-    return sorted(j for jobs in states for j, state in jobs.items() if state == "started")
 
 
 def held_by(r: RedisLike, daemon_id: str, prefix: str = "prioqd") -> set[str]:
