@@ -1298,6 +1298,8 @@ def test_identical_delayed_payloads_both_run(
         return run_counts(runs)["twin"] >= 2
 
     wait_for(both_ran, 10, what="both delayed twins to run")
+    # (A run writes to runs as it starts: its outcome is recorded once nothing is held.)
+    wait_for(lambda: helpers.in_flight_count(r) == 0, 10, what="both outcomes recorded")
     assert job_hash(r, "twin")["status"] == "succeeded"
     assert not r.zcard("prioqd:scheduled") and not r.llen("prioqd:queue:normal")
 
