@@ -32,14 +32,17 @@ lint: setup
 	$(BIN)/mypy prioqd
 
 # Every test, with branch coverage of prioqd/ in this process and every subprocess;
-# the per-module report is printed at the end. CI (.ci/run) sets PRIOQD_TEST_STRICT=1,
-# which turns "cannot run here" skips (nspawn, TLS, systemd-analyze) into failures.
+# the per-module report, with the lines not run, is printed at the end. CI (.ci/run)
+# sets PRIOQD_TEST_STRICT=1, which turns "cannot run here" skips (nspawn, TLS,
+# systemd-analyze) into failures. The exit status is pytest's, or 1 if the tests
+# passed but no report could be made (no data: the coverage hook did not run).
 test: lint
 	rm -f .coverage .coverage.*
 	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml COVERAGE_FILE=$(CURDIR)/.coverage \
 		$(BIN)/pytest -ra; status=$$?; \
 	$(BIN)/coverage combine -q || true; rm -f .coverage.*; \
-	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report; \
+	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report --show-missing \
+		|| { echo "make test: coverage report failed" >&2; [ $$status -ne 0 ] || status=1; }; \
 	exit $$status
 
 # Everything but the slow chaos/systemd tests, for a quick loop while editing.

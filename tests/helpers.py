@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
+import psutil
 import pytest
 import redis
 
@@ -144,6 +145,13 @@ class RedisServer:
             "--logfile", str(self.workdir / "redis.log"),
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            self._wait_up()
+        except BaseException:
+            self.stop()  # the caller's teardown may never run: it has no server yet
+            raise
+
+    def _wait_up(self) -> None:
         client = self.client(socket_timeout=1)
 
         def up() -> bool:
@@ -157,8 +165,10 @@ class RedisServer:
                     raise AssertionError(f"redis-server exited:\n{log[-2000:]}") from None
                 return False
 
-        wait_for(up, 10, what=f"redis-server ({self.transport}) on {self.url}")
-        client.close()
+        try:
+            wait_for(up, 10, what=f"redis-server ({self.transport}) on {self.url}")
+        finally:
+            client.close()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -387,10 +397,27 @@ class DaemonProcess:
         return self.wait(timeout_s)
 
     def kill(self) -> None:
-        """SIGKILL, and make sure its workers are gone too (they die with it)."""
+        """SIGKILL, and make sure its workers are gone too: they die with it
+        (PR_SET_PDEATHSIG). One that outlives it is killed, and the test fails."""
         assert self.proc is not None
+        try:
+            workers = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            workers = []
         self.proc.kill()
         self.wait()
+
+        def alive() -> list[psutil.Process]:
+            return [w for w in workers if _running(w)]
+
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not alive(), 10)
+        orphans = alive()
+        for w in orphans:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                w.kill()
+        wait_for(lambda: not alive(), 10, what="the orphaned workers to die")
+        assert not orphans, f"workers outlived their SIGKILLed daemon: {orphans}"
 
     def cleanup(self) -> None:
         """End it if it still runs: SIGTERM (a clean stop, which also lets coverage
@@ -410,6 +437,14 @@ class DaemonProcess:
         for f in ("_out", "_err"):
             with contextlib.suppress(AttributeError):
                 getattr(self, f).close()
+
+
+def _running(p: psutil.Process) -> bool:
+    """Still there and not a zombie (same pid, same start time: psutil checks)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 #: The types of the ``daemon`` and ``config`` fixtures (conftest.py).
@@ -475,6 +510,7 @@ def high_and_low_together(
     daemon with one slot: their replies land in one turn of Redis, in no set order,
     and whichever the daemon reads first, the high one must end before the low starts."""
     for round_ in range(rounds):
+        wait_for(lambda: waits_blocked(client) == 3, 10, what="the daemon idle (blocked on all)")
         lo, hi = f"lo{round_}", f"hi{round_}"
         jobs = [("low", lo), ("high", hi)]
         pipe = client.pipeline(transaction=False)
@@ -484,7 +520,6 @@ def high_and_low_together(
         pipe.execute()
         h = wait_status(client, [lo, hi], daemon=daemon)
         assert float(h[hi]["finished_at"]) <= float(h[lo]["started_at"]), f"round {round_}"
-        time.sleep(0.03)
 
 
 def dead_letters(client: redis.Redis, prefix: str = "prioqd") -> list[dict[str, Any]]:
@@ -534,34 +569,22 @@ def _payload_id(payload: str) -> str:
     return f"<payload without id: {payload[:40]}>"
 
 
-def _in_flight_states(r: RedisLike, prefix: str) -> dict[str, dict[str, str]]:
-    """Daemon id -> {job id: "claimed" | "started"} for everything it holds: the
-    entries of its inflight hash and its landing lists (see the Lua header)."""
+def in_flight(r: RedisLike, prefix: str = "prioqd") -> dict[str, set[str]]:
+    """Daemon id -> ids of the jobs it has taken off a queue and not yet settled
+    (claimed, or recorded as running): the entries of its inflight hash and its
+    landing lists (see the Lua header). Daemons holding nothing are left out."""
     cmd = _command(r)
-    held: dict[str, dict[str, str]] = {}
+    held: dict[str, set[str]] = {}
     for key in cmd("KEYS", f"{prefix}:inflight:*") or []:
         daemon_id = key[len(f"{prefix}:inflight:") :]
         for value in cmd("HVALS", key) or []:
-            _, state, _, payload = value.split("\n", 3)
-            started = "started" if not state.startswith("c") else "claimed"
-            held.setdefault(daemon_id, {})[_payload_id(payload)] = started
+            payload = value.split("\n", 3)[3]
+            held.setdefault(daemon_id, set()).add(_payload_id(payload))
     for key in cmd("KEYS", f"{prefix}:landing:*") or []:
         daemon_id = key[len(f"{prefix}:landing:") :].rpartition(":")[0]
         for value in cmd("LRANGE", key, "0", "-1") or []:
-            held.setdefault(daemon_id, {})[_payload_id(value)] = "claimed"
+            held.setdefault(daemon_id, set()).add(_payload_id(value))
     return held
-
-
-def in_flight(r: RedisLike, prefix: str = "prioqd") -> dict[str, set[str]]:
-    """Daemon id -> ids of the jobs it has taken off a queue and not yet settled
-    (claimed, or recorded as running). Daemons holding nothing are left out."""
-    return {d: set(jobs) for d, jobs in _in_flight_states(r, prefix).items()}
-
-
-def started_ids(r: RedisLike, prefix: str = "prioqd") -> list[str]:
-    """Ids of held jobs whose start is recorded, across daemons."""
-    states = _in_flight_states(r, prefix).values()
-    return sorted(j for jobs in states for j, state in jobs.items() if state == "started")
 
 
 def held_by(r: RedisLike, daemon_id: str, prefix: str = "prioqd") -> set[str]:

@@ -432,8 +432,16 @@ def assert_twins_all_ended(
         return len(events.succeeded()) >= 2 * n
 
     wait_for(all_published, 90, 0.1, f"{2 * n} outcomes on prioqd:events")
-    time.sleep(0.3)  # anything published twice would come now
-    outcomes = events.succeeded()
+    # A sentinel pushed now is claimed after every twin ended: anything published
+    # twice (a repeated op) comes before its outcome.
+    push(r, "normal", {"id": "sentinel", "task": "square", "args": [2]})
+
+    def sentinel_published() -> bool:
+        d.assert_alive()
+        return any(o["id"] == "sentinel" for o in events.succeeded())
+
+    wait_for(sentinel_published, 90, 0.1, "the sentinel's outcome on prioqd:events")
+    outcomes = [o for o in events.succeeded() if o["id"] != "sentinel"]
     by_id = Counter(o["id"] for o in outcomes)
     assert by_id["twin"] == n, by_id["twin"]
     anon = {j: c for j, c in by_id.items() if j != "twin"}
@@ -1290,6 +1298,8 @@ def test_identical_delayed_payloads_both_run(
         return run_counts(runs)["twin"] >= 2
 
     wait_for(both_ran, 10, what="both delayed twins to run")
+    # (A run writes to runs as it starts: its outcome is recorded once nothing is held.)
+    wait_for(lambda: helpers.in_flight_count(r) == 0, 10, what="both outcomes recorded")
     assert job_hash(r, "twin")["status"] == "succeeded"
     assert not r.zcard("prioqd:scheduled") and not r.llen("prioqd:queue:normal")
 

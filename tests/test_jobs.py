@@ -121,9 +121,6 @@ def _job(**kw: object) -> jobs.Job:
     return j
 
 
-POLICY = jobs.Policy(ttl_s=60, max_retries=2, backoff_base_s=1.0, backoff_max_s=10.0)
-
-
 def _end(job: jobs.Job, run: jobs.RunResult, max_retries: int = 2) -> jobs.Ending:
     policy = jobs.Policy(ttl_s=60, max_retries=max_retries, backoff_base_s=1.0, backoff_max_s=10.0)
     op = jobs.end_op(job, run, daemon_id="d", policy=policy, now_ms=0, rng=random.Random(0))

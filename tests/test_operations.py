@@ -47,20 +47,21 @@ def test_a_paused_priority_is_not_claimed_until_resumed_and_the_pause_survives_a
 ) -> None:
     cfg = config()
     d = daemon(cfg)
-    pause(r, "low")
-    d.wait_log("paused priorities", paused=["low"])
-    push(r, "low", {"id": "l1", "task": "square", "args": [3]})
-    push(r, "high", {"id": "h1", "task": "square", "args": [2]})
-    wait_status(r, ["h1"])  # the daemon serves the rest
-    time.sleep(0.5)
-    assert r.llen("prioqd:queue:low") == 1 and not job_hash(r, "l1")
-    d.stop()
+    pause(r, "normal")
+    d.wait_log("paused priorities", paused=["normal"])
+    push(r, "normal", {"id": "n1", "task": "square", "args": [3]})
+    # The daemon serves the rest: a job below the paused priority, pushed after, which
+    # a daemon that claimed from it would have taken second.
+    push(r, "low", {"id": "l1", "task": "square", "args": [2]})
+    wait_status(r, ["l1"])
+    assert r.llen("prioqd:queue:normal") == 1 and not job_hash(r, "n1")
+    assert d.stop() == 0
     d2 = daemon(cfg)  # a new daemon reads the pause from Redis
-    push(r, "high", {"id": "h2", "task": "square", "args": [2]})
-    wait_status(r, ["h2"])
-    assert r.llen("prioqd:queue:low") == 1
-    resume(r, "low")
-    assert wait_status(r, ["l1"])["l1"]["result"] == "9"
+    push(r, "low", {"id": "l2", "task": "square", "args": [2]})
+    wait_status(r, ["l2"])
+    assert r.llen("prioqd:queue:normal") == 1
+    resume(r, "normal")
+    assert wait_status(r, ["n1"])["n1"]["result"] == "9"
     d2.wait_log("paused priorities", paused=[])
 
 
@@ -137,8 +138,10 @@ def test_a_unique_job_pushed_again_while_it_runs_is_dropped_as_a_duplicate(
     push(r, "normal", job)
     wait_for(lambda: runs.exists(), 10)
     push(r, "normal", job)  # a raw LPUSH of the same unique job while it runs
-    wait_status(r, ["u1"])
-    time.sleep(0.5)
+    # Behind it, a sentinel: the duplicate goes to the free worker first, so by the
+    # sentinel's end a run of it would have begun (and written to runs).
+    push(r, "normal", {"id": "sentinel", "task": "square", "args": [2]})
+    wait_status(r, ["u1", "sentinel"])
     assert runs.read_text().split() == ["u1"]
     d.wait_log("job dropped: a run of this unique job is live", job_id="u1")
     seen = []

@@ -23,7 +23,7 @@ from datetime import datetime
 
 import pytest
 import redis
-from helpers import Config, Daemon, wait_status
+from helpers import Config, Daemon, DaemonProcess, wait_status
 
 #: On top of the shortest remaining time: the daemon's reaction and the worker's start,
 #: with room for a loaded machine under coverage (the bench measures about 1 ms); a
@@ -42,12 +42,17 @@ def push_lows(r: redis.Redis, ms: float, seconds_of_work: float) -> list[str]:
 
 
 def push_highs(r: redis.Redis, n: int, every_s: float) -> dict[str, float]:
+    """Push ``n`` high jobs, one every ``every_s``: id -> when Redis ran the LPUSH (its
+    TIME in the same MULTI; on a loaded machine Redis may run it ms after we send it)."""
     pushed = {}
     for k in range(n):
         time.sleep(every_s)
         job_id = f"h{k}"
-        pushed[job_id] = time.time()
-        r.lpush("prioqd:queue:high", json.dumps({"id": job_id, "task": "napping_pid"}))
+        pipe = r.pipeline(transaction=True)
+        pipe.lpush("prioqd:queue:high", json.dumps({"id": job_id, "task": "napping_pid"}))
+        pipe.time()
+        seconds, micros = pipe.execute()[1]
+        pushed[job_id] = seconds + micros / 1e6
     return pushed
 
 
@@ -56,6 +61,27 @@ def started(r: redis.Redis, ids: list[str]) -> dict[str, float]:
     for i in ids:
         pipe.hget(f"prioqd:job:{i}", "started_at")
     return {i: float(v) for i, v in zip(ids, pipe.execute(), strict=True) if v}
+
+
+def prefetched(
+    r: redis.Redis, d: DaemonProcess, lows: list[str], pushed: dict[str, float]
+) -> tuple[int, int]:
+    """Of the lows the daemon handed to the pool while the highs were pushed, how many
+    it handed over while two other lows still ran (both workers busy: prefetched)."""
+    pipe = r.pipeline(transaction=False)
+    for i in lows:
+        pipe.hmget(f"prioqd:job:{i}", "started_at", "finished_at")
+    times = zip(lows, pipe.execute(), strict=True)
+    ran = {i: (float(a), float(b)) for i, (a, b) in times if a and b}
+    first, last = min(pushed.values()), max(pushed.values())
+    handed = [
+        (e["job_id"], t)
+        for e in d.events("job dispatched")
+        if e["job_id"] in ran
+        and first <= (t := datetime.fromisoformat(e["timestamp"]).timestamp()) <= last
+    ]
+    busy = sum(1 for i, t in handed if sum(a < t < b for j, (a, b) in ran.items() if j != i) > 1)
+    return busy, len(handed)
 
 
 def worker_pids(r: redis.Redis, ids: list[str]) -> dict[str, int]:
@@ -71,9 +97,9 @@ def test_a_higher_job_waits_for_the_shortest_running_job_not_for_a_prefetched_on
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:
     low_s = 0.02
-    daemon(config(workers={"slots": 2}))
+    d = daemon(config(workers={"slots": 2}))
     lows = push_lows(r, low_s * 1000, 4.0)
-    time.sleep(0.5)  # the daemon learns the length: from here on it prefetches
+    d.wait_count("job finished", 4)  # the daemon knows the length: from here on it prefetches
     pushed = push_highs(r, 30, 0.04)
     wait_status(r, list(pushed), timeout_s=60)
     assert r.llen("prioqd:queue:low") > 0, "the low backlog ran out: the test proves nothing"
@@ -90,6 +116,10 @@ def test_a_higher_job_waits_for_the_shortest_running_job_not_for_a_prefetched_on
     # the high one arrives after the prefetch (6 of 30 here with the busy-mode waits
     # switched off); a loaded machine may delay one or two a little.
     assert len(late) <= 2, late
+    # ...and the lows were prefetched meanwhile (most of them handed over while both
+    # workers still ran one), else the test proves nothing.
+    busy, handed = prefetched(r, d, lows, pushed)
+    assert handed and busy >= handed / 2, f"{busy} of {handed} lows prefetched"
 
 
 @pytest.mark.slow
@@ -98,7 +128,7 @@ def test_a_batch_of_short_lower_jobs_is_handed_back_for_a_higher_one(
 ) -> None:
     d = daemon(config(workers={"slots": 2}))
     lows = push_lows(r, 0.3, 3.0)
-    time.sleep(0.5)  # the daemon learns the length: from here on it batches
+    d.wait_count("job finished", 4)  # the daemon knows the length: from here on it batches
     pushed = push_highs(r, 30, 0.04)
     wait_status(r, list(pushed), timeout_s=60)
     assert r.llen("prioqd:queue:low") > 0, "the low backlog ran out: the test proves nothing"
@@ -122,3 +152,8 @@ def test_a_batch_of_short_lower_jobs_is_handed_back_for_a_higher_one(
             if seen < t < high_start[job_id] and pid[low] == pid[job_id]
         ]
         assert len(jumped) <= 1, (job_id, jumped)
+    # The highs came while lows waited unstarted in the daemon's hands (the rest of a
+    # batch in a worker, a batch in the pool), which went back: else the test proves
+    # nothing. (About six a high; one a high is far below.)
+    handed_back = [e for e in d.events("job finished") if e.get("outcome") == "requeued"]
+    assert len(handed_back) >= len(pushed), f"{len(handed_back)} lows handed back"

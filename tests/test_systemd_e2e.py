@@ -166,28 +166,34 @@ class Prioqd:
             self.systemctl("reset-failed", UNIT, check=False)
             self.start()
 
-    def write_config(self, level: str = "info", text: str | None = None) -> None:
+    def write_config(
+        self, level: str = "info", text: str | None = None, result_ttl_s: int = 86400
+    ) -> None:
         if text is None:
-            text = config_text(self.template, level=level)
+            text = config_text(self.template, level=level, result_ttl_s=result_ttl_s)
         self.box.write_file(CONFIG, text)
         self.config = text
 
-    def reload(self, logs: str | None = None) -> None:
+    def reload(
+        self, logs: str | None = None, applied: Callable[[], bool] | None = None
+    ) -> None:
         """``systemctl reload`` returns once ``kill -HUP`` has; the daemon applies the
         file a moment later (Type=notify: systemd does not wait for its READY=1).
 
-        ``logs``: a message the daemon logs once it has applied (or rejected) the
-        file, waited for. Without it (a reload to a quieter level logs nothing that
-        can be seen) a second is given instead.
+        Then waited for: ``logs``, a message the daemon logs once it has applied (or
+        rejected) the file, or else ``applied``, a probe that holds once the new file
+        is in force. (A reload to a quieter level logs nothing that can be seen, and
+        its STATUS= is the same text as before.)
         """
+        assert (logs is None) != (applied is None), "say how to see the reload applied"
         pid = str(self.main_pid())
         t0 = now_us()
         self.systemctl("reload", UNIT)
         wait_for(
             lambda: self.show("ActiveState")["ActiveState"] != "reloading", 10, "reload to end"
         )
-        if logs is None:
-            time.sleep(1.0)
+        if applied is not None:
+            wait_for(applied, 15, "the reloaded config in force")
             return
         self.wait_journal(
             lambda e: logs in str(e.get("MESSAGE", "")) and e.get("_PID") == pid,
@@ -201,12 +207,13 @@ class Prioqd:
         return f"--- systemctl status {UNIT} ---\n{status}\n--- journal (last 40) ---\n{log.stdout}"
 
 
-def config_text(template: str, level: str = "info") -> str:
+def config_text(template: str, level: str = "info", result_ttl_s: int = 86400) -> str:
     """The installed config with the test's Redis, level, two slots, example tasks."""
     text = template
     for pattern, value in (
         (r"^url = .*$", f'url = "redis://127.0.0.1:{REDIS_PORT}/0"'),
         (r"^level = .*$", f'level = "{level}"'),
+        (r"^result_ttl_s = .*$", f"result_ttl_s = {result_ttl_s}"),
         (r"^slots = .*$", "slots = 2"),
         (r"^modules = .*$", 'modules = ["prioqd.examples"]'),
         (r"^shutdown_grace_s = .*$", f"shutdown_grace_s = {GRACE_S}"),
@@ -360,8 +367,16 @@ def test_failed_job_is_an_error_with_traceback(prioqd: Prioqd) -> None:
 
 def test_reload_applies_log_level(prioqd: Prioqd) -> None:
     pid = prioqd.main_pid()
-    prioqd.write_config(level="warning")
-    prioqd.reload()
+    # With the level, a [jobs] key whose effect can be seen: once a job's hash has the
+    # new TTL, the level (applied in the same step) is in force too.
+    prioqd.write_config(level="warning", result_ttl_s=3600)
+
+    def ttl_applied() -> bool:
+        probe = prioqd.push("square", 1)
+        prioqd.wait_job(probe)
+        return 0 < int(prioqd.redis("TTL", f"{PREFIX}:job:{probe}")) <= 3600
+
+    prioqd.reload(applied=ttl_applied)
     quiet = prioqd.push("square", 2)
     prioqd.wait_job(quiet)
 

@@ -19,6 +19,7 @@ from helpers import (
     RedisServer,
     Transport,
     daemon_record,
+    free_port,
     prioqd,
     push,
     wait_for,
@@ -79,7 +80,7 @@ def test_daemon_submit_status_and_the_blocking_fetch(
     r.close()
 
 
-@pytest.mark.parametrize("command", ["run", "status", "submit", "dead-list"])
+@pytest.mark.parametrize("command", ["run", "status", "submit", "dead-list", "web"])
 def test_a_url_no_connection_can_be_made_from_exits_2_without_a_traceback(
     tmp_path: Path, command: str
 ) -> None:
@@ -87,13 +88,15 @@ def test_a_url_no_connection_can_be_made_from_exits_2_without_a_traceback(
     # connection object, before any socket is opened.
     url = f"unix://{tmp_path}/nowhere.sock?db=0&no_such_option=1"
     cfg = write_config(tmp_path / "c.toml", url)
+    listen = f"127.0.0.1:{free_port()}"
     args = {
         "run": ["run", "--config", str(cfg)],
         "status": ["status", "--config", str(cfg)],
         "submit": ["submit", "--config", str(cfg), "square", "2"],
         "dead-list": ["dead", "list", "--config", str(cfg)],
+        "web": ["web", "--config", str(cfg), "--listen", listen, "--read-only"],
     }[command]
-    out = prioqd(*args)
+    out = prioqd(*args, timeout=30)  # (a web that took it would serve on: a timeout)
     assert out.returncode == 2, (out.stdout, out.stderr)
     assert "Traceback" not in out.stderr + out.stdout
     assert "config error" in out.stderr and "redis.url" in out.stderr

@@ -262,9 +262,10 @@ def test_a_paused_priority_is_not_claimed_until_resumed(
     click(page, '#queues tr[data-priority="normal"] button.pause')
     wait_for(lambda: "paused normal" in flash(page), 10)
     push(r, "normal", {"id": "held-back", "task": "square", "args": [3]})
-    push(r, "high", {"id": "goes", "task": "square", "args": [4]})
+    # Below the paused priority, pushed after: a daemon that claimed "held-back" would
+    # have taken it first.
+    push(r, "low", {"id": "goes", "task": "square", "args": [4]})
     wait_status(r, ["goes"])
-    time.sleep(1.0)  # the daemon has had every chance to take it
     assert r.llen("prioqd:queue:normal") == 1 and job_hash(r, "held-back") == {}
     wait_for(lambda: depth(page, "normal") == "1", 10)
     click(page, '#queues tr[data-priority="normal"] button.resume')

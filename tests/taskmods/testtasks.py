@@ -17,6 +17,22 @@ def nap(ms: float, tag: object = None) -> object:
     return tag
 
 
+@task
+def held_once(path: str, delay_s: float) -> None:
+    """Sleeps ``delay_s``. If ``path`` exists, the first run to see it takes it (renames
+    it to ``<path>.held``) and runs on until the test removes that file: one job of a
+    run held in the middle, the rest of its batch waiting behind it in the worker."""
+    held = f"{path}.held"
+    try:
+        os.rename(path, held)
+    except FileNotFoundError:
+        pass
+    else:
+        while os.path.exists(held):
+            time.sleep(0.001)
+    time.sleep(delay_s)
+
+
 @task(name="custom.name")
 def renamed() -> str:
     return "renamed"
