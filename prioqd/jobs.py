@@ -232,6 +232,10 @@ def _parse(
         return Rejected(priority, raw, f"payload is not valid JSON: {exc}")
     if not isinstance(obj, dict):
         return Rejected(priority, raw, f"job must be a JSON object, got {_json_type(obj)}")
+    if None in obj.values():
+        # A field set to null is the field left out, for every field alike (Python
+        # producers send None for "not given"; a missing task is still an error).
+        obj = {k: v for k, v in obj.items() if v is not None}
 
     job_id = obj.get("id")
     rid = job_id if valid_id(job_id) else ""

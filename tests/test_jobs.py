@@ -41,6 +41,20 @@ def test_optional_fields() -> None:
     assert job.timeout_s == 2.0 and job.max_retries == 0
 
 
+def test_a_field_set_to_null_is_the_field_left_out() -> None:
+    raw = (
+        '{"id":"n","task":"square","args":null,"kwargs":null,"timeout_s":null,'
+        '"max_retries":null,"meta":null,"delay_s":null,"eta":null,"enqueued_at":null,'
+        '"unique":null}'
+    )
+    job = parse(raw)
+    assert isinstance(job, jobs.Job), job
+    assert (job.args, job.kwargs, job.timeout_s, job.max_retries, job.meta) == (
+        [], {}, None, None, None
+    )
+    assert job.due_ms == 0 and job.enqueued_at is None and not job.unique
+
+
 def test_delay_becomes_due_time_and_leaves_the_stored_form() -> None:
     job = parse('{"id":"d","task":"square","args":[2],"delay_s":1.5}', now=1000.0)
     assert isinstance(job, jobs.Job)
@@ -64,7 +78,7 @@ def test_delay_becomes_due_time_and_leaves_the_stored_form() -> None:
         ('{"task":5}', "'task' must be a non-empty string"),
         ('{"task":"nope"}', "unknown task 'nope'"),
         ('{"task":"square","args":7}', "'args' must be an array"),
-        ('{"task":"square","args":null}', "'args' must be an array, got null"),
+        ('{"task":null}', "missing 'task'"),
         ('{"task":"square","args":{}}', "'args' must be an array, got an object"),
         ('{"task":"square","args":true}', "'args' must be an array, got a boolean"),
         ('{"task":"square","kwargs":[]}', "'kwargs' must be an object"),
