@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import typing
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
@@ -324,6 +325,74 @@ def test_unland(lua: Script) -> None:
     lua.r.lpush(f"{P}:landing:{D}:low", b"1", b"2")
     assert twice(lua, ops.Unland("low")) == (2, 0)
     assert lua.r.lrange(f"{P}:queue:low", 0, -1) == [b"2", b"1"]
+
+
+def test_lock(lua: Script) -> None:
+    job = claim_one(lua, {"id": "u", "task": "t", "unique": True})
+    assert twice(lua, ops.Lock(job, 600)) == (1, 1)  # ours, and ours again
+    assert lua.r.get(f"{P}:unique:u") == f"{D}/1".encode()
+    # A second claim of the same id while the first holds it: a duplicate, dropped.
+    other = claim_one(lua, {"id": "u", "task": "t", "unique": True}, claim=2)
+    assert twice(lua, ops.Lock(other, 600)) == (0, ops.LOST)
+    assert list(inflight(lua)) == [b"1"] and lua.r.get(f"{P}:unique:u") == f"{D}/1".encode()
+
+
+def test_progress(lua: Script) -> None:
+    job = claim_one(lua, {"id": "g", "task": "t"})
+    lua.cycle([jobs.start_op(job, daemon_id=D, ttl_s=60)])
+    assert twice(lua, ops.Progress(job, '{"done": 3}', 60)) == (1, 1)
+    assert lua.r.hget(f"{P}:job:g", "progress") == b'{"done": 3}'
+    lua.cycle([ops.Bury(1, "gone")])  # the claim ends: its progress no longer lands
+    assert lua.cycle([ops.Progress(job, '{"done": 4}', 60)])[0] == [ops.LOST]
+    assert lua.r.hget(f"{P}:job:g", "progress") == b'{"done": 3}'
+
+
+def _every_op(lua: Script) -> dict[type, ops.Op]:
+    """One op of each type, each in a state where it applies."""
+    def claimed(job_id: str, claim: int, **fields: Any) -> jobs.Job:
+        return claim_one(lua, {"id": job_id, "task": "t", **fields}, claim=claim)
+
+    lua.r.lpush(f"{P}:landing:{D}:high", b"a")
+    lua.r.lpush(f"{P}:landing:{D}:low", b"b", b"z" * 50)
+    run = jobs.RunResult("ok", "1", started_at=1.0, finished_at=2.0)
+    started = claimed("st", 1)
+    lua.cycle([jobs.start_op(started, daemon_id=D, ttl_s=60)])
+    started.attempt = 1
+    rej_raw = b'{"id":"rj","task":"nope"}'
+    lua.r.lpush(f"{P}:queue:high", rej_raw)
+    lua.cycle(next_claim=7, tokens=1)
+    rej = jobs.parse(rej_raw, "high", known_tasks={"t"}, max_payload_bytes=100, now=0)
+    assert isinstance(rej, jobs.Rejected)
+    delayed = parsed(claimed("sc", 8, delay_s=5).raw, 8)
+    built: list[ops.Op] = [
+        ops.Adopt(b"a", "high", 50),
+        ops.Drop("low", 50, "too big"),
+        ops.Progress(started, "1", 60),
+        ops.Lock(claimed("lk", 2, unique=True), 600),
+        jobs.start_op(claimed("s2", 3), daemon_id=D, ttl_s=60),
+        jobs.finish_op(claimed("fi", 4), run, daemon_id=D, ttl_s=60),
+        jobs.end_op(started, run, daemon_id=D, policy=POLICY, now_ms=0, rng=random.Random(1)),
+        jobs.reject_op(rej, 7, daemon_id=D, ttl_s=60, now=0),
+        jobs.schedule_op(delayed, daemon_id=D, ttl_s=60),
+        ops.Release([claimed("re", 9).claim]),
+        ops.Bury(claimed("bu", 10).claim, "refused"),
+        ops.Restore(40, 49),
+        ops.Unland("low"),
+    ]
+    return {type(op): op for op in built}
+
+
+def test_every_op_type_runs_through_the_script_and_repeating_it_changes_nothing(
+    lua: Script,
+) -> None:
+    """Built with prioqd.ops (the one Python copy of each layout), applied, then applied
+    again as after a lost reply: nothing more changes. A new op type fails this test
+    until it is added here."""
+    every = _every_op(lua)
+    assert set(every) == set(typing.get_args(ops.Op))
+    for op in every.values():
+        first, _ = twice(lua, op)
+        assert first not in (ops.LOST, ops.FAILED), (type(op).__name__, first)
 
 
 def test_an_op_on_a_wrong_type_key_fails_alone_before_writing(lua: Script) -> None:
