@@ -25,6 +25,8 @@ FAILED = -2
 STUCK = -3
 #: ``Finish`` only: the job has run before; record its start, then its end.
 NOT_FIRST = -4
+#: ``Adopt`` only: a repeat of an Adopt that applied, whose claim was settled since.
+ADOPTED_BEFORE = 0
 
 Arg = str | bytes
 
@@ -48,7 +50,11 @@ def _flags(job: Job, run: RunResult) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Adopt:
-    """A payload the blocking wait put in our landing list becomes claim ``claim``."""
+    """A payload the blocking wait put in our landing list becomes claim ``claim``.
+
+    The result is the attempt number; ``ADOPTED_BEFORE`` for a repeat of an Adopt
+    that applied and whose claim was settled since; ``LOST`` if the payload is no
+    longer there (recovered by another daemon)."""
 
     job_raw: bytes
     priority: str

@@ -170,6 +170,9 @@ class Cycle:
             sizes = self.dispatch.claim_sizes()
             lo = self._next_claim
             self._next_claim += tokens * max(size for _, size in sizes)
+            # (Not _next_claim at the failure: payloads landing meanwhile take numbers
+            # too, and a Restore over theirs would put back a job that runs here.)
+            hi = self._next_claim - 1
             sent = time.monotonic()
             try:
                 reply = await self.broker.cycle(
@@ -186,7 +189,7 @@ class Cycle:
                 # are idempotent), and a claim that may have moved payloads is restored.
                 self.slots.release(tokens)
                 if tokens:
-                    repairs.append(Restore(lo, self._next_claim - 1))
+                    repairs.append(Restore(lo, hi))
                 self._repairs[:0] = repairs
                 if isinstance(exc, ScriptError):
                     await self._isolate(ops, exc)

@@ -19,6 +19,13 @@
 --                           so the right end is the head and "put back" means RPUSH.
 --   P:landing:D:p    LIST   where D's blocking BLMOVE on P:queue:p puts a payload; D's
 --                           next cycle adopts it into P:inflight:D (`adopt`).
+--   P:adopted:D      HASH   p -> the highest claim number D adopted from P:landing:D:p.
+--                           D numbers the payloads landing on one priority in the
+--                           order they land and adopts them in that order, so an
+--                           `adopt` of a claim at or below it was applied before (a
+--                           lost reply, then the retry) and must not take another
+--                           payload of the same text. Expires a day after its last
+--                           write (only D's retries, seconds apart, read it).
 --   P:inflight:D     HASH   C -> "p\nS\nR\n<payload>" for every job D holds. C is D's
 --                           claim counter (decimal), unique within D and increasing in
 --                           claim order, so sorting by C restores FIFO order. S is "c"
@@ -74,6 +81,7 @@ local command = ARGV[2]
 local function queue_key(p) return prefix .. ':queue:' .. p end
 local function landing_key(d, p) return prefix .. ':landing:' .. d .. ':' .. p end
 local function inflight_key(d) return prefix .. ':inflight:' .. d end
+local function adopted_key(d) return prefix .. ':adopted:' .. d end
 local function daemon_key(d) return prefix .. ':daemon:' .. d end
 local function job_key(id) return prefix .. ':job:' .. id end
 local function done_key(id) return prefix .. ':done:' .. id end
@@ -302,6 +310,9 @@ local function recover(d, fallback_priorities, died, max_recoveries)
     end
     redis.call('DEL', daemon_key(d))
     redis.call('ZREM', daemons_key, d)
+    -- (A daemon recovered by others may be alive, and retry an adopt: its marks
+    -- expire by themselves. One that stopped retries nothing.)
+    if not died then redis.call('DEL', adopted_key(d)) end
     return {queued, dead}
 end
 
@@ -400,13 +411,32 @@ end
 
 -- adopt p C raw: the payload `raw` that D's BLMOVE put in P:landing:D:p becomes
 -- claim C. Returns the attempt number it runs as (1 unless it has a past, see
--- P:history); -1 if it is no longer there (recovered meanwhile).
+-- P:history); 0 if it was adopted before and settled since (a repeat: the landing
+-- list is not touched, where a later payload of the same text may wait for its own
+-- claim); -1 if it is no longer there (recovered meanwhile).
 ops.adopt = function(i)
     local p, c, raw = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-    if redis.call('HEXISTS', inflight, c) == 1 then return 1, i + 4 end
-    if redis.call('LREM', landing_key(D, p), 1, raw) == 0 then return -1, i + 4 end
+    local v = entry(c)
+    if v then
+        local _, state = parse_entry(v)
+        if is_claimed(state) then return used(state) + 1, i + 4 end
+        return tonumber(state), i + 4
+    end
+    local marks = adopted_key(D)
+    local can_mark = unwritable(marks, 'hash') == nil
+    if can_mark and tonumber(c) <= tonumber(redis.call('HGET', marks, p) or '0') then
+        return 0, i + 4
+    end
+    local landing = landing_key(D, p)
+    if unwritable(landing, 'list') or redis.call('LREM', landing, 1, raw) == 0 then
+        return -1, i + 4
+    end
     local recoveries, attempts = recall(raw)
     redis.call('HSET', inflight, c, make_entry(p, 'c' .. attempts, recoveries, raw))
+    if can_mark then
+        redis.call('HSET', marks, p, c)
+        redis.call('EXPIRE', marks, 86400)
+    end
     return attempts + 1, i + 4
 end
 
