@@ -91,6 +91,8 @@ class Heartbeat:
     poisoned: int
     next_due_ms: int | None
     redis_now_ms: int
+    #: Keys of the wrong type the recoveries left as they were (reasons).
+    problems: list[str]
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,8 @@ class CycleReply:
     trimmed: int
     #: Paused priorities, as the claim saw them (empty if it claimed nothing).
     paused: list[str]
+    #: Keys of the wrong type the call read as empty (reasons).
+    problems: list[str]
 
 
 def cancel_args(job_id: str, ttl_s: int, outcome: str, unique: bool) -> list[Any]:
@@ -126,6 +130,10 @@ def cancel_args(job_id: str, ttl_s: int, outcome: str, unique: bool) -> list[Any
 def as_text(v: Any) -> str:
     """A Redis reply as text (bytes decoded, invalid UTF-8 replaced)."""
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def _lines(v: Any) -> list[str]:
+    return [line for line in as_text(v).split("\n") if line]
 
 
 class Broker:
@@ -234,9 +242,9 @@ class Broker:
             args += (priority, str(size))
         for op in ops:
             args.extend(op.args())
-        results, flat, held, dropped, trimmed, paused = await self._hot.evalsha(args)
+        results, flat, held, dropped, trimmed, paused, problems = await self._hot.evalsha(args)
         claimed = [
-            (flat[i].decode(), flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)
+            (as_text(flat[i]), flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)
         ]
         return CycleReply(
             results,
@@ -245,6 +253,7 @@ class Broker:
             [as_text(d) for d in dropped],
             int(trimmed),
             [as_text(p) for p in paused],
+            [as_text(p) for p in problems],
         )
 
     async def heartbeat(
@@ -264,7 +273,7 @@ class Broker:
         for k, v in info.items():
             args += (k, v)
         reply = await self._beat.evalsha(args)
-        registered, lapsed, daemons, jobs, poisoned, due, now = reply
+        registered, lapsed, daemons, jobs, poisoned, due, now, problems = reply
         return Heartbeat(
             registered=bool(registered),
             lapsed=bool(lapsed),
@@ -273,6 +282,7 @@ class Broker:
             poisoned=int(poisoned),
             next_due_ms=None if int(due) < 0 else int(due),
             redis_now_ms=int(now),
+            problems=_lines(problems),
         )
 
     async def recover(
@@ -283,12 +293,13 @@ class Broker:
         died: bool,
         max_recoveries: int,
         max_dead: int,
-    ) -> tuple[int, int]:
-        """Put back every job ``daemon_id`` holds; (jobs put back, jobs dead as poison)."""
-        queued, dead = await self._call(
+    ) -> tuple[int, int, list[str]]:
+        """Put back every job ``daemon_id`` holds; (jobs put back, jobs dead as poison,
+        keys of the wrong type left as they were)."""
+        queued, dead, problems = await self._call(
             "recover", "recover", daemon_id, int(died), max_recoveries, max_dead, *priorities
         )
-        return int(queued), int(dead)
+        return int(queued), int(dead), _lines(problems)
 
     async def undead(
         self, entry: bytes, priority: str, payload: bytes, job_id: str, payload_key: str

@@ -644,6 +644,92 @@ def test_a_wrongtype_recovered_key_loses_no_job(
     d.assert_alive()
 
 
+def test_a_paused_key_of_the_wrong_type_stops_no_daemon_and_is_reported_once(
+    r: redis.Redis,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    mods: Path,
+    daemon: Daemon,
+    notify: NotifyRecorder,
+) -> None:
+    # Every claim reads prioqd:paused: of the wrong type, it must read as "nothing
+    # paused" (and be said once), not fail every cycle of every daemon.
+    r.set("prioqd:paused", "x")
+    cfg = make_config(tmp_path / "c.toml", redis_server.url, workers={"slots": 1})
+    d = daemon(cfg, env=env_for(mods, NOTIFY_SOCKET=notify.path))
+    ids = [f"p{i}" for i in range(6)]
+    for i, job_id in enumerate(ids):  # one at a time: a claim (or a landing) each
+        push(r, "normal", {"id": job_id, "task": "square", "args": [i]})
+        assert wait_ended(r, [job_id], d)[job_id]["result"] == str(i * i)
+    reports = events_like(d, "has the wrong type; read as empty")
+    # Once by the claim, once by the reader of operators' commands; not every cycle.
+    assert 1 <= len(reports) <= 2, reports
+    assert all("prioqd:paused" in str(e["problems"]) and e["level"] == "error" for e in reports)
+    wait_for(lambda: any("prioqd:paused" in s for s in notify.statuses()), 10)
+    # Fixed: a pause works again.
+    r.delete("prioqd:paused")
+    assert prioqd("pause", "normal", "--config", str(cfg)).returncode == 0
+    push(r, "normal", {"id": "held_back", "task": "square", "args": [2]})
+    time.sleep(0.5)
+    assert r.llen("prioqd:queue:normal") == 1
+    d.assert_alive()
+    assert not criticals(d)
+
+
+@pytest.mark.parametrize("key", ["inflight", "landing"])
+def test_a_daemon_whose_own_key_has_the_wrong_type_restarts_and_loses_nothing(
+    r: redis.Redis,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    mods: Path,
+    daemon: Daemon,
+    key: str,
+) -> None:
+    # The daemon's own inflight hash (or a landing list) overwritten: it cannot hold a
+    # job any more, so it exits 1 (systemd restarts it under a new id). Its successor
+    # recovers what it can of it, reports the broken key and serves.
+    cfg = make_config(
+        tmp_path / "c.toml", redis_server.url, workers={"slots": 1}, daemon={"lease_s": 30}
+    )
+    d = daemon(cfg, env=env_for(mods))
+    me = d.daemon_id
+    wait_idle(r)
+    broken = f"prioqd:inflight:{me}" if key == "inflight" else f"prioqd:landing:{me}:normal"
+    r.set(broken, "x")
+    push(r, "normal", {"id": "a", "task": "square", "args": [3]})
+    assert d.wait(30) == 1
+    assert any(broken in str(e.get("error")) for e in criticals(d)), criticals(d)
+    d.start()
+    h = wait_ended(r, ["a"], d)["a"]
+    assert h["status"] == "succeeded" and h["result"] == "9"
+    # Reported by whoever recovered it: the daemon itself as it stopped, or the next.
+    event = "keys of the wrong type left as they are while recovering a daemon's jobs"
+    (report,) = [e for e in d.all_logs() if e.get("event") == event]
+    assert report["daemons"] == [me] and broken in str(report["problems"])
+    assert r.get(broken) == b"x"
+    assert me not in helpers.registered_daemons(r)
+    d.assert_alive()
+
+
+def test_requeue_into_a_queue_of_the_wrong_type_loses_nothing(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    cfg = make_config(tmp_path / "c.toml", redis_server.url)
+    payload = json.dumps({"id": "x", "task": "square", "args": [2]})
+    r.set("prioqd:payload:abc", payload)
+    letter = {"reason": "r", "id": "x", "priority": "normal", "payload_key": "prioqd:payload:abc"}
+    r.lpush("prioqd:dead", json.dumps(letter))
+    r.set("prioqd:queue:normal", "x")
+    out = prioqd("dead", "requeue", "x", "--config", str(cfg))
+    assert [json.loads(x) for x in r.lrange("prioqd:dead", 0, -1)] == [letter]
+    assert r.get("prioqd:payload:abc") == payload.encode()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "WRONGTYPE: prioqd:queue:normal holds a string, not a list" in out.stderr
+    r.delete("prioqd:queue:normal")
+    out = prioqd("dead", "requeue", "x", "--config", str(cfg))
+    assert out.returncode == 0 and r.lrange("prioqd:queue:normal", 0, -1) == [payload.encode()]
+
+
 @pytest.mark.slow
 def test_redis_out_of_memory_backs_off_and_loses_nothing(
     server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon

@@ -39,6 +39,8 @@ class Script:
     def __init__(self, r: redis.Redis) -> None:
         self.r = r
         self.sha = r.script_load(SCRIPT)
+        #: What the last cycle reported as keys of the wrong type read as empty.
+        self.problems: list[str] = []
 
     def call(self, *args: Any) -> Any:
         return self.r.evalsha(self.sha, 0, P, *args)
@@ -57,7 +59,8 @@ class Script:
             args += [p, size]
         for op in op_list:
             args += op.args()
-        results, flat, held, _dropped, _trimmed, _paused = self.call(*args)
+        results, flat, held, _dropped, _trimmed, _paused, problems = self.call(*args)
+        self.problems = [x.decode() for x in problems]
         claimed = [(flat[i].decode(), flat[i + 1]) for i in range(0, len(flat), 3)]
         return results, claimed, bool(held)
 
@@ -360,6 +363,112 @@ def test_a_stalled_redis_does_not_make_the_first_daemon_to_speak_recover_the_oth
     registered, lapsed, recovered, *_ = lua.beat("d2")
     assert (registered, lapsed, recovered) == (0, 1, b"")
     assert list(inflight(lua)) == [b"1"]
+
+
+# --- keys of the wrong type -----------------------------------------------------------
+
+
+def test_a_paused_key_of_the_wrong_type_reads_as_nothing_paused_and_is_reported(
+    lua: Script,
+) -> None:
+    lua.r.set(f"{P}:paused", "x")
+    lua.r.lpush(f"{P}:queue:high", b"h")
+    _, claimed, held = lua.cycle(tokens=1)
+    assert held and claimed == [("high", b"h")]
+    assert lua.problems == [
+        f"WRONGTYPE: {P}:paused holds a string, not a set: read as no priority paused"
+    ]
+    assert lua.r.get(f"{P}:paused") == b"x"
+
+
+@pytest.mark.parametrize("key", ["inflight", "landing"])
+def test_a_daemon_whose_own_key_has_the_wrong_type_is_refused_and_claims_nothing(
+    lua: Script, key: str
+) -> None:
+    lua.r.lpush(f"{P}:queue:high", b"h")
+    lua.r.lpush(f"{P}:landing:{D}:low", b"l")
+    broken = f"{P}:inflight:{D}" if key == "inflight" else f"{P}:landing:{D}:high"
+    lua.r.set(broken, "x")
+    before = snapshot(lua.r)
+    with pytest.raises(redis.ResponseError, match=f"daemon state unusable: WRONGTYPE: {broken}"):
+        lua.cycle([ops.Unland("high"), ops.Unland("low")], tokens=1)
+    assert snapshot(lua.r) == before
+
+
+@pytest.mark.parametrize("key", ["inflight", "landing", "daemon"])
+def test_recovery_leaves_a_dead_daemons_key_of_the_wrong_type_and_recovers_the_rest(
+    lua: Script, key: str
+) -> None:
+    # Two daemons died holding a job each; one of them has a key of the wrong type.
+    # The survivor's heartbeat recovers both, puts back every job it can reach, and
+    # reports (rather than fails on) the broken key, which it leaves as it is.
+    lua.beat("d2")
+    lua.beat("d3")
+    for d, job in ((D, b"a"), ("d3", b"b")):
+        lua.r.lpush(f"{P}:queue:high", job)
+        assert lua.cycle(tokens=1, daemon=d)[1] == [("high", job)]
+    lua.r.lpush(f"{P}:landing:{D}:low", b"l")
+    broken = {
+        "inflight": f"{P}:inflight:{D}",
+        "landing": f"{P}:landing:{D}:high",
+        "daemon": f"{P}:daemon:{D}",
+    }[key]
+    lua.r.delete(broken)
+    lua.r.set(broken, "x")
+    lua.r.zadd(f"{P}:daemons", {D: 1, "d3": 1})
+    _, _, recovered, queued, dead, _, _, problems = lua.beat("d2")
+    assert sorted(recovered.split(b",")) == [D.encode(), b"d3"]
+    kind = "list" if key == "landing" else "hash"
+    assert problems.decode() == f"WRONGTYPE: {broken} holds a string, not a {kind}"
+    back = lua.r.lrange(f"{P}:queue:high", 0, -1) + lua.r.lrange(f"{P}:queue:low", 0, -1)
+    # (Its inflight hash unreadable, "a" is lost to prioqd; everything else comes back.)
+    expected = [b"b", b"l"] if key == "inflight" else [b"a", b"b", b"l"]
+    assert sorted(back) == expected and (queued, dead) == (len(expected), 0)
+    assert lua.r.get(broken) == b"x"
+    assert lua.r.zrange(f"{P}:daemons", 0, -1) == [b"d2"]
+
+
+def test_a_landed_payload_counts_the_deaths_of_its_daemons_and_becomes_poison(
+    lua: Script,
+) -> None:
+    # In idle mode a job runs before its adopt is applied: a payload that kills its
+    # daemon at once dies in the landing list. Each such death counts, as for a claim.
+    raw = b'{"id":"p","task":"t"}'
+    lua.r.lpush(f"{P}:queue:high", raw)
+    lua.beat("d2")
+    for round_ in range(4):
+        assert lua.r.lmove(f"{P}:queue:high", f"{P}:landing:{D}:high", "RIGHT", "LEFT") == raw
+        lua.r.zadd(f"{P}:daemons", {D: 1})
+        lua.beat("d2")
+        lua.beat(D)
+        assert lua.r.llen(f"{P}:landing:{D}:high") == 0, round_
+    assert lua.r.llen(f"{P}:queue:high") == 0
+    (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
+    assert letter["reason"] == "poison: its daemon died 4 times while holding it"
+    assert lua.r.get(letter["payload_key"]) == raw
+
+
+def test_a_periodic_tick_is_not_recorded_while_its_queue_has_the_wrong_type(
+    lua: Script,
+) -> None:
+    lua.r.set(f"{P}:queue:low", "x")
+    with pytest.raises(redis.ResponseError, match=f"WRONGTYPE: {P}:queue:low"):
+        lua.call("periodic", "tick", 1000, "low", b"job", 0)
+    assert lua.r.hget(f"{P}:periodic", "tick") is None
+    lua.r.delete(f"{P}:queue:low")
+    assert lua.call("periodic", "tick", 1000, "low", b"job", 0) == 1
+    assert lua.r.lrange(f"{P}:queue:low", 0, -1) == [b"job"]
+
+
+def test_undead_into_a_queue_of_the_wrong_type_writes_nothing(lua: Script) -> None:
+    letter = json.dumps({"reason": "r", "payload_key": f"{P}:payload:1"})
+    lua.r.lpush(f"{P}:dead", letter)
+    lua.r.set(f"{P}:payload:1", b"job")
+    lua.r.set(f"{P}:queue:high", "x")
+    before = snapshot(lua.r)
+    with pytest.raises(redis.ResponseError, match=f"WRONGTYPE: {P}:queue:high"):
+        lua.call("undead", letter, "high", "", "", f"{P}:payload:1")
+    assert snapshot(lua.r) == before
 
 
 # --- the invariant under any interleaving ---------------------------------------------

@@ -39,6 +39,9 @@ from prioqd.ops import (
 )
 from prioqd.timing import Backoff, wait_event
 
+#: How the script refuses a cycle when our own inflight hash has the wrong type.
+UNUSABLE = "prioqd: daemon state unusable:"
+
 #: Outcomes wait at most this long for a claim to ride along with.
 COALESCE_S = 0.005
 #: ...and go at once when this many are waiting.
@@ -78,6 +81,10 @@ class Cycle:
         self.paused: set[str] = set()
         self.on_paused: Callable[[set[str]], None] = lambda paused: None
         self.on_trimmed: Callable[[int], None] = lambda n: None
+        #: Told of a key of the wrong type a claim read as empty (said once, not
+        #: every cycle), and of each one fixed since ("" when none is left).
+        self.on_problems: Callable[[list[str]], None] = lambda problems: None
+        self._problems: list[str] = []
         #: Called when a claim brought payloads (the daemon is busy).
         self.on_claimed: Callable[[], None] = lambda: None
         #: Claim numbers are ours to give; each claim reserves its whole range first.
@@ -191,6 +198,10 @@ class Cycle:
                 if tokens:
                     repairs.append(Restore(lo, hi))
                 self._repairs[:0] = repairs
+                if isinstance(exc, ScriptError) and UNUSABLE in str(exc):
+                    # Our claims are gone with the hash; only a new daemon id (a
+                    # restart) can hold jobs again. Whoever recovers this id reports it.
+                    raise InternalError(str(exc)) from exc
                 if isinstance(exc, ScriptError):
                     await self._isolate(ops, exc)
                     self.wake()
@@ -212,8 +223,12 @@ class Cycle:
                     dead_letters_max=self.config.jobs.dead_letters_max,
                 )
                 self.on_trimmed(reply.trimmed)
-            if tokens and set(reply.paused) != self.paused:
-                self.on_paused(set(reply.paused))
+            if tokens and reply.lease_held:
+                if reply.problems != self._problems:
+                    self._problems = reply.problems
+                    self.on_problems(reply.problems)
+                if set(reply.paused) != self.paused:
+                    self.on_paused(set(reply.paused))
             if not reply.lease_held:
                 self.lease.lost()
             if tokens:

@@ -77,6 +77,8 @@ class Lease:
         self.slots = 0
         #: The daemon's last error, as ``prioqd status`` and the dashboard show it.
         self.last_error: Callable[[], str] = lambda: ""
+        #: Told of a problem the daemon's STATUS should show.
+        self.on_problem: Callable[[str], None] = lambda text: None
         self._error_written = ""
         #: Where we run: it does not change while we run, so it is read once, not
         #: every beat.
@@ -151,7 +153,7 @@ class Lease:
                 continue
             same_place = all(info.get(k) == me[k] and me[k] for k in ("host", "boot_id", "pidns"))
             if same_place and not _pid_alive(int(info["pid"])):
-                queued, dead = await self.broker.recover(
+                queued, dead, problems = await self.broker.recover(
                     other,
                     self.config.queues.priorities,
                     died=True,
@@ -161,6 +163,7 @@ class Lease:
                 self.log.warning(
                     "recovered a dead daemon's jobs", dead_daemon=other, jobs=queued, poison=dead
                 )
+                self._report(problems, [other])
 
     async def beat(self) -> Heartbeat:
         sent = time.time()
@@ -192,6 +195,7 @@ class Lease:
                 "dead-lettered payloads whose daemons kept dying while holding them",
                 jobs=beat.poisoned,
             )
+        self._report(beat.problems, beat.recovered_daemons)
         if beat.next_due_ms is not None:
             self._on_due_in_ms(beat.next_due_ms)
         error = self.last_error()[:500]
@@ -200,6 +204,18 @@ class Lease:
             await self.broker.update_daemon_info(self.id, {"last_error": error})
             self._error_written = error
         return beat
+
+    def _report(self, problems: list[str], daemons: list[str]) -> None:
+        """Keys of a recovered (or deregistered) daemon that have the wrong type: left
+        as they are (what they held is lost to prioqd), said once (the daemon is
+        forgotten)."""
+        if problems:
+            self.log.error(
+                "keys of the wrong type left as they are while recovering a daemon's jobs",
+                daemons=daemons,
+                problems=problems,
+            )
+            self.on_problem(problems[0])
 
     def lost(self) -> None:
         """A cycle found our lease gone: stop claiming and renew it now."""
@@ -230,11 +246,12 @@ class Lease:
 
     async def deregister(self) -> int:
         """Put back whatever we still hold and forget us; how many jobs went back."""
-        queued, _ = await self.broker.recover(
+        queued, _, problems = await self.broker.recover(
             self.id,
             self.config.queues.priorities,
             died=False,
             max_recoveries=self.config.jobs.max_recoveries,
             max_dead=self.config.jobs.dead_letters_max,
         )
+        self._report(problems, [self.id])
         return queued

@@ -128,8 +128,11 @@ class Daemon:
             on_paused=self._set_paused,
             on_cancel=self.dispatch.cancel,
             on_redis_down=self._redis_down,
+            on_problems=self._problems,
         )
         self.cycle.on_paused = self._set_paused
+        self.cycle.on_problems = self._problems
+        self.lease.on_problem = self._set_last_error
         self.ticks = Ticks(
             self.broker,
             config,
@@ -369,6 +372,22 @@ class Daemon:
         self.remote.paused = self.cycle.paused = paused
         self.watch.set_paused(paused)
         self.cycle.wake()  # a resumed priority may have jobs to claim
+
+    def _problems(self, problems: list[str]) -> None:
+        """Keys of the wrong type read as empty (a claim's, the operators' commands'),
+        said when they change, not every time they are read."""
+        if problems:
+            self.log.error(
+                "a key prioqd reads has the wrong type; read as empty until it is fixed",
+                problems=problems,
+            )
+            self._set_last_error(problems[0])
+        else:
+            self.log.info("the keys of the wrong type reported before are fixed")
+
+    def _set_last_error(self, text: str) -> None:
+        self.last_error = text
+        self.control.status_changed()
 
     def _unlanded(self, priority: str) -> None:
         self.watch.unlanded(priority)
