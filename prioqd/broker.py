@@ -381,21 +381,23 @@ class Broker:
             await r.hset(self.keys.daemon(daemon_id), mapping=info)
 
     async def daemons(self) -> list[tuple[str, dict[str, str], float]]:
-        """Registered daemons: (id, info, lease ms left by Redis's clock)."""
+        """Registered daemons: (id, info, lease ms left by Redis's clock). Whatever
+        is there is read as text (invalid UTF-8 replaced), and an info key of the wrong
+        type as no info: one bad entry must not stop every daemon's start-up."""
         r: Any = self.redis  # redis-py's stubs type replies loosely
         with wrap_errors("list daemons"):
             now_s, now_us = await r.time()
             now_ms = now_s * 1000 + now_us // 1000
             entries = await r.zrange(self.keys.daemons, 0, -1, withscores=True)
-            ids = [raw_id.decode() for raw_id, _ in entries]
+            ids = [as_text(raw_id) for raw_id, _ in entries]
             async with r.pipeline(transaction=False) as pipe:
                 for daemon_id in ids:
                     pipe.hgetall(self.keys.daemon(daemon_id))
-                infos = await pipe.execute()
+                infos = await pipe.execute(raise_on_error=False)
         return [
             (
                 daemon_id,
-                {k.decode(): v.decode(errors="replace") for k, v in info.items()},
+                {as_text(k): as_text(v) for k, v in info.items()} if isinstance(info, dict) else {},
                 float(expiry - now_ms),
             )
             for daemon_id, (_, expiry), info in zip(ids, entries, infos, strict=True)

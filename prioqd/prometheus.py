@@ -82,7 +82,7 @@ class _RedisState(Collector):
         paused = GaugeMetricFamily(
             "prioqd_queue_paused", "1 if the priority is paused", labels=["priority"]
         )
-        paused_set = {p.decode() for p in replies[n]}
+        paused_set = {p.decode(errors="replace") for p in replies[n]}
         for p, d in zip(self._priorities, replies[:n], strict=True):
             depth.add_metric([p], d)
             paused.add_metric([p], 1 if p in paused_set else 0)

@@ -711,6 +711,32 @@ def test_a_daemon_whose_own_key_has_the_wrong_type_restarts_and_loses_nothing(
     d.assert_alive()
 
 
+def test_members_that_are_not_utf8_stop_no_daemon(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    # An operator's typo (or a client writing bytes): members that are not UTF-8 text
+    # in the sets a daemon reads at start-up and on every note.
+    far = int(time.time() * 1000) + 3_600_000
+    r.sadd("prioqd:paused", b"\xff")
+    r.zadd("prioqd:cancels", {b"\xfe": far})
+    r.zadd("prioqd:daemons", {b"\xfd": far, b"\xfc": 1})  # one alive, one expired
+    cfg = make_config(tmp_path / "c.toml", redis_server.url)
+    d = daemon(cfg, env=env_for(mods))
+    push(r, "normal", {"id": "a", "task": "square", "args": [5]})
+    assert wait_ended(r, ["a"], d)["a"]["result"] == "25"
+    # A note makes every daemon read the paused set and the cancels again.
+    assert prioqd("pause", "low", "--config", str(cfg)).returncode == 0
+    d.wait_log("paused priorities", paused=["low", "\ufffd"])
+    push(r, "low", {"id": "b", "task": "square", "args": [6]})
+    push(r, "normal", {"id": "c", "task": "square", "args": [7]})
+    assert wait_ended(r, ["c"], d)["c"]["result"] == "49"
+    assert r.llen("prioqd:queue:low") == 1  # paused: not taken
+    out = prioqd("status", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    d.assert_alive()
+    assert not criticals(d)
+
+
 def test_requeue_into_a_queue_of_the_wrong_type_loses_nothing(
     r: redis.Redis, redis_server: RedisServer, tmp_path: Path
 ) -> None:
