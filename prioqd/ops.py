@@ -66,14 +66,17 @@ class Adopt:
 
 @dataclass(frozen=True, slots=True)
 class Drop:
-    """A landed payload over max_payload_bytes goes to the dead letters by reference."""
+    """A landed payload goes to the dead letters by reference: one over
+    max_payload_bytes (any of ``nbytes`` will do), or one whose Adopt Redis refuses
+    (``sha1`` names it)."""
 
     priority: str
     nbytes: int
     reason: str
+    sha1: str = ""
 
     def args(self) -> list[Arg]:
-        return ["drop", self.priority, str(self.nbytes), self.reason]
+        return ["drop", self.priority, str(self.nbytes), self.reason, self.sha1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -412,6 +412,35 @@ def test_a_payload_that_keeps_killing_its_daemon_becomes_a_dead_letter(
     assert not r.exists(letter["payload_key"]) and not r.llen("prioqd:dead")
 
 
+@pytest.mark.slow
+def test_a_payload_that_kills_its_idle_daemon_at_once_becomes_a_dead_letter(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    # In idle mode a landed job runs before its adopt is written: a task that kills
+    # the daemon at once dies with its payload still in the landing list. That death
+    # counts too, so the default max_recoveries (3) still stops it at the fourth.
+    runs = tmp_path / "runs"
+    cfg = make_config(
+        tmp_path / "c.toml", redis_server.url, workers={"slots": 1}, daemon={"lease_s": 30}
+    )
+    d = daemon(cfg, env=env_for(mods))
+    wait_idle(r)
+    payload = json.dumps({"id": "killer", "task": "kill_daemon", "args": [str(runs), "killer"]})
+    push(r, "normal", payload)
+    deaths = 0
+    while not r.llen("prioqd:dead") and deaths < 6:
+        assert d.wait(30) == -signal.SIGKILL
+        deaths += 1
+        d.start()
+    assert deaths == 4, f"{deaths} daemon deaths, dead letters: {dead_letters(r)}"
+    assert run_counts(runs)["killer"] == 4
+    (letter,) = dead_letters(r)
+    assert letter["reason"] == "poison: its daemon died 4 times while holding it"
+    assert r.get(letter["payload_key"]) == payload.encode()
+    assert not r.llen("prioqd:queue:normal") and helpers.in_flight_count(r) == 0
+    d.assert_alive()
+
+
 # --- 2. identical payloads, repeated ops ------------------------------------------------
 
 
@@ -980,6 +1009,44 @@ def test_a_result_over_proto_max_bulk_len_dead_letters_the_job_not_the_daemon(
     dead = wait_for(letter, 20, what="a dead letter with Redis's protocol error")
     assert json.loads(r.get(dead["payload_key"]))["id"] == "big"  # type: ignore[arg-type]
     assert helpers.in_flight_count(r) == 0
+    push(r, "normal", {"id": "later", "task": "square", "args": [4]})
+    assert wait_ended(r, ["later"], d)["later"]["result"] == "16"
+    assert not criticals(d)
+    r.close()
+
+
+def test_a_landed_payload_whose_adopt_redis_refuses_is_dead_lettered_not_the_daemon(
+    server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    # max_payload_bytes above Redis's proto-max-bulk-len: the blocking wait hands the
+    # daemon a payload (a server-side move) that Redis then refuses as an argument of
+    # the adopt. It goes to the dead letters by reference; the daemon serves on.
+    r = server.client()
+    r.config_set("proto-max-bulk-len", "1mb")
+    cfg = make_config(
+        tmp_path / "c.toml",
+        server.url,
+        workers={"slots": 1},
+        jobs={"max_payload_bytes": 4 * 1024 * 1024},
+    )
+    d = daemon(cfg, env=env_for(mods))
+    wait_idle(r)
+    head, tail = '{"id": "wide", "task": "nap", "args": [1], "meta": {"pad": "', '"}}'
+    payload = head + "x" * 1_500_000 + tail
+    # (Made in Redis: pushed from here, it would be refused as an argument too.)
+    r.eval(
+        "redis.call('LPUSH', KEYS[1], ARGV[1] .. string.rep('x', tonumber(ARGV[2])) .. ARGV[3])",
+        1, "prioqd:queue:normal", head, 1_500_000, tail,
+    )  # fmt: skip
+
+    def letter() -> dict[str, Any] | None:
+        d.assert_alive()
+        found = letters_by_reason(r, "redis refused to record it")
+        return found[0] if found else None
+
+    dead = wait_for(letter, 20, what="a dead letter for the refused adopt")
+    assert r.get(dead["payload_key"]) == payload.encode()
+    assert helpers.in_flight_count(r) == 0 and not r.llen("prioqd:queue:normal")
     push(r, "normal", {"id": "later", "task": "square", "args": [4]})
     assert wait_ended(r, ["later"], d)["later"]["result"] == "16"
     assert not criticals(d)

@@ -6,6 +6,7 @@ invariant after every step: every job is in exactly one place, or has ended."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -207,6 +208,17 @@ def test_drop(lua: Script) -> None:
     (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
     assert letter["reason"] == "too big" and letter["bytes"] == 50
     assert lua.r.get(letter["payload_key"]) == b"y" * 50
+
+
+def test_drop_by_sha1_takes_exactly_that_payload(lua: Script) -> None:
+    # (How the daemon buries a landed payload whose adopt Redis refused.)
+    landing = f"{P}:landing:{D}:high"
+    lua.r.lpush(landing, b"a" * 10, b"b" * 10)
+    sha = hashlib.sha1(b"a" * 10).hexdigest()
+    assert twice(lua, ops.Drop("high", 10, "refused", sha)) == (1, 0)
+    assert lua.r.lrange(landing, 0, -1) == [b"b" * 10]
+    (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
+    assert lua.r.get(letter["payload_key"]) == b"a" * 10
 
 
 def test_start(lua: Script) -> None:

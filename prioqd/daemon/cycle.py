@@ -14,6 +14,7 @@ guarded by its claim number); claims whose numbers we never saw are put back wit
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,11 @@ from prioqd.daemon.slots import Slots
 from prioqd.errors import BrokerError, PrioqdError, ScriptError
 from prioqd.ops import (
     FAILED,
+    LOST,
+    STUCK,
+    Adopt,
     Bury,
+    Drop,
     End,
     Finish,
     Op,
@@ -284,6 +289,22 @@ class Cycle:
     async def _bury(self, op: Op, reason: str) -> None:
         claims: list[tuple[int, str]] = []
         match op:
+            case Adopt(job_raw=raw, priority=priority, claim=claim):
+                # Not in the inflight hash yet: from the landing list, by reference.
+                why = f"redis refused to record it: {reason}"[:1000]
+                drop = Drop(priority, len(raw), why, hashlib.sha1(raw).hexdigest())
+                try:
+                    (result,) = (await self._alone(drop)).results
+                except ScriptError as again:
+                    raise InternalError(
+                        f"redis refused to dead-letter landed claim {claim}: {again}"
+                    ) from again
+                self.log.error(
+                    "job dead-lettered: redis refused its op", claim=claim, reason=reason
+                )
+                # Its run (started as it landed) is not recorded.
+                self.dispatch.applied(op, {1: FAILED, STUCK: STUCK}.get(result, LOST))
+                return
             case Start(job=job) | Finish(job=job) | End(job=job) | Schedule(job=job):
                 claims = [(job.claim, job.id)]
             case Reject(claim=claim, rejected=rej):

@@ -515,21 +515,23 @@ ops.progress = function(i)
     return 1, i + 5
 end
 
--- drop p nbytes reason: a landed payload of nbytes over max_payload_bytes goes from
--- P:landing:D:p to the dead letters by reference (the daemon does not send it back).
+-- drop p nbytes reason sha1: a landed payload of nbytes (and of that SHA-1, unless
+-- sha1 is empty) goes from P:landing:D:p to the dead letters by reference, with
+-- `reason` (the daemon does not send it back: over max_payload_bytes, or an adopt
+-- Redis refused). 1; 0 if none is there; -3 if the dead letters cannot be written.
 ops.drop = function(i)
-    local p, nbytes, reason = ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+    local p, nbytes, reason, sha = ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
     local landing = landing_key(D, p)
-    if unwritable(landing, 'list') then return 0, i + 4 end
+    if unwritable(landing, 'list') then return 0, i + 5 end
     for _, v in ipairs(redis.call('LRANGE', landing, 0, -1)) do
-        if string.len(v) == nbytes then
-            if not dead_writable() then return -3, i + 4 end
+        if string.len(v) == nbytes and (sha == '' or redis.sha1hex(v) == sha) then
+            if not dead_writable() then return -3, i + 5 end
             redis.call('LREM', landing, 1, v)
             dead_by_reference(p, v, reason)
-            return 1, i + 4
+            return 1, i + 5
         end
     end
-    return 0, i + 4
+    return 0, i + 5
 end
 
 -- start C json id ttl n k v ...: claim C is recorded as running: its entry gets the
