@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -44,6 +45,9 @@ _KEEPALIVE: dict[int, int | bytes] = {}
 for _name, _value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
     if hasattr(socket, _name):
         _KEEPALIVE[getattr(socket, _name)] = _value
+
+#: errnos of a host out of fds, memory or processes: "not now", whatever the call.
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN)
 
 #: Error replies that say "not now" rather than "never": the same call may succeed
 #: later (Redis is loading, out of memory, running a slow script, a read-only replica
@@ -198,6 +202,15 @@ class Broker:
                 self.url, socket_timeout=socket_timeout_s, **self._common
             )
             pool.make_connection()  # type: ignore[no-untyped-call]
+        except OSError as exc:
+            if exc.errno in _OUT_OF_RESOURCES:
+                # No fd left (redis-py reads its own metadata here): an outage of the
+                # host, not a bad URL. Callers retry it as they retry Redis.
+                raise BrokerError(f"cannot make a Redis connection: {exc}") from exc
+            raise ConnectionSetupError(
+                f"cannot make a Redis connection from {mask_url(self.url)}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         except Exception as exc:
             raise ConnectionSetupError(
                 f"cannot make a Redis connection from {mask_url(self.url)}: "

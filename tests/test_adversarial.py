@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -1212,6 +1213,82 @@ def test_a_replacement_worker_with_fewer_tasks_is_reported_not_silent(
     push(r, "normal", {"id": "new_code", "task": "deployed", "args": [5]})
     assert wait_ended(r, ["new_code"], d)["new_code"]["result"] == "5"
     d.assert_alive()
+
+
+def _fd_limit(pid: int, limit: int) -> tuple[int, int]:
+    """Lower a process's RLIMIT_NOFILE (the fds it has stay open); the old limits."""
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, old[1]))
+    return old
+
+
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in range(len(used) + 1) if n not in used)
+
+
+def test_a_worker_that_cannot_be_replaced_is_retried_and_reported_not_silent(
+    r: redis.Redis,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    mods: Path,
+    daemon: Daemon,
+    notify: NotifyRecorder,
+) -> None:
+    # The daemon cannot make a pipe for a new worker (EMFILE, as at a low LimitNOFILE,
+    # or EAGAIN at TasksMax): the replacement of a worker that died must be retried
+    # and reported, not end silently and leave claimed jobs waiting for ever.
+    cfg = make_config(
+        tmp_path / "c.toml", redis_server.url, workers={"slots": 1}, daemon={"lease_s": 30}
+    )
+    d = daemon(cfg, env=env_for(mods, NOTIFY_SOCKET=notify.path))
+    (worker,) = d.worker_pids
+    # Every connection made (a claim's, a wait's on each queue) before fds run out.
+    push(r, "high", {"id": "warm", "task": "square", "args": [1]})
+    wait_ended(r, ["warm"], d)
+    wait_for(lambda: helpers.waits_blocked(r) == 3, 10, what="a wait on every queue")
+    old = _fd_limit(d.pid, 3)  # 0, 1 and 2 are taken: no new fd at all
+    try:
+        os.kill(worker, signal.SIGKILL)
+        d.wait_log("worker process failed to start")  # the death is seen: no worker
+        # (High: it runs as it lands, no round trip on a new connection first.)
+        push(r, "high", {"id": "waits", "task": "square", "args": [5]})
+        failures = d.wait_count("worker process failed to start", 3, timeout_s=15)
+        assert all("Too many open files" in e["error"] for e in failures), failures
+        assert all(e["level"] == "error" and e["retry_in_s"] > 0 for e in failures)
+        wait_for(lambda: any("Too many open files" in s for s in notify.statuses()), 10)
+        assert job_hash(r, "waits").get("status") != "succeeded"
+    finally:
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, old)
+    h = wait_ended(r, ["waits"], d, timeout_s=30)["waits"]
+    assert h["status"] == "succeeded" and h["result"] == "25"
+    assert len(psutil.Process(d.pid).children()) == 1
+    d.assert_alive()
+    assert not criticals(d)
+
+
+def test_a_reload_that_cannot_make_workers_is_rejected_and_serving_goes_on(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    cfg = make_config(tmp_path / "c.toml", redis_server.url, workers={"slots": 1})
+    d = daemon(cfg, env=env_for(mods))
+    push(r, "high", {"id": "warm", "task": "square", "args": [1]})
+    wait_ended(r, ["warm"], d)
+    wait_for(lambda: helpers.waits_blocked(r) == 3, 10, what="a wait on every queue")
+    make_config(tmp_path / "c.toml", redis_server.url, workers={"slots": 2})
+    # One fd left: the config file can be read, but a worker's pipe (two) cannot be made.
+    old = _fd_limit(d.pid, _lowest_free_fd(d.pid) + 1)
+    try:
+        d.signal(signal.SIGHUP)
+        rejected = d.wait_log("reload rejected; still running the previous configuration", 15)
+    finally:
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, old)
+    assert "Too many open files" in rejected["error"], rejected
+    push(r, "normal", {"id": "after", "task": "square", "args": [3]})
+    assert wait_ended(r, ["after"], d)["after"]["result"] == "9"
+    assert len(psutil.Process(d.pid).children()) == 1
+    d.assert_alive()
+    assert not criticals(d)
 
 
 # --- 10. jobs nobody serves --------------------------------------------------------------

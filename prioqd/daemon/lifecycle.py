@@ -120,6 +120,7 @@ class Daemon:
         self.dispatch.on_outcome = self._outcome
         self.cycle.on_claimed = self.watch.claimed
         self.pool.may_start = self.watch.may_start
+        self.pool.on_failure = self._internal_failure
         self.pool.joinable = self.dispatch.joinable
         self.pool.on_progress = self.dispatch.progress
         self.remote = Remote(
@@ -248,6 +249,10 @@ class Daemon:
         except WorkerStartError as exc:
             self.notifier.send(STATUS=f"failed: {exc}")
             raise
+        except OSError as exc:  # no fds or processes left: a restart may find some
+            self.notifier.send(STATUS=f"failed: cannot start worker processes: {exc}")
+            self._internal_failure(exc)
+            return False
         await self._until_redis_answers()
         if self._stop.is_set() or not await self.lease.register(self._stop):
             return False
@@ -492,8 +497,9 @@ class Daemon:
         if slots != self.slots.total:
             try:
                 await self.pool.resize(slots)
-            except WorkerStartError as exc:
-                return f"worker processes cannot start: {exc}"
+            except Exception as exc:  # bad task modules, or no fds/processes left
+                text = str(exc) if isinstance(exc, WorkerStartError) else repr(exc)
+                return f"worker processes cannot start: {text}"
             self.slots.resize(slots)
             self.lease.slots = slots
             try:  # the next registration rewrites it anyway
