@@ -99,6 +99,12 @@ def big_result(n):
 
 
 @task
+def loud(n):
+    """Raises with a message of n characters (not ASCII: the cap counts bytes)."""
+    raise ValueError("\u00e9" * n)
+
+
+@task
 def secrets():
     names = ["PRIOQD_REDIS_PASSWORD", "CREDENTIALS_DIRECTORY"]
     code = "import json, os, sys; print(json.dumps({k: os.environ.get(k) for k in sys.argv[1:]}))"
@@ -955,6 +961,30 @@ def test_a_result_over_max_result_bytes_fails_the_job_without_retry(
     assert huge["status"] == "dead" and huge["attempts"] == "1", huge
     assert "max_result_bytes=1048576" in huge["error"]
     assert "result" not in huge
+    d.assert_alive()
+
+
+def test_a_task_error_of_megabytes_is_capped_and_marked_everywhere_it_is_copied(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    cfg = make_config(tmp_path / "c.toml", redis_server.url, jobs={"max_retries": 0})
+    d = daemon(cfg, env=env_for(mods))
+    push(r, "normal", {"id": "loud", "task": "loud", "args": [1_000_000]})
+    h = wait_ended(r, ["loud"], d)["loud"]
+    assert h["status"] == "dead"
+    error, tb = h["error"], h["traceback"]
+    assert error.startswith("ValueError: \u00e9\u00e9")
+    assert "[error text truncated: 2000012 bytes, the first 4096 kept]" in error
+    assert len(error.encode()) < 4096 + 200
+    assert tb.startswith("Traceback (most recent call last):")
+    assert "... [traceback truncated: " in tb and tb.rstrip().endswith("\u00e9")
+    assert 60_000 < len(tb.encode()) < 64 * 1024 + 200
+    (letter,) = dead_letters(r)
+    assert letter["traceback"] == tb and letter["reason"].startswith(error)
+    (done,) = r.lrange("prioqd:done:loud", 0, -1)
+    assert json.loads(done)["error"] == error
+    (line,) = [e for e in d.events("job finished") if e.get("job_id") == "loud"]
+    assert line["error"] == error and line["traceback"] == tb
     d.assert_alive()
 
 
