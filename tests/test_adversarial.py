@@ -324,6 +324,34 @@ def test_poison_fields_are_dead_letters_and_the_daemon_keeps_serving(
     assert not criticals(d)
 
 
+def test_numbers_json_cannot_carry_are_dead_letters_not_changed_arguments(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    # Python's json reads NaN, Infinity and 1e400 (as nan and inf), but the stored
+    # form of a job (an id-less or delayed one, a rerun) would carry null instead:
+    # the job must be refused with the reason, not run with other arguments later.
+    d = daemon(make_config(tmp_path / "c.toml", redis_server.url), env=env_for(mods))
+    bad = {
+        "nan_args": '"args": [NaN]',
+        "inf_kwargs": '"kwargs": {"x": Infinity}',
+        "huge_meta": '"meta": {"x": 1e400}, "delay_s": 0.1',
+    }
+    for job_id, field in bad.items():
+        push(r, "normal", f'{{"id": "{job_id}", "task": "echo", {field}}}')
+    push(r, "normal", '{"task": "echo", "args": [-Infinity]}')  # no id: one would be pinned
+    push(r, "normal", {"id": "fine", "task": "echo", "args": [1e300], "delay_s": 0.1})
+    hashes = wait_ended(r, [*bad, "fine"], d)
+    for job_id in bad:
+        assert hashes[job_id]["status"] == "dead", job_id
+        assert "not finite" in hashes[job_id]["error"], hashes[job_id]
+    assert json.loads(hashes["fine"]["result"]) == {"args": [1e300], "kwargs": {}}
+    wait_for(lambda: r.llen("prioqd:dead") == len(bad) + 1, 10, what="every dead letter")
+    reasons = [e["reason"] for e in dead_letters(r)]
+    assert all(x.startswith("payload has a number that is not finite") for x in reasons)
+    assert any("(-Infinity)" in x for x in reasons) and any("(1e400)" in x for x in reasons)
+    d.assert_alive()
+
+
 def test_a_failed_idle_barrier_hears_every_wait_out_and_keeps_the_order(
     server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
 ) -> None:
