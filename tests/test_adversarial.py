@@ -1588,6 +1588,36 @@ def test_check_config_rejects_infinite_and_nan_numbers(r: redis.Redis, tmp_path:
         assert key in out.stderr, (key, value, out.stderr)
 
 
+def test_check_config_rejects_durations_too_large_for_a_timer(
+    r: redis.Redis, tmp_path: Path
+) -> None:
+    # Finite, so they passed; then a timer set for them overflowed the event loop's
+    # clock (an internal failure) or an EXPIRE refused them.
+    keys = (
+        "daemon.lease_s", "daemon.shutdown_grace_s", "jobs.timeout_s", "jobs.max_timeout_s",
+        "jobs.retry_backoff_s", "jobs.retry_backoff_max_s", "jobs.result_ttl_s",
+        "redis.socket_timeout_s", "redis.connect_timeout_s", "web.refresh_s",
+        "web.session_max_age_s",
+    )  # fmt: skip
+    for key in keys:
+        table, name = key.split(".")
+        value = "1e300" if name not in ("result_ttl_s", "session_max_age_s") else str(2**53)
+        path = tmp_path / f"{table}-{name}.toml"
+        path.write_text(f"[{table}]\n{name} = {value}\n")
+        out = prioqd("check-config", "--config", str(path))
+        assert out.returncode == 2, (key, out.stdout, out.stderr)
+        assert f"{key}: must be at most " in out.stderr, (key, out.stderr)
+    path = tmp_path / "schedule.toml"
+    path.write_text('[[schedule]]\nname = "s"\ntask = "square"\nevery_s = 1e300\n')
+    out = prioqd("check-config", "--config", str(path))
+    assert out.returncode == 2 and "schedule[0].every_s: must be at most" in out.stderr
+    # A year of job timeout, a day of lease: long, but fine.
+    path.write_text(
+        "[jobs]\ntimeout_s = 31536000\nmax_timeout_s = 31536000\n[daemon]\nlease_s = 86400\n"
+    )
+    assert prioqd("check-config", "--config", str(path)).returncode == 0
+
+
 # --- 15. same-id payloads scheduled together; FIFO after a recovery -------------------------
 
 
