@@ -362,9 +362,10 @@ class Admin:
             async with self.r.pipeline(transaction=False) as pipe:
                 for d in ids:
                     pipe.hget(self.keys.daemon(d), "priorities")
-                prios = await pipe.execute()
+                prios = await pipe.execute(raise_on_error=False)  # (a key of the wrong type)
         return {
-            d: _priorities(as_text(p) if p else "") or list(self.config.queues.priorities)
+            d: _priorities(as_text(p) if isinstance(p, bytes) else "")
+            or list(self.config.queues.priorities)
             for d, p in zip(ids, prios, strict=True)
         }
 

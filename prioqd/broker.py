@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -44,6 +45,9 @@ _KEEPALIVE: dict[int, int | bytes] = {}
 for _name, _value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
     if hasattr(socket, _name):
         _KEEPALIVE[getattr(socket, _name)] = _value
+
+#: errnos of a host out of fds, memory or processes: "not now", whatever the call.
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN)
 
 #: Error replies that say "not now" rather than "never": the same call may succeed
 #: later (Redis is loading, out of memory, running a slow script, a read-only replica
@@ -91,6 +95,8 @@ class Heartbeat:
     poisoned: int
     next_due_ms: int | None
     redis_now_ms: int
+    #: Keys of the wrong type the recoveries left as they were (reasons).
+    problems: list[str]
     #: Dead letters dropped, oldest first, to keep within dead_letters_max.
     trimmed: int = 0
 
@@ -108,6 +114,8 @@ class CycleReply:
     trimmed: int
     #: Paused priorities, as the claim saw them (empty if it claimed nothing).
     paused: list[str]
+    #: Keys of the wrong type the call read as empty (reasons).
+    problems: list[str]
 
 
 def cancel_args(job_id: str, ttl_s: int, outcome: str, unique: bool) -> list[Any]:
@@ -128,6 +136,10 @@ def cancel_args(job_id: str, ttl_s: int, outcome: str, unique: bool) -> list[Any
 def as_text(v: Any) -> str:
     """A Redis reply as text (bytes decoded, invalid UTF-8 replaced)."""
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def _lines(v: Any) -> list[str]:
+    return [line for line in as_text(v).split("\n") if line]
 
 
 class Broker:
@@ -192,6 +204,15 @@ class Broker:
                 self.url, socket_timeout=socket_timeout_s, **self._common
             )
             pool.make_connection()  # type: ignore[no-untyped-call]
+        except OSError as exc:
+            if exc.errno in _OUT_OF_RESOURCES:
+                # No fd left (redis-py reads its own metadata here): an outage of the
+                # host, not a bad URL. Callers retry it as they retry Redis.
+                raise BrokerError(f"cannot make a Redis connection: {exc}") from exc
+            raise ConnectionSetupError(
+                f"cannot make a Redis connection from {mask_url(self.url)}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         except Exception as exc:
             raise ConnectionSetupError(
                 f"cannot make a Redis connection from {mask_url(self.url)}: "
@@ -236,9 +257,9 @@ class Broker:
             args += (priority, str(size))
         for op in ops:
             args.extend(op.args())
-        results, flat, held, dropped, trimmed, paused = await self._hot.evalsha(args)
+        results, flat, held, dropped, trimmed, paused, problems = await self._hot.evalsha(args)
         claimed = [
-            (flat[i].decode(), flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)
+            (as_text(flat[i]), flat[i + 1], int(flat[i + 2])) for i in range(0, len(flat), 3)
         ]
         return CycleReply(
             results,
@@ -247,6 +268,7 @@ class Broker:
             [as_text(d) for d in dropped],
             int(trimmed),
             [as_text(p) for p in paused],
+            [as_text(p) for p in problems],
         )
 
     async def heartbeat(
@@ -266,7 +288,7 @@ class Broker:
         for k, v in info.items():
             args += (k, v)
         reply = await self._beat.evalsha(args)
-        registered, lapsed, daemons, jobs, poisoned, due, now, trimmed = reply
+        registered, lapsed, daemons, jobs, poisoned, due, now, trimmed, problems = reply
         return Heartbeat(
             registered=bool(registered),
             lapsed=bool(lapsed),
@@ -276,6 +298,7 @@ class Broker:
             next_due_ms=None if int(due) < 0 else int(due),
             redis_now_ms=int(now),
             trimmed=int(trimmed),
+            problems=_lines(problems),
         )
 
     async def recover(
@@ -286,13 +309,14 @@ class Broker:
         died: bool,
         max_recoveries: int,
         max_dead: int,
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int, int, list[str]]:
         """Put back every job ``daemon_id`` holds; (jobs put back, jobs dead as poison,
-        dead letters trimmed to keep within ``max_dead``)."""
-        queued, dead, trimmed = await self._call(
+        dead letters trimmed to keep within ``max_dead``, keys of the wrong type left as
+        they were)."""
+        queued, dead, trimmed, problems = await self._call(
             "recover", "recover", daemon_id, int(died), max_recoveries, max_dead, *priorities
         )
-        return int(queued), int(dead), int(trimmed)
+        return int(queued), int(dead), int(trimmed), _lines(problems)
 
     async def undead(
         self, entry: bytes, priority: str, payload: bytes, job_id: str, payload_key: str
@@ -378,21 +402,23 @@ class Broker:
             await r.hset(self.keys.daemon(daemon_id), mapping=info)
 
     async def daemons(self) -> list[tuple[str, dict[str, str], float]]:
-        """Registered daemons: (id, info, lease ms left by Redis's clock)."""
+        """Registered daemons: (id, info, lease ms left by Redis's clock). Whatever
+        is there is read as text (invalid UTF-8 replaced), and an info key of the wrong
+        type as no info: one bad entry must not stop every daemon's start-up."""
         r: Any = self.redis  # redis-py's stubs type replies loosely
         with wrap_errors("list daemons"):
             now_s, now_us = await r.time()
             now_ms = now_s * 1000 + now_us // 1000
             entries = await r.zrange(self.keys.daemons, 0, -1, withscores=True)
-            ids = [raw_id.decode() for raw_id, _ in entries]
+            ids = [as_text(raw_id) for raw_id, _ in entries]
             async with r.pipeline(transaction=False) as pipe:
                 for daemon_id in ids:
                     pipe.hgetall(self.keys.daemon(daemon_id))
-                infos = await pipe.execute()
+                infos = await pipe.execute(raise_on_error=False)
         return [
             (
                 daemon_id,
-                {k.decode(): v.decode(errors="replace") for k, v in info.items()},
+                {as_text(k): as_text(v) for k, v in info.items()} if isinstance(info, dict) else {},
                 float(expiry - now_ms),
             )
             for daemon_id, (_, expiry), info in zip(ids, entries, infos, strict=True)

@@ -49,6 +49,26 @@ def _every(v: float) -> str | None:
     )
 
 
+_DAY_S = 86400
+_YEAR_S = 365 * _DAY_S
+
+
+def _up_to(
+    max_s: int, lower: Callable[[float], str | None] = _positive
+) -> Callable[[float], str | None]:
+    """A duration's check: ``lower``'s, and at most ``max_s`` (a timer set for 1e300 s
+    would overflow the event loop's clock: a finite number is not enough)."""
+
+    def check(v: float) -> str | None:
+        if problem := lower(v):
+            return problem
+        if v > max_s:
+            return f"must be at most {max_s} ({max_s / _DAY_S:g} days)"
+        return None
+
+    return check
+
+
 def _name(v: str) -> str | None:
     if _NAME_RE.match(v):
         return None
@@ -158,8 +178,8 @@ class RedisConfig:
     url: str = field(default="redis://127.0.0.1:6379/0", metadata=_check(check_redis_url))
     # Commands other than the blocking fetch fail after this long; the fetch has its
     # own connections without a read timeout (it may block for hours by design).
-    socket_timeout_s: float = field(default=5.0, metadata=_check(_positive))
-    connect_timeout_s: float = field(default=5.0, metadata=_check(_positive))
+    socket_timeout_s: float = field(default=5.0, metadata=_check(_up_to(_DAY_S)))
+    connect_timeout_s: float = field(default=5.0, metadata=_check(_up_to(_DAY_S)))
 
 
 @dataclass(frozen=True)
@@ -186,13 +206,13 @@ class WorkersConfig:
 
 @dataclass(frozen=True)
 class JobsConfig:
-    timeout_s: float = field(default=300.0, metadata=_check(_positive))
+    timeout_s: float = field(default=300.0, metadata=_check(_up_to(_YEAR_S)))
     # A job's own timeout_s is capped to this: a producer cannot hold a worker for ever.
-    max_timeout_s: float = field(default=86400.0, metadata=_check(_positive))
+    max_timeout_s: float = field(default=86400.0, metadata=_check(_up_to(_YEAR_S)))
     max_retries: int = field(default=3, metadata=_check(_non_negative))
-    retry_backoff_s: float = field(default=1.0, metadata=_check(_positive))
-    retry_backoff_max_s: float = field(default=300.0, metadata=_check(_positive))
-    result_ttl_s: int = field(default=86400, metadata=_check(_positive))
+    retry_backoff_s: float = field(default=1.0, metadata=_check(_up_to(_YEAR_S)))
+    retry_backoff_max_s: float = field(default=300.0, metadata=_check(_up_to(_YEAR_S)))
+    result_ttl_s: int = field(default=86400, metadata=_check(_up_to(10 * _YEAR_S)))
     max_payload_bytes: int = field(default=1024 * 1024, metadata=_check(_positive))
     # A result larger than this fails its job (it would be copied into the job hash,
     # the done list and the events channel).
@@ -207,8 +227,8 @@ class JobsConfig:
 @dataclass(frozen=True)
 class DaemonConfig:
     # A daemon that stops heartbeating for this long has its in-flight jobs put back.
-    lease_s: float = field(default=30.0, metadata=_check(_positive))
-    shutdown_grace_s: float = field(default=30.0, metadata=_check(_non_negative))
+    lease_s: float = field(default=30.0, metadata=_check(_up_to(_DAY_S)))
+    shutdown_grace_s: float = field(default=30.0, metadata=_check(_up_to(_DAY_S, _non_negative)))
 
 
 @dataclass(frozen=True)
@@ -256,9 +276,9 @@ class WebConfig:
     # proxy passes on, e.g. ["prioqd.example.com"]; "*.example.com"; "*" for any.
     allowed_hosts: list[str] = field(default_factory=list, metadata=_check(_hosts))
     # How often an open page refreshes itself.
-    refresh_s: float = field(default=2.0, metadata=_check(_positive))
+    refresh_s: float = field(default=2.0, metadata=_check(_up_to(_DAY_S)))
     # How long a sign-in lasts.
-    session_max_age_s: int = field(default=43200, metadata=_check(_positive))
+    session_max_age_s: int = field(default=43200, metadata=_check(_up_to(_YEAR_S)))
 
 
 @dataclass(frozen=True)

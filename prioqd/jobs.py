@@ -122,6 +122,37 @@ def _number(v: Any) -> float | None:
 _NO_SPACE = re.compile(r"\S+")
 
 
+class _NotFinite(ValueError):
+    """A number JSON cannot carry: NaN, Infinity, or a literal too large for a double.
+    Python's json reads them (as nan and inf); the stored form, written by orjson,
+    would turn them into null, so a retry, a rerun, or any run of a delayed or id-less
+    job would get other arguments than the first."""
+
+
+def _constant(name: str) -> float:
+    raise _NotFinite(name)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text if len(text) <= 24 else f"{text[:20]}...")
+    return value
+
+
+#: A float literal that may not fit a double: 309 digits or more, or an exponent of
+#: three digits. Only a payload with one is parsed again, checking every float (a
+#: Python call per float), so the common payload pays one scan for this.
+_MAYBE_HUGE = re.compile(r"\d{309}|[eE]\+?\d{3}")
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` that refuses non-finite numbers (``_NotFinite``)."""
+    if _MAYBE_HUGE.search(text):
+        return json.loads(text, parse_constant=_constant, parse_float=_finite)
+    return json.loads(text, parse_constant=_constant)
+
+
 def valid_id(v: Any) -> TypeGuard[str]:
     # isprintable() rejects control characters; the regex, any kind of space.
     return (
@@ -227,7 +258,9 @@ def _parse(
     except UnicodeDecodeError as exc:
         return Rejected(priority, raw, f"payload is not UTF-8 text: {exc}")
     try:
-        obj = json.loads(text)
+        obj = _loads(text)
+    except _NotFinite as exc:
+        return _not_finite(raw, text, priority, str(exc))
     except (ValueError, RecursionError) as exc:
         return Rejected(priority, raw, f"payload is not valid JSON: {exc}")
     if not isinstance(obj, dict):
@@ -342,6 +375,30 @@ def _parse(
         enqueued_at=enqueued_at,
         unique=unique,
         meta=meta,
+    )
+
+
+def _not_finite(raw: bytes, text: str, priority: str, number: str) -> Rejected:
+    """The rejection of a payload with a non-finite number, with its id and task if it
+    has them (read leniently, as Python's json accepts it), so that its job hash and
+    a waiting producer hear of it."""
+    reason = (
+        f"payload has a number that is not finite ({number}): JSON has no NaN or "
+        "Infinity, and a number must fit a double"
+    )
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict):
+        return Rejected(priority, raw, reason)
+    job_id, task = obj.get("id"), obj.get("task")
+    return Rejected(
+        priority,
+        raw,
+        reason,
+        id=job_id if valid_id(job_id) else "",
+        task=safe_text(task) if isinstance(task, str) else "",
     )
 
 

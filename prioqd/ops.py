@@ -25,6 +25,8 @@ FAILED = -2
 STUCK = -3
 #: ``Finish`` only: the job has run before; record its start, then its end.
 NOT_FIRST = -4
+#: ``Adopt`` only: a repeat of an Adopt that applied, whose claim was settled since.
+ADOPTED_BEFORE = 0
 
 Arg = str | bytes
 
@@ -48,7 +50,11 @@ def _flags(job: Job, run: RunResult) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Adopt:
-    """A payload the blocking wait put in our landing list becomes claim ``claim``."""
+    """A payload the blocking wait put in our landing list becomes claim ``claim``.
+
+    The result is the attempt number; ``ADOPTED_BEFORE`` for a repeat of an Adopt
+    that applied and whose claim was settled since; ``LOST`` if the payload is no
+    longer there (recovered by another daemon)."""
 
     job_raw: bytes
     priority: str
@@ -60,14 +66,17 @@ class Adopt:
 
 @dataclass(frozen=True, slots=True)
 class Drop:
-    """A landed payload over max_payload_bytes goes to the dead letters by reference."""
+    """A landed payload goes to the dead letters by reference: one over
+    max_payload_bytes (any of ``nbytes`` will do), or one whose Adopt Redis refuses
+    (``sha1`` names it)."""
 
     priority: str
     nbytes: int
     reason: str
+    sha1: str = ""
 
     def args(self) -> list[Arg]:
-        return ["drop", self.priority, str(self.nbytes), self.reason]
+        return ["drop", self.priority, str(self.nbytes), self.reason, self.sha1]
 
 
 @dataclass(frozen=True, slots=True)

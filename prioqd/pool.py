@@ -32,6 +32,7 @@ from typing import Any
 from prioqd.errors import WorkerStartError
 from prioqd.jobs import Job, RunResult
 from prioqd.systemd import PRIVATE_ENV
+from prioqd.timing import Backoff
 
 _HEADER = struct.Struct("!I")
 #: Shared with each worker: "do not start a job whose seq is in [lo, hi]" (see
@@ -96,7 +97,10 @@ class _Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.pid = 0
         self.transport: asyncio.WriteTransport | None = None
+        self.read_transport: asyncio.ReadTransport | None = None
         self.reader: _FrameReader | None = None
+        #: Ready and handed to the pool: from now on its exit calls for a replacement.
+        self.started = False
         self.ready: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self.batch: deque[_Running] = deque()
         self.deadline: asyncio.TimerHandle | None = None
@@ -185,6 +189,11 @@ class Pool:
         self.on_progress: Callable[[Job, str], None] = lambda job, text: None
         self.task_names: frozenset[str] = frozenset()
         self._on_event = on_event or (lambda *a, **k: None)
+        #: Told of an exception no part of the pool expected (a bug): the daemon
+        #: cannot rely on its workers any more.
+        self.on_failure: Callable[[BaseException], None] = lambda exc: None
+        #: The one task that brings the pool back to its size after workers died.
+        self._replacer: asyncio.Task[None] | None = None
         self._workers: set[_Worker] = set()
         self._idle: deque[_Worker] = deque()
         # Batches waiting for a worker: (rank, seq, batch, frame), lowest rank first,
@@ -214,16 +223,43 @@ class Pool:
         return self.task_names
 
     async def _spawn(self) -> _Worker:
-        loop = asyncio.get_running_loop()
+        """A new worker, ready and idle. Raises ``WorkerStartError`` (the task modules
+        fail, the start times out) or ``OSError`` (no fds, no processes left: EMFILE,
+        EAGAIN), and then leaves nothing of the worker behind."""
         worker = _Worker(self, self._next_index)
         self._next_index += 1
-        cmd_r, cmd_w = os.pipe()
-        res_r, res_w = os.pipe()
-        area_fd = os.memfd_create("prioqd-preempt", os.MFD_CLOEXEC)
-        os.ftruncate(area_fd, _PREEMPT.size)
-        worker.preempt_area = mmap.mmap(area_fd, _PREEMPT.size)
         try:
-            proc = await asyncio.create_subprocess_exec(
+            await self._launch(worker)
+            try:
+                names = await asyncio.wait_for(asyncio.shield(worker.ready), _START_TIMEOUT_S)
+            except TimeoutError:
+                raise WorkerStartError(
+                    f"worker process did not start within {_START_TIMEOUT_S:.0f}s"
+                ) from None
+        except BaseException:
+            self._abandon(worker)
+            raise
+        worker.started = True
+        self._set_tasks(frozenset(names), worker)
+        self._make_idle(worker)
+        self._on_event("worker_started", pid=worker.pid, index=worker.index)
+        return worker
+
+    async def _launch(self, worker: _Worker) -> None:
+        """Start the worker's process and connect its pipes; on failure, every fd
+        opened here is closed (``_abandon`` does the rest)."""
+        loop = asyncio.get_running_loop()
+        fds: list[int] = []
+        try:
+            cmd_r, cmd_w = os.pipe()
+            fds += (cmd_r, cmd_w)
+            res_r, res_w = os.pipe()
+            fds += (res_r, res_w)
+            area_fd = os.memfd_create("prioqd-preempt", os.MFD_CLOEXEC)
+            fds.append(area_fd)
+            os.ftruncate(area_fd, _PREEMPT.size)
+            worker.preempt_area = mmap.mmap(area_fd, _PREEMPT.size)
+            worker.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
                 "prioqd.worker",
@@ -238,39 +274,40 @@ class Pool:
                 env=self._child_env(),
             )
         except BaseException:
-            for fd in (cmd_r, cmd_w, res_r, res_w):
-                os.close(fd)
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             raise
-        finally:
-            os.close(area_fd)
-            # The child holds its ends now; closing ours makes EOF mean "the other
-            # side is gone".
-            with contextlib.suppress(OSError):
-                os.close(cmd_r)
-            with contextlib.suppress(OSError):
-                os.close(res_w)
-        worker.proc = proc
+        # The child holds its ends now; closing ours makes EOF mean "the other side is
+        # gone".
+        for fd in (cmd_r, res_w, area_fd):
+            os.close(fd)
         self._workers.add(worker)
-        transport, _ = await loop.connect_write_pipe(
-            asyncio.Protocol, os.fdopen(cmd_w, "wb", buffering=0)
-        )
-        worker.transport = transport
-        _, reader = await loop.connect_read_pipe(
-            lambda: _FrameReader(worker.on_frame), os.fdopen(res_r, "rb", buffering=0)
-        )
-        worker.reader = reader
-        self._track(asyncio.ensure_future(self._watch(worker)))
+        pipes = [os.fdopen(cmd_w, "wb", buffering=0), os.fdopen(res_r, "rb", buffering=0)]
         try:
-            names = await asyncio.wait_for(asyncio.shield(worker.ready), _START_TIMEOUT_S)
-        except TimeoutError:
-            worker.kill("start timed out")
-            raise WorkerStartError(
-                f"worker process did not start within {_START_TIMEOUT_S:.0f}s"
-            ) from None
-        self._set_tasks(frozenset(names), worker)
-        self._make_idle(worker)
-        self._on_event("worker_started", pid=worker.pid, index=worker.index)
-        return worker
+            worker.transport, _ = await loop.connect_write_pipe(asyncio.Protocol, pipes[0])
+            worker.read_transport, worker.reader = await loop.connect_read_pipe(
+                lambda: _FrameReader(worker.on_frame), pipes[1]
+            )
+        except BaseException:
+            for pipe in pipes:
+                pipe.close()
+            raise
+        self._track(asyncio.ensure_future(self._watch(worker)))
+
+    def _abandon(self, worker: _Worker) -> None:
+        """A worker that failed to start: killed, and forgotten by the pool (its exit
+        calls for no replacement: whoever started it handles the failure)."""
+        worker.kill("start failed")
+        self._workers.discard(worker)
+        for transport in (worker.transport, worker.read_transport):
+            if transport is not None:
+                transport.close()
+        if worker.preempt_area is not None:
+            worker.preempt_area.close()
+            worker.preempt_area = None
+        if not worker.ready.done():
+            worker.ready.cancel()
 
     def _set_tasks(self, names: frozenset[str], worker: _Worker) -> None:
         if self.task_names and names != self.task_names:
@@ -292,7 +329,12 @@ class Pool:
 
     def _track(self, task: asyncio.Task[Any]) -> None:
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.on_failure(task.exception())  # type: ignore[arg-type]
 
     async def _watch(self, worker: _Worker) -> None:
         assert worker.proc is not None and worker.reader is not None
@@ -344,21 +386,28 @@ class Pool:
             if reason not in ("timeout", "shutdown", "cancelled"):
                 exit_text = _describe_exit(returncode)
                 self._on_event("worker_died", pid=worker.pid, exit=exit_text, job_id=head.job.id)
-        if not self._closing and len(self._workers) < self.size:
+        if worker.started and not self._closing and len(self._workers) < self.size:
             self._on_event("worker_restart", reason=reason or "crashed")
-            self._track(asyncio.ensure_future(self._replace()))
+            if self._replacer is None or self._replacer.done():
+                self._replacer = asyncio.ensure_future(self._replace())
+                self._track(self._replacer)
         self._idle_event.set()
 
     async def _replace(self) -> None:
-        delay = 0.1
+        """Start workers until the pool has its size again, retrying whatever stops a
+        start (task modules that fail mid-deploy, no fds or processes left) with
+        backoff: the jobs claimed meanwhile wait here, and the lease keeps them ours."""
+        backoff = Backoff(base_s=0.1, cap_s=10.0)
         while not self._closing and len(self._workers) < self.size:
             try:
                 await self._spawn()
-                return
-            except WorkerStartError as exc:
-                self._on_event("worker_start_failed", error=str(exc), retry_in_s=delay)
+            except Exception as exc:
+                delay = backoff.next_delay()
+                error = str(exc) if isinstance(exc, WorkerStartError) else repr(exc)
+                self._on_event("worker_start_failed", error=error, retry_in_s=round(delay, 3))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+            else:
+                backoff.reset()
 
     # --- running jobs ----------------------------------------------------------
 

@@ -44,6 +44,11 @@ from prioqd import context
 
 _HEADER = struct.Struct("!I")
 _PREEMPT = struct.Struct("=qq")
+#: A task's error text and traceback are copied into the outcome, the job hash, the
+#: dead letter, the log and the cycle's arguments: a task that raises with a message
+#: of megabytes (or a traceback through a huge repr) must not make them that large.
+MAX_ERROR_BYTES = 4 * 1024
+MAX_TRACEBACK_BYTES = 64 * 1024
 
 
 def write_frame(fd: int, obj: Any) -> None:
@@ -116,6 +121,36 @@ def _cancel_left_running(loop: Any) -> None:
             )
 
 
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "backslashreplace")  # (a lone surrogate stays visible)
+
+
+def cap_error(text: str, limit: int = MAX_ERROR_BYTES) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, saying so at its end."""
+    if len(text) * 4 <= limit:  # (at most 4 bytes a character: most texts end here)
+        return text
+    data = _utf8(text)
+    if len(data) <= limit:
+        return text
+    marker = f" [error text truncated: {len(data)} bytes, the first {limit} kept]"
+    return data[:limit].decode("utf-8", "ignore") + marker
+
+
+def cap_traceback(text: str, limit: int = MAX_TRACEBACK_BYTES) -> str:
+    """A traceback cut to at most ``limit`` bytes of UTF-8: its first quarter (where
+    it entered the task) and the rest from its end (where it was raised), with a
+    line between them saying what was left out."""
+    if len(text) * 4 <= limit:
+        return text
+    data = _utf8(text)
+    if len(data) <= limit:
+        return text
+    head, tail = limit // 4, limit - limit // 4
+    left_out = len(data) - head - tail
+    marker = f"\n... [traceback truncated: {left_out} of {len(data)} bytes left out] ...\n"
+    return data[:head].decode("utf-8", "ignore") + marker + data[-tail:].decode("utf-8", "ignore")
+
+
 class Runner:
     def __init__(
         self, tasks: dict[str, Callable[..., Any]], send: Callable[[Any], None] | None = None
@@ -157,7 +192,7 @@ class Runner:
         started = time.time()
 
         def out(status: str, result: str = "", error: str = "", tb: str = "") -> tuple[Any, ...]:
-            return (seq, status, result, error, tb, started, time.time())
+            return (seq, status, result, cap_error(error), cap_traceback(tb), started, time.time())
 
         fn = self.tasks.get(name)
         if fn is None:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -95,6 +96,12 @@ def gated(path, tag, gate):
 @task
 def big_result(n):
     return "x" * n
+
+
+@task
+def loud(n):
+    """Raises with a message of n characters (not ASCII: the cap counts bytes)."""
+    raise ValueError("\u00e9" * n)
 
 
 @task
@@ -317,6 +324,34 @@ def test_poison_fields_are_dead_letters_and_the_daemon_keeps_serving(
     assert not criticals(d)
 
 
+def test_numbers_json_cannot_carry_are_dead_letters_not_changed_arguments(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    # Python's json reads NaN, Infinity and 1e400 (as nan and inf), but the stored
+    # form of a job (an id-less or delayed one, a rerun) would carry null instead:
+    # the job must be refused with the reason, not run with other arguments later.
+    d = daemon(make_config(tmp_path / "c.toml", redis_server.url), env=env_for(mods))
+    bad = {
+        "nan_args": '"args": [NaN]',
+        "inf_kwargs": '"kwargs": {"x": Infinity}',
+        "huge_meta": '"meta": {"x": 1e400}, "delay_s": 0.1',
+    }
+    for job_id, field in bad.items():
+        push(r, "normal", f'{{"id": "{job_id}", "task": "echo", {field}}}')
+    push(r, "normal", '{"task": "echo", "args": [-Infinity]}')  # no id: one would be pinned
+    push(r, "normal", {"id": "fine", "task": "echo", "args": [1e300], "delay_s": 0.1})
+    hashes = wait_ended(r, [*bad, "fine"], d)
+    for job_id in bad:
+        assert hashes[job_id]["status"] == "dead", job_id
+        assert "not finite" in hashes[job_id]["error"], hashes[job_id]
+    assert json.loads(hashes["fine"]["result"]) == {"args": [1e300], "kwargs": {}}
+    wait_for(lambda: r.llen("prioqd:dead") == len(bad) + 1, 10, what="every dead letter")
+    reasons = [e["reason"] for e in dead_letters(r)]
+    assert all(x.startswith("payload has a number that is not finite") for x in reasons)
+    assert any("(-Infinity)" in x for x in reasons) and any("(1e400)" in x for x in reasons)
+    d.assert_alive()
+
+
 def test_a_failed_idle_barrier_hears_every_wait_out_and_keeps_the_order(
     server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
 ) -> None:
@@ -410,6 +445,35 @@ def test_a_payload_that_keeps_killing_its_daemon_becomes_a_dead_letter(
     assert out.returncode == 0, out.stderr
     assert r.lrange("prioqd:queue:normal", 0, -1) == [payload.encode()]
     assert not r.exists(letter["payload_key"]) and not r.llen("prioqd:dead")
+
+
+@pytest.mark.slow
+def test_a_payload_that_kills_its_idle_daemon_at_once_becomes_a_dead_letter(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    # In idle mode a landed job runs before its adopt is written: a task that kills
+    # the daemon at once dies with its payload still in the landing list. That death
+    # counts too, so the default max_recoveries (3) still stops it at the fourth.
+    runs = tmp_path / "runs"
+    cfg = make_config(
+        tmp_path / "c.toml", redis_server.url, workers={"slots": 1}, daemon={"lease_s": 30}
+    )
+    d = daemon(cfg, env=env_for(mods))
+    wait_idle(r)
+    payload = json.dumps({"id": "killer", "task": "kill_daemon", "args": [str(runs), "killer"]})
+    push(r, "normal", payload)
+    deaths = 0
+    while not r.llen("prioqd:dead") and deaths < 6:
+        assert d.wait(30) == -signal.SIGKILL
+        deaths += 1
+        d.start()
+    assert deaths == 4, f"{deaths} daemon deaths, dead letters: {dead_letters(r)}"
+    assert run_counts(runs)["killer"] == 4
+    (letter,) = dead_letters(r)
+    assert letter["reason"] == "poison: its daemon died 4 times while holding it"
+    assert r.get(letter["payload_key"]) == payload.encode()
+    assert not r.llen("prioqd:queue:normal") and helpers.in_flight_count(r) == 0
+    d.assert_alive()
 
 
 # --- 2. identical payloads, repeated ops ------------------------------------------------
@@ -652,6 +716,118 @@ def test_a_wrongtype_recovered_key_loses_no_job(
     d.assert_alive()
 
 
+def test_a_paused_key_of_the_wrong_type_stops_no_daemon_and_is_reported_once(
+    r: redis.Redis,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    mods: Path,
+    daemon: Daemon,
+    notify: NotifyRecorder,
+) -> None:
+    # Every claim reads prioqd:paused: of the wrong type, it must read as "nothing
+    # paused" (and be said once), not fail every cycle of every daemon.
+    r.set("prioqd:paused", "x")
+    cfg = make_config(tmp_path / "c.toml", redis_server.url, workers={"slots": 1})
+    d = daemon(cfg, env=env_for(mods, NOTIFY_SOCKET=notify.path))
+    ids = [f"p{i}" for i in range(6)]
+    for i, job_id in enumerate(ids):  # one at a time: a claim (or a landing) each
+        push(r, "normal", {"id": job_id, "task": "square", "args": [i]})
+        assert wait_ended(r, [job_id], d)[job_id]["result"] == str(i * i)
+    reports = events_like(d, "has the wrong type; read as empty")
+    # Once by the claim, once by the reader of operators' commands; not every cycle.
+    assert 1 <= len(reports) <= 2, reports
+    assert all("prioqd:paused" in str(e["problems"]) and e["level"] == "error" for e in reports)
+    wait_for(lambda: any("prioqd:paused" in s for s in notify.statuses()), 10)
+    # Fixed: a pause works again.
+    r.delete("prioqd:paused")
+    assert prioqd("pause", "normal", "--config", str(cfg)).returncode == 0
+    push(r, "normal", {"id": "held_back", "task": "square", "args": [2]})
+    time.sleep(0.5)
+    assert r.llen("prioqd:queue:normal") == 1
+    d.assert_alive()
+    assert not criticals(d)
+
+
+@pytest.mark.parametrize("key", ["inflight", "landing"])
+def test_a_daemon_whose_own_key_has_the_wrong_type_restarts_and_loses_nothing(
+    r: redis.Redis,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    mods: Path,
+    daemon: Daemon,
+    key: str,
+) -> None:
+    # The daemon's own inflight hash (or a landing list) overwritten: it cannot hold a
+    # job any more, so it exits 1 (systemd restarts it under a new id). Its successor
+    # recovers what it can of it, reports the broken key and serves.
+    cfg = make_config(
+        tmp_path / "c.toml", redis_server.url, workers={"slots": 1}, daemon={"lease_s": 30}
+    )
+    d = daemon(cfg, env=env_for(mods))
+    me = d.daemon_id
+    wait_idle(r)
+    broken = f"prioqd:inflight:{me}" if key == "inflight" else f"prioqd:landing:{me}:normal"
+    r.set(broken, "x")
+    push(r, "normal", {"id": "a", "task": "square", "args": [3]})
+    assert d.wait(30) == 1
+    assert any(broken in str(e.get("error")) for e in criticals(d)), criticals(d)
+    d.start()
+    h = wait_ended(r, ["a"], d)["a"]
+    assert h["status"] == "succeeded" and h["result"] == "9"
+    # Reported by whoever recovered it: the daemon itself as it stopped, or the next.
+    event = "keys of the wrong type left as they are while recovering a daemon's jobs"
+    (report,) = [e for e in d.all_logs() if e.get("event") == event]
+    assert report["daemons"] == [me] and broken in str(report["problems"])
+    assert r.get(broken) == b"x"
+    assert me not in helpers.registered_daemons(r)
+    d.assert_alive()
+
+
+def test_members_that_are_not_utf8_stop_no_daemon(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    # An operator's typo (or a client writing bytes): members that are not UTF-8 text
+    # in the sets a daemon reads at start-up and on every note.
+    far = int(time.time() * 1000) + 3_600_000
+    r.sadd("prioqd:paused", b"\xff")
+    r.zadd("prioqd:cancels", {b"\xfe": far})
+    r.zadd("prioqd:daemons", {b"\xfd": far, b"\xfc": 1})  # one alive, one expired
+    cfg = make_config(tmp_path / "c.toml", redis_server.url)
+    d = daemon(cfg, env=env_for(mods))
+    push(r, "normal", {"id": "a", "task": "square", "args": [5]})
+    assert wait_ended(r, ["a"], d)["a"]["result"] == "25"
+    # A note makes every daemon read the paused set and the cancels again.
+    assert prioqd("pause", "low", "--config", str(cfg)).returncode == 0
+    d.wait_log("paused priorities", paused=["low", "\ufffd"])
+    push(r, "low", {"id": "b", "task": "square", "args": [6]})
+    push(r, "normal", {"id": "c", "task": "square", "args": [7]})
+    assert wait_ended(r, ["c"], d)["c"]["result"] == "49"
+    assert r.llen("prioqd:queue:low") == 1  # paused: not taken
+    out = prioqd("status", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    d.assert_alive()
+    assert not criticals(d)
+
+
+def test_requeue_into_a_queue_of_the_wrong_type_loses_nothing(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    cfg = make_config(tmp_path / "c.toml", redis_server.url)
+    payload = json.dumps({"id": "x", "task": "square", "args": [2]})
+    r.set("prioqd:payload:abc", payload)
+    letter = {"reason": "r", "id": "x", "priority": "normal", "payload_key": "prioqd:payload:abc"}
+    r.lpush("prioqd:dead", json.dumps(letter))
+    r.set("prioqd:queue:normal", "x")
+    out = prioqd("dead", "requeue", "x", "--config", str(cfg))
+    assert [json.loads(x) for x in r.lrange("prioqd:dead", 0, -1)] == [letter]
+    assert r.get("prioqd:payload:abc") == payload.encode()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "WRONGTYPE: prioqd:queue:normal holds a string, not a list" in out.stderr
+    r.delete("prioqd:queue:normal")
+    out = prioqd("dead", "requeue", "x", "--config", str(cfg))
+    assert out.returncode == 0 and r.lrange("prioqd:queue:normal", 0, -1) == [payload.encode()]
+
+
 @pytest.mark.slow
 def test_redis_out_of_memory_backs_off_and_loses_nothing(
     server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
@@ -824,6 +1000,30 @@ def test_a_result_over_max_result_bytes_fails_the_job_without_retry(
     d.assert_alive()
 
 
+def test_a_task_error_of_megabytes_is_capped_and_marked_everywhere_it_is_copied(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    cfg = make_config(tmp_path / "c.toml", redis_server.url, jobs={"max_retries": 0})
+    d = daemon(cfg, env=env_for(mods))
+    push(r, "normal", {"id": "loud", "task": "loud", "args": [1_000_000]})
+    h = wait_ended(r, ["loud"], d)["loud"]
+    assert h["status"] == "dead"
+    error, tb = h["error"], h["traceback"]
+    assert error.startswith("ValueError: \u00e9\u00e9")
+    assert "[error text truncated: 2000012 bytes, the first 4096 kept]" in error
+    assert len(error.encode()) < 4096 + 200
+    assert tb.startswith("Traceback (most recent call last):")
+    assert "... [traceback truncated: " in tb and tb.rstrip().endswith("\u00e9")
+    assert 60_000 < len(tb.encode()) < 64 * 1024 + 200
+    (letter,) = dead_letters(r)
+    assert letter["traceback"] == tb and letter["reason"].startswith(error)
+    (done,) = r.lrange("prioqd:done:loud", 0, -1)
+    assert json.loads(done)["error"] == error
+    (line,) = [e for e in d.events("job finished") if e.get("job_id") == "loud"]
+    assert line["error"] == error and line["traceback"] == tb
+    d.assert_alive()
+
+
 def test_an_argument_over_proto_max_bulk_len_dead_letters_the_job_not_the_daemon(
     server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
 ) -> None:
@@ -876,6 +1076,44 @@ def test_a_result_over_proto_max_bulk_len_dead_letters_the_job_not_the_daemon(
     dead = wait_for(letter, 20, what="a dead letter with Redis's protocol error")
     assert json.loads(r.get(dead["payload_key"]))["id"] == "big"  # type: ignore[arg-type]
     assert helpers.in_flight_count(r) == 0
+    push(r, "normal", {"id": "later", "task": "square", "args": [4]})
+    assert wait_ended(r, ["later"], d)["later"]["result"] == "16"
+    assert not criticals(d)
+    r.close()
+
+
+def test_a_landed_payload_whose_adopt_redis_refuses_is_dead_lettered_not_the_daemon(
+    server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    # max_payload_bytes above Redis's proto-max-bulk-len: the blocking wait hands the
+    # daemon a payload (a server-side move) that Redis then refuses as an argument of
+    # the adopt. It goes to the dead letters by reference; the daemon serves on.
+    r = server.client()
+    r.config_set("proto-max-bulk-len", "1mb")
+    cfg = make_config(
+        tmp_path / "c.toml",
+        server.url,
+        workers={"slots": 1},
+        jobs={"max_payload_bytes": 4 * 1024 * 1024},
+    )
+    d = daemon(cfg, env=env_for(mods))
+    wait_idle(r)
+    head, tail = '{"id": "wide", "task": "nap", "args": [1], "meta": {"pad": "', '"}}'
+    payload = head + "x" * 1_500_000 + tail
+    # (Made in Redis: pushed from here, it would be refused as an argument too.)
+    r.eval(
+        "redis.call('LPUSH', KEYS[1], ARGV[1] .. string.rep('x', tonumber(ARGV[2])) .. ARGV[3])",
+        1, "prioqd:queue:normal", head, 1_500_000, tail,
+    )  # fmt: skip
+
+    def letter() -> dict[str, Any] | None:
+        d.assert_alive()
+        found = letters_by_reason(r, "redis refused to record it")
+        return found[0] if found else None
+
+    dead = wait_for(letter, 20, what="a dead letter for the refused adopt")
+    assert r.get(dead["payload_key"]) == payload.encode()
+    assert helpers.in_flight_count(r) == 0 and not r.llen("prioqd:queue:normal")
     push(r, "normal", {"id": "later", "task": "square", "args": [4]})
     assert wait_ended(r, ["later"], d)["later"]["result"] == "16"
     assert not criticals(d)
@@ -1041,6 +1279,82 @@ def test_a_replacement_worker_with_fewer_tasks_is_reported_not_silent(
     push(r, "normal", {"id": "new_code", "task": "deployed", "args": [5]})
     assert wait_ended(r, ["new_code"], d)["new_code"]["result"] == "5"
     d.assert_alive()
+
+
+def _fd_limit(pid: int, limit: int) -> tuple[int, int]:
+    """Lower a process's RLIMIT_NOFILE (the fds it has stay open); the old limits."""
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, old[1]))
+    return old
+
+
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in range(len(used) + 1) if n not in used)
+
+
+def test_a_worker_that_cannot_be_replaced_is_retried_and_reported_not_silent(
+    r: redis.Redis,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    mods: Path,
+    daemon: Daemon,
+    notify: NotifyRecorder,
+) -> None:
+    # The daemon cannot make a pipe for a new worker (EMFILE, as at a low LimitNOFILE,
+    # or EAGAIN at TasksMax): the replacement of a worker that died must be retried
+    # and reported, not end silently and leave claimed jobs waiting for ever.
+    cfg = make_config(
+        tmp_path / "c.toml", redis_server.url, workers={"slots": 1}, daemon={"lease_s": 30}
+    )
+    d = daemon(cfg, env=env_for(mods, NOTIFY_SOCKET=notify.path))
+    (worker,) = d.worker_pids
+    # Every connection made (a claim's, a wait's on each queue) before fds run out.
+    push(r, "high", {"id": "warm", "task": "square", "args": [1]})
+    wait_ended(r, ["warm"], d)
+    wait_for(lambda: helpers.waits_blocked(r) == 3, 10, what="a wait on every queue")
+    old = _fd_limit(d.pid, 3)  # 0, 1 and 2 are taken: no new fd at all
+    try:
+        os.kill(worker, signal.SIGKILL)
+        d.wait_log("worker process failed to start")  # the death is seen: no worker
+        # (High: it runs as it lands, no round trip on a new connection first.)
+        push(r, "high", {"id": "waits", "task": "square", "args": [5]})
+        failures = d.wait_count("worker process failed to start", 3, timeout_s=15)
+        assert all("Too many open files" in e["error"] for e in failures), failures
+        assert all(e["level"] == "error" and e["retry_in_s"] > 0 for e in failures)
+        wait_for(lambda: any("Too many open files" in s for s in notify.statuses()), 10)
+        assert job_hash(r, "waits").get("status") != "succeeded"
+    finally:
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, old)
+    h = wait_ended(r, ["waits"], d, timeout_s=30)["waits"]
+    assert h["status"] == "succeeded" and h["result"] == "25"
+    assert len(psutil.Process(d.pid).children()) == 1
+    d.assert_alive()
+    assert not criticals(d)
+
+
+def test_a_reload_that_cannot_make_workers_is_rejected_and_serving_goes_on(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    cfg = make_config(tmp_path / "c.toml", redis_server.url, workers={"slots": 1})
+    d = daemon(cfg, env=env_for(mods))
+    push(r, "high", {"id": "warm", "task": "square", "args": [1]})
+    wait_ended(r, ["warm"], d)
+    wait_for(lambda: helpers.waits_blocked(r) == 3, 10, what="a wait on every queue")
+    make_config(tmp_path / "c.toml", redis_server.url, workers={"slots": 2})
+    # One fd left: the config file can be read, but a worker's pipe (two) cannot be made.
+    old = _fd_limit(d.pid, _lowest_free_fd(d.pid) + 1)
+    try:
+        d.signal(signal.SIGHUP)
+        rejected = d.wait_log("reload rejected; still running the previous configuration", 15)
+    finally:
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, old)
+    assert "Too many open files" in rejected["error"], rejected
+    push(r, "normal", {"id": "after", "task": "square", "args": [3]})
+    assert wait_ended(r, ["after"], d)["after"]["result"] == "9"
+    assert len(psutil.Process(d.pid).children()) == 1
+    d.assert_alive()
+    assert not criticals(d)
 
 
 # --- 10. jobs nobody serves --------------------------------------------------------------
@@ -1280,6 +1594,36 @@ def test_check_config_rejects_infinite_and_nan_numbers(r: redis.Redis, tmp_path:
         out = prioqd("check-config", "--config", str(path))
         assert out.returncode == 2, (key, value, out.stdout)
         assert key in out.stderr, (key, value, out.stderr)
+
+
+def test_check_config_rejects_durations_too_large_for_a_timer(
+    r: redis.Redis, tmp_path: Path
+) -> None:
+    # Finite, so they passed; then a timer set for them overflowed the event loop's
+    # clock (an internal failure) or an EXPIRE refused them.
+    keys = (
+        "daemon.lease_s", "daemon.shutdown_grace_s", "jobs.timeout_s", "jobs.max_timeout_s",
+        "jobs.retry_backoff_s", "jobs.retry_backoff_max_s", "jobs.result_ttl_s",
+        "redis.socket_timeout_s", "redis.connect_timeout_s", "web.refresh_s",
+        "web.session_max_age_s",
+    )  # fmt: skip
+    for key in keys:
+        table, name = key.split(".")
+        value = "1e300" if name not in ("result_ttl_s", "session_max_age_s") else str(2**53)
+        path = tmp_path / f"{table}-{name}.toml"
+        path.write_text(f"[{table}]\n{name} = {value}\n")
+        out = prioqd("check-config", "--config", str(path))
+        assert out.returncode == 2, (key, out.stdout, out.stderr)
+        assert f"{key}: must be at most " in out.stderr, (key, out.stderr)
+    path = tmp_path / "schedule.toml"
+    path.write_text('[[schedule]]\nname = "s"\ntask = "square"\nevery_s = 1e300\n')
+    out = prioqd("check-config", "--config", str(path))
+    assert out.returncode == 2 and "schedule[0].every_s: must be at most" in out.stderr
+    # A year of job timeout, a day of lease: long, but fine.
+    path.write_text(
+        "[jobs]\ntimeout_s = 31536000\nmax_timeout_s = 31536000\n[daemon]\nlease_s = 86400\n"
+    )
+    assert prioqd("check-config", "--config", str(path)).returncode == 0
 
 
 # --- 15. same-id payloads scheduled together; FIFO after a recovery -------------------------

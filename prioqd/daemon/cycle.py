@@ -14,6 +14,7 @@ guarded by its claim number); claims whose numbers we never saw are put back wit
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,11 @@ from prioqd.daemon.slots import Slots
 from prioqd.errors import BrokerError, PrioqdError, ScriptError
 from prioqd.ops import (
     FAILED,
+    LOST,
+    STUCK,
+    Adopt,
     Bury,
+    Drop,
     End,
     Finish,
     Op,
@@ -38,6 +43,9 @@ from prioqd.ops import (
     Unland,
 )
 from prioqd.timing import Backoff, wait_event
+
+#: How the script refuses a cycle when our own inflight hash has the wrong type.
+UNUSABLE = "prioqd: daemon state unusable:"
 
 #: Outcomes wait at most this long for a claim to ride along with.
 COALESCE_S = 0.005
@@ -79,6 +87,10 @@ class Cycle:
         self.on_paused: Callable[[set[str]], None] = lambda paused: None
         #: Dead letters dropped to keep within dead_letters_max: (how many, by what).
         self.on_trimmed: Callable[[int, str], None] = lambda n, during: None
+        #: Told of a key of the wrong type a claim read as empty (said once, not
+        #: every cycle), and of each one fixed since ("" when none is left).
+        self.on_problems: Callable[[list[str]], None] = lambda problems: None
+        self._problems: list[str] = []
         #: Called when a claim brought payloads (the daemon is busy).
         self.on_claimed: Callable[[], None] = lambda: None
         #: Claim numbers are ours to give; each claim reserves its whole range first.
@@ -171,6 +183,9 @@ class Cycle:
             sizes = self.dispatch.claim_sizes()
             lo = self._next_claim
             self._next_claim += tokens * max(size for _, size in sizes)
+            # (Not _next_claim at the failure: payloads landing meanwhile take numbers
+            # too, and a Restore over theirs would put back a job that runs here.)
+            hi = self._next_claim - 1
             sent = time.monotonic()
             try:
                 reply = await self.broker.cycle(
@@ -187,8 +202,12 @@ class Cycle:
                 # are idempotent), and a claim that may have moved payloads is restored.
                 self.slots.release(tokens)
                 if tokens:
-                    repairs.append(Restore(lo, self._next_claim - 1))
+                    repairs.append(Restore(lo, hi))
                 self._repairs[:0] = repairs
+                if isinstance(exc, ScriptError) and UNUSABLE in str(exc):
+                    # Our claims are gone with the hash; only a new daemon id (a
+                    # restart) can hold jobs again. Whoever recovers this id reports it.
+                    raise InternalError(str(exc)) from exc
                 if isinstance(exc, ScriptError):
                     await self._isolate(ops, exc)
                     self.wake()
@@ -205,8 +224,12 @@ class Cycle:
                 self.log.warning("job rejected", reason=reason)
             if reply.trimmed:
                 self.on_trimmed(reply.trimmed, "cycle")
-            if tokens and set(reply.paused) != self.paused:
-                self.on_paused(set(reply.paused))
+            if tokens and reply.lease_held:
+                if reply.problems != self._problems:
+                    self._problems = reply.problems
+                    self.on_problems(reply.problems)
+                if set(reply.paused) != self.paused:
+                    self.on_paused(set(reply.paused))
             if not reply.lease_held:
                 self.lease.lost()
             if tokens:
@@ -262,6 +285,22 @@ class Cycle:
     async def _bury(self, op: Op, reason: str) -> None:
         claims: list[tuple[int, str]] = []
         match op:
+            case Adopt(job_raw=raw, priority=priority, claim=claim):
+                # Not in the inflight hash yet: from the landing list, by reference.
+                why = f"redis refused to record it: {reason}"[:1000]
+                drop = Drop(priority, len(raw), why, hashlib.sha1(raw).hexdigest())
+                try:
+                    (result,) = (await self._alone(drop)).results
+                except ScriptError as again:
+                    raise InternalError(
+                        f"redis refused to dead-letter landed claim {claim}: {again}"
+                    ) from again
+                self.log.error(
+                    "job dead-lettered: redis refused its op", claim=claim, reason=reason
+                )
+                # Its run (started as it landed) is not recorded.
+                self.dispatch.applied(op, {1: FAILED, STUCK: STUCK}.get(result, LOST))
+                return
             case Start(job=job) | Finish(job=job) | End(job=job) | Schedule(job=job):
                 claims = [(job.claim, job.id)]
             case Reject(claim=claim, rejected=rej):

@@ -575,8 +575,14 @@ class Dispatcher:
                 )
             case Adopt(claim=claim):
                 landed = self._adopting.pop(claim, None)
-                if landed is not None and result >= 1 and landed.state is JobState.CLAIMED:
+                if landed is None:
+                    return
+                if result >= 1 and landed.state is JobState.CLAIMED:
                     landed.attempt = result
+                elif result < 0:
+                    # Not ours (recovered meanwhile: it is back in its queue): what
+                    # this run ends with is not written.
+                    self._claim_gone(landed, result, "landed")
             case Drop() | Progress() | Schedule() | Release() | Bury() | Restore() | Unland():
                 pass
 

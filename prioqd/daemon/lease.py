@@ -79,6 +79,8 @@ class Lease:
         self.slots = 0
         #: The daemon's last error, as ``prioqd status`` and the dashboard show it.
         self.last_error: Callable[[], str] = lambda: ""
+        #: Told of a problem the daemon's STATUS should show.
+        self.on_problem: Callable[[str], None] = lambda text: None
         self._error_written = ""
         #: Where we run: it does not change while we run, so it is read once, not
         #: every beat.
@@ -153,7 +155,7 @@ class Lease:
                 continue
             same_place = all(info.get(k) == me[k] and me[k] for k in ("host", "boot_id", "pidns"))
             if same_place and not _pid_alive(int(info["pid"])):
-                queued, dead, trimmed = await self.broker.recover(
+                queued, dead, trimmed, problems = await self.broker.recover(
                     other,
                     self.config.queues.priorities,
                     died=True,
@@ -165,6 +167,7 @@ class Lease:
                 )
                 if trimmed:
                     self.on_trimmed(trimmed, "recover")
+                self._report(problems, [other])
 
     async def beat(self) -> Heartbeat:
         sent = time.time()
@@ -198,6 +201,7 @@ class Lease:
             )
         if beat.trimmed:
             self.on_trimmed(beat.trimmed, "heartbeat")
+        self._report(beat.problems, beat.recovered_daemons)
         if beat.next_due_ms is not None:
             self._on_due_in_ms(beat.next_due_ms)
         error = self.last_error()[:500]
@@ -206,6 +210,18 @@ class Lease:
             await self.broker.update_daemon_info(self.id, {"last_error": error})
             self._error_written = error
         return beat
+
+    def _report(self, problems: list[str], daemons: list[str]) -> None:
+        """Keys of a recovered (or deregistered) daemon that have the wrong type: left
+        as they are (what they held is lost to prioqd), said once (the daemon is
+        forgotten)."""
+        if problems:
+            self.log.error(
+                "keys of the wrong type left as they are while recovering a daemon's jobs",
+                daemons=daemons,
+                problems=problems,
+            )
+            self.on_problem(problems[0])
 
     def lost(self) -> None:
         """A cycle found our lease gone: stop claiming and renew it now."""
@@ -236,7 +252,7 @@ class Lease:
 
     async def deregister(self) -> int:
         """Put back whatever we still hold and forget us; how many jobs went back."""
-        queued, _, trimmed = await self.broker.recover(
+        queued, _, trimmed, problems = await self.broker.recover(
             self.id,
             self.config.queues.priorities,
             died=False,
@@ -245,4 +261,5 @@ class Lease:
         )
         if trimmed:
             self.on_trimmed(trimmed, "recover")
+        self._report(problems, [self.id])
         return queued

@@ -120,6 +120,7 @@ class Daemon:
         self.dispatch.on_outcome = self._outcome
         self.cycle.on_claimed = self.watch.claimed
         self.pool.may_start = self.watch.may_start
+        self.pool.on_failure = self._internal_failure
         self.pool.joinable = self.dispatch.joinable
         self.pool.on_progress = self.dispatch.progress
         self.remote = Remote(
@@ -128,10 +129,13 @@ class Daemon:
             on_paused=self._set_paused,
             on_cancel=self.dispatch.cancel,
             on_redis_down=self._redis_down,
+            on_problems=self._problems,
         )
         self.cycle.on_paused = self._set_paused
         for part in (self.cycle, self.lease, self.scheduler):
             part.on_trimmed = self._trimmed
+        self.cycle.on_problems = self._problems
+        self.lease.on_problem = self._set_last_error
         self.ticks = Ticks(
             self.broker,
             config,
@@ -237,6 +241,10 @@ class Daemon:
         except WorkerStartError as exc:
             self.notifier.send(STATUS=f"failed: {exc}")
             raise
+        except OSError as exc:  # no fds or processes left: a restart may find some
+            self.notifier.send(STATUS=f"failed: cannot start worker processes: {exc}")
+            self._internal_failure(exc)
+            return False
         await self._until_redis_answers()
         if self._stop.is_set() or not await self.lease.register(self._stop):
             return False
@@ -370,6 +378,22 @@ class Daemon:
         )
         self.metrics.dead_letters_dropped(n)
 
+    def _problems(self, problems: list[str]) -> None:
+        """Keys of the wrong type read as empty (a claim's, the operators' commands'),
+        said when they change, not every time they are read."""
+        if problems:
+            self.log.error(
+                "a key prioqd reads has the wrong type; read as empty until it is fixed",
+                problems=problems,
+            )
+            self._set_last_error(problems[0])
+        else:
+            self.log.info("the keys of the wrong type reported before are fixed")
+
+    def _set_last_error(self, text: str) -> None:
+        self.last_error = text
+        self.control.status_changed()
+
     def _unlanded(self, priority: str) -> None:
         self.watch.unlanded(priority)
 
@@ -473,8 +497,9 @@ class Daemon:
         if slots != self.slots.total:
             try:
                 await self.pool.resize(slots)
-            except WorkerStartError as exc:
-                return f"worker processes cannot start: {exc}"
+            except Exception as exc:  # bad task modules, or no fds/processes left
+                text = str(exc) if isinstance(exc, WorkerStartError) else repr(exc)
+                return f"worker processes cannot start: {text}"
             self.slots.resize(slots)
             self.lease.slots = slots
             try:  # the next registration rewrites it anyway

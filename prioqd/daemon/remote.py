@@ -15,7 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prioqd.broker import Broker, wrap_errors
+import redis.exceptions
+
+from prioqd.broker import Broker, as_text, wrap_errors
 from prioqd.errors import BrokerError
 from prioqd.timing import Backoff, wait_event
 
@@ -29,8 +31,11 @@ class Remote:
         on_paused: Callable[[set[str]], None],
         on_cancel: Callable[[set[str]], None],
         on_redis_down: Callable[[str, BrokerError, Backoff], float],
+        on_problems: Callable[[list[str]], None] = lambda problems: None,
     ) -> None:
         self.broker = broker
+        self._on_problems = on_problems
+        self._problems: list[str] = []
         self.log = log
         self._on_paused = on_paused
         self._on_cancel = on_cancel
@@ -39,13 +44,22 @@ class Remote:
         self.paused: set[str] = set()
 
     async def refresh(self) -> None:
-        """Read the paused priorities and the pending cancels."""
+        """Read the paused priorities and the pending cancels. A key of the wrong type
+        reads as empty and is reported (once): it must not stop every daemon."""
         keys = self.broker.keys
         r: Any = self.broker.redis
+        now_ms = int(time.time() * 1000)
+        problems: list[str] = []
         with wrap_errors("read operator commands"):
-            paused = {p.decode() for p in await r.smembers(keys.paused)}
-            now_ms = int(time.time() * 1000)
-            cancels = {c.decode() for c in await r.zrangebyscore(keys.cancels, now_ms, "+inf")}
+            async with r.pipeline(transaction=False) as pipe:
+                pipe.smembers(keys.paused)
+                pipe.zrangebyscore(keys.cancels, now_ms, "+inf")
+                replies = await pipe.execute(raise_on_error=False)
+            paused = _members(replies[0], keys.paused, "set", problems)
+            cancels = _members(replies[1], keys.cancels, "zset", problems)
+        if problems != self._problems:
+            self._problems = problems
+            self._on_problems(problems)
         if paused != self.paused:
             self._on_paused(paused)
         self._on_cancel(cancels)
@@ -93,3 +107,15 @@ class Remote:
 
     def close(self) -> None:
         self._closing.set()
+
+
+def _members(reply: Any, key: str, kind: str, problems: list[str]) -> set[str]:
+    """A set's (or sorted set's) members as text (invalid UTF-8 replaced, as an
+    operator's typo must not stop the daemon); empty, with a problem noted, for a key
+    of the wrong type."""
+    if isinstance(reply, redis.exceptions.ResponseError):
+        if not str(reply).startswith("WRONGTYPE"):
+            raise reply
+        problems.append(f"WRONGTYPE: {key} is not a {kind}: read as empty")
+        return set()
+    return {as_text(m) for m in reply}

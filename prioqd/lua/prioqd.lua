@@ -19,6 +19,13 @@
 --                           so the right end is the head and "put back" means RPUSH.
 --   P:landing:D:p    LIST   where D's blocking BLMOVE on P:queue:p puts a payload; D's
 --                           next cycle adopts it into P:inflight:D (`adopt`).
+--   P:adopted:D      HASH   p -> the highest claim number D adopted from P:landing:D:p.
+--                           D numbers the payloads landing on one priority in the
+--                           order they land and adopts them in that order, so an
+--                           `adopt` of a claim at or below it was applied before (a
+--                           lost reply, then the retry) and must not take another
+--                           payload of the same text. Expires a day after its last
+--                           write (only D's retries, seconds apart, read it).
 --   P:inflight:D     HASH   C -> "p\nS\nR\n<payload>" for every job D holds. C is D's
 --                           claim counter (decimal), unique within D and increasing in
 --                           claim order, so sorting by C restores FIFO order. S is "c"
@@ -91,6 +98,7 @@ local command = ARGV[2]
 local function queue_key(p) return prefix .. ':queue:' .. p end
 local function landing_key(d, p) return prefix .. ':landing:' .. d .. ':' .. p end
 local function inflight_key(d) return prefix .. ':inflight:' .. d end
+local function adopted_key(d) return prefix .. ':adopted:' .. d end
 local function daemon_key(d) return prefix .. ':daemon:' .. d end
 local function job_key(id) return prefix .. ':job:' .. id end
 local function done_key(id) return prefix .. ':done:' .. id end
@@ -130,6 +138,10 @@ end
 local max_dead = 0
 -- Dead letters dropped (oldest first) to keep within max_dead by this call.
 local trimmed = 0
+-- Keys of the wrong type this call read as empty or left as they were, for the
+-- daemon to report: a key nobody can read must not stop every daemon that reads it.
+local problems = {}
+local function skipped(why) problems[#problems + 1] = why end
 
 -- Adds a dead letter, dropping the oldest ones past max_dead (with the payload keys
 -- they name).
@@ -156,11 +168,13 @@ local function split_csv(s)
     return out
 end
 
--- An inflight entry "p\nS\nR\n<payload>" -> p, S, R, payload.
+-- An inflight entry "p\nS\nR\n<payload>" -> p, S, R, payload (nil if it is not one:
+-- only prioqd writes these, but recovery must not fail on a hand-made one).
 local function parse_entry(v)
     local a = string.find(v, '\n', 1, true)
-    local b = string.find(v, '\n', a + 1, true)
-    local c = string.find(v, '\n', b + 1, true)
+    local b = a and string.find(v, '\n', a + 1, true)
+    local c = b and string.find(v, '\n', b + 1, true)
+    if not c or not tonumber(string.sub(v, b + 1, c - 1)) then return nil end
     return string.sub(v, 1, a - 1), string.sub(v, a + 1, b - 1),
         tonumber(string.sub(v, b + 1, c - 1)), string.sub(v, c + 1)
 end
@@ -302,16 +316,6 @@ local function dead_by_reference(p, payload, reason, fields)
     push_dead(cjson.encode(letter))
 end
 
--- Moves everything in D's landing list for p back to the head of P:queue:p, newest
--- first, so the oldest ends at the very head. Returns how many.
-local function restore_landing(d, p)
-    local n = 0
-    while redis.call('LMOVE', landing_key(d, p), queue_key(p), 'LEFT', 'RIGHT') do
-        n = n + 1
-    end
-    return n
-end
-
 -- Notes a payload's past before it goes back to a queue or to the schedule.
 local function remember(payload, recoveries, attempts)
     if (recoveries > 0 or attempts > 0) and unwritable(history_key, 'hash') == nil then
@@ -352,6 +356,55 @@ local function put_back(v, died, max_recoveries)
     return 'queued'
 end
 
+-- A landed payload's past, as P:history has it: recoveries, attempts used.
+local function past(payload)
+    if redis.call('TYPE', history_key)['ok'] ~= 'hash' then return 0, 0 end
+    local v = redis.call('HGET', history_key, redis.sha1hex(payload))
+    local r, a = string.match(v or '', '^(%d+):(%d+)$')
+    return tonumber(r) or 0, tonumber(a) or 0
+end
+
+-- Moves everything in D's landing list for p back to the head of P:queue:p, newest
+-- first, so the oldest ends at the very head. With `died` (D died holding them: the
+-- blocking wait had handed them over, and a landed job runs before its adopt) each
+-- counts that death as an inflight entry does (`put_back`), so a payload that kills
+-- its daemon at once still ends in the dead letters. With P:queue:p of another type
+-- they go to the dead letters with the reason. Returns {put back, dead-lettered}.
+local function restore_landing(d, p, died, max_recoveries)
+    local landing = landing_key(d, p)
+    local why = unwritable(landing, 'list')
+    if why then
+        skipped(why)
+        return 0, 0
+    end
+    local queue = queue_key(p)
+    local bad_queue = unwritable(queue, 'list')
+    if bad_queue and not dead_writable() then
+        if redis.call('LLEN', landing) > 0 then skipped(bad_queue) end
+        return 0, 0
+    end
+    local n, dead = 0, 0
+    while true do
+        local payload = redis.call('LPOP', landing)
+        if not payload then break end
+        if bad_queue then
+            dead_by_reference(p, payload, 'redis error: ' .. bad_queue)
+            dead = dead + 1
+        elseif died then
+            local r, a = past(payload)
+            if put_back(make_entry(p, 'c' .. a, r, payload), true, max_recoveries) == 'dead' then
+                dead = dead + 1
+            else
+                n = n + 1
+            end
+        else
+            redis.call('RPUSH', queue, payload)
+            n = n + 1
+        end
+    end
+    return n, dead
+end
+
 -- A claimed payload's past, taken out of P:history: recoveries, attempts used.
 local function recall(payload)
     if redis.call('TYPE', history_key)['ok'] ~= 'hash' then return 0, 0 end
@@ -373,34 +426,47 @@ local function claims_newest_first(inflight)
 end
 
 -- Puts every job daemon d holds back at the head of its queue, in claim order, and
--- forgets d. Returns {jobs put back, jobs dead-lettered as poison}.
+-- forgets d. Returns {jobs put back, jobs dead-lettered as poison}. A key of d's of
+-- the wrong type (its info hash, a landing list, its inflight hash) is left as it is
+-- and reported (`problems`): one broken daemon must not keep the others' jobs, which
+-- the same heartbeat recovers, from coming back.
 local function recover(d, fallback_priorities, died, max_recoveries)
-    local prios = redis.call('HGET', daemon_key(d), 'priorities')
+    local info = daemon_key(d)
+    local bad_info = unwritable(info, 'hash')
+    local prios = nil
+    if bad_info then skipped(bad_info) else prios = redis.call('HGET', info, 'priorities') end
     prios = prios and split_csv(prios) or fallback_priorities
     local queued, dead = 0, 0
     for _, p in ipairs(prios) do
-        if unwritable(queue_key(p), 'list') == nil then
-            queued = queued + restore_landing(d, p)
-        end
+        local q, x = restore_landing(d, p, died, max_recoveries)
+        queued, dead = queued + q, dead + x
     end
     local inflight = inflight_key(d)
+    local bad_inflight = unwritable(inflight, 'hash')
+    if bad_inflight then skipped(bad_inflight) end
     -- Newest first onto the head, so the oldest claimed ends at the very head.
-    for _, c in ipairs(claims_newest_first(inflight)) do
+    for _, c in ipairs(bad_inflight and {} or claims_newest_first(inflight)) do
         local v = redis.call('HGET', inflight, tostring(c))
         local p, _, _, payload = parse_entry(v)
-        local why = unwritable(queue_key(p), 'list')
-        if why == nil then
+        local why = p and unwritable(queue_key(p), 'list')
+        if not p then
+            skipped('entry ' .. c .. ' of ' .. inflight .. ' is not an inflight entry')
+        elseif why == nil then
             if put_back(v, died, max_recoveries) == 'dead' then dead = dead + 1 else queued = queued + 1 end
             redis.call('HDEL', inflight, tostring(c))
         elseif dead_writable() then
             dead_by_reference(p, payload, 'redis error: ' .. why)
             dead = dead + 1
             redis.call('HDEL', inflight, tostring(c))
+        else
+            skipped(why)  -- neither its queue nor the dead letters writable: it stays
         end
-        -- (Neither its queue nor the dead letters writable: it stays in the hash.)
     end
-    redis.call('DEL', daemon_key(d))
+    if not bad_info then redis.call('DEL', info) end
     redis.call('ZREM', daemons_key, d)
+    -- (A daemon recovered by others may be alive, and retry an adopt: its marks
+    -- expire by themselves. One that stopped retries nothing.)
+    if not died then redis.call('DEL', adopted_key(d)) end
     return {queued, dead}
 end
 
@@ -434,7 +500,9 @@ end
 --
 -- Returns {{one integer per op}, {p, payload, attempts used before, p, ...}, lease_held,
 --          {reasons of payloads dead-lettered by the claim}, dead letters trimmed,
---          {paused priorities}}.
+--          {paused priorities}, {keys of the wrong type read as empty}}.
+-- With P:inflight:D of the wrong type the whole call is refused, before any write,
+-- with "prioqd: daemon state unusable: <reason>".
 --
 -- Op results: >= 0 the op applied (or had applied before); -1 the claim is gone
 -- (recovered by another daemon: nothing was written); -2 the op could not apply
@@ -485,6 +553,13 @@ local function settled(id, c, flags, ttl, due_ms)
     if string.find(flags, 'c', 1, true) then withdraw_cancel(id) end
 end
 
+-- The keys `settled` writes for these flags, added to `targets`.
+local function settle_targets(id, flags, targets)
+    if string.find(flags, 'u', 1, true) then targets[#targets + 1] = {unique_key(id), 'string'} end
+    if string.find(flags, 'c', 1, true) then targets[#targets + 1] = {cancels_key, 'zset'} end
+    return targets
+end
+
 -- lock C id ttl: claim C is a unique job: it takes the job's lock for ttl seconds
 -- (the daemon makes that outlast the run: its timeout plus the lease, at least),
 -- unless a live run of the same id holds it, in which case this claim is a
@@ -509,13 +584,32 @@ end
 
 -- adopt p C raw: the payload `raw` that D's BLMOVE put in P:landing:D:p becomes
 -- claim C. Returns the attempt number it runs as (1 unless it has a past, see
--- P:history); -1 if it is no longer there (recovered meanwhile).
+-- P:history); 0 if it was adopted before and settled since (a repeat: the landing
+-- list is not touched, where a later payload of the same text may wait for its own
+-- claim); -1 if it is no longer there (recovered meanwhile).
 ops.adopt = function(i)
     local p, c, raw = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-    if redis.call('HEXISTS', inflight, c) == 1 then return 1, i + 4 end
-    if redis.call('LREM', landing_key(D, p), 1, raw) == 0 then return -1, i + 4 end
+    local v = entry(c)
+    if v then
+        local _, state = parse_entry(v)
+        if is_claimed(state) then return used(state) + 1, i + 4 end
+        return tonumber(state), i + 4
+    end
+    local marks = adopted_key(D)
+    local can_mark = unwritable(marks, 'hash') == nil
+    if can_mark and tonumber(c) <= tonumber(redis.call('HGET', marks, p) or '0') then
+        return 0, i + 4
+    end
+    local landing = landing_key(D, p)
+    if unwritable(landing, 'list') or redis.call('LREM', landing, 1, raw) == 0 then
+        return -1, i + 4
+    end
     local recoveries, attempts = recall(raw)
     redis.call('HSET', inflight, c, make_entry(p, 'c' .. attempts, recoveries, raw))
+    if can_mark then
+        redis.call('HSET', marks, p, c)
+        redis.call('EXPIRE', marks, 86400)
+    end
     return attempts + 1, i + 4
 end
 
@@ -530,20 +624,23 @@ ops.progress = function(i)
     return 1, i + 5
 end
 
--- drop p nbytes reason: a landed payload of nbytes over max_payload_bytes goes from
--- P:landing:D:p to the dead letters by reference (the daemon does not send it back).
+-- drop p nbytes reason sha1: a landed payload of nbytes (and of that SHA-1, unless
+-- sha1 is empty) goes from P:landing:D:p to the dead letters by reference, with
+-- `reason` (the daemon does not send it back: over max_payload_bytes, or an adopt
+-- Redis refused). 1; 0 if none is there; -3 if the dead letters cannot be written.
 ops.drop = function(i)
-    local p, nbytes, reason = ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+    local p, nbytes, reason, sha = ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4]
     local landing = landing_key(D, p)
+    if unwritable(landing, 'list') then return 0, i + 5 end
     for _, v in ipairs(redis.call('LRANGE', landing, 0, -1)) do
-        if string.len(v) == nbytes then
-            if not dead_writable() then return -3, i + 4 end
+        if string.len(v) == nbytes and (sha == '' or redis.sha1hex(v) == sha) then
+            if not dead_writable() then return -3, i + 5 end
             redis.call('LREM', landing, 1, v)
             dead_by_reference(p, v, reason)
-            return 1, i + 4
+            return 1, i + 5
         end
     end
-    return 0, i + 4
+    return 0, i + 5
 end
 
 -- start C json id ttl n k v ...: claim C is recorded as running: its entry gets the
@@ -587,7 +684,7 @@ ops.finish = function(i)
         if job[1] == D .. '/' .. c then return tonumber(job[2]), nxt end
         return -1, nxt
     end
-    local why = check({{job_key(id), 'hash'}, {done_key(id), 'list'}})
+    local why = check(settle_targets(id, flags, {{job_key(id), 'hash'}, {done_key(id), 'list'}}))
     if why then return fail_op(c, v, why), nxt end
     local _, state = parse_entry(v)
     local so_far = tonumber(redis.call('HGET', job_key(id), 'attempts') or '0')
@@ -626,7 +723,7 @@ ops['end'] = function(i)
         end
         return -1, nxt
     end
-    local targets = {{job_key(id), 'hash'}}
+    local targets = settle_targets(id, flags, {{job_key(id), 'hash'}})
     if done == '1' then targets[#targets + 1] = {done_key(id), 'list'} end
     if dead ~= '' then targets[#targets + 1] = {dead_key, 'list'} end
     if member ~= '' then targets[#targets + 1] = {scheduled_key, 'zset'} end
@@ -777,16 +874,25 @@ ops.restore = function(i)
 end
 
 -- unland p: everything in P:landing:D:p goes back to the head of P:queue:p (after a
--- blocking wait whose reply was lost). Returns how many.
+-- blocking wait whose reply was lost). Returns how many. With P:landing:D:p of the
+-- wrong type (the wait failed on it) the call is refused as for P:inflight:D: D
+-- cannot wait there again.
 ops.unland = function(i)
     local p = ARGV[i + 1]
+    local broken = unwritable(landing_key(D, p), 'list')
+    if broken then return redis.error_reply('prioqd: daemon state unusable: ' .. broken) end
     if unwritable(queue_key(p), 'list') then return 0, i + 2 end
-    return restore_landing(D, p), i + 2
+    return restore_landing(D, p, false, 0), i + 2
 end
 
 if command == 'cycle' then
     D = ARGV[3]
     inflight = inflight_key(D)
+    -- Every op and every claim writes here: with it of another type nothing D holds
+    -- can be recorded (its claims are gone with the hash), and only a new daemon id
+    -- helps. Refused before any write, with a reason the daemon recognises.
+    local broken = unwritable(inflight, 'hash')
+    if broken then return redis.error_reply('prioqd: daemon state unusable: ' .. broken) end
     local next_claim = tonumber(ARGV[4])
     local max_bytes = tonumber(ARGV[5])
     max_dead = tonumber(ARGV[6])
@@ -799,13 +905,20 @@ if command == 'cycle' then
         if not op then return redis.error_reply('prioqd: unknown cycle op ' .. tostring(ARGV[i])) end
         local r
         r, i = op(i)
+        if i == nil then return r end  -- an op refused the whole call (an error reply)
         results[#results + 1] = r
     end
     local score = redis.call('ZSCORE', daemons_key, D)
     local held = score and tonumber(score) > now_ms()
     local claimed, dropped, paused = {}, {}, {}
     if held and tokens > 0 then
-        paused = redis.call('SMEMBERS', paused_key)
+        -- (A pcall, not a TYPE first: this runs every claim. Of another type, nothing
+        -- is paused, and the daemon reports it.)
+        paused = redis.pcall('SMEMBERS', paused_key)
+        if paused.err then
+            skipped(unwritable(paused_key, 'set') .. ': read as no priority paused')
+            paused = {}
+        end
         local skip = {}
         for _, p in ipairs(paused) do skip[p] = true end
         -- (A key of another type there must not fail the claim after its RPOP: the
@@ -845,7 +958,7 @@ if command == 'cycle' then
         end
     end
     count_outcomes()
-    return {results, claimed, held and 1 or 0, dropped, trimmed, paused}
+    return {results, claimed, held and 1 or 0, dropped, trimmed, paused, problems}
 end
 
 -- heartbeat D lease_ms max_recover max_recoveries max_dead field value field value ...
@@ -856,7 +969,8 @@ end
 -- Returns {registered (1: D had no lease; it was recovered, or is new), lapsed (1: D's
 -- lease had expired but nobody had recovered it), recovered daemon ids joined by ',',
 -- jobs put back, jobs dead-lettered as poison, ms until the next scheduled job or -1,
--- Redis's clock in ms, dead letters trimmed}.
+-- Redis's clock in ms, dead letters trimmed, keys of the wrong type the recoveries
+-- left as they were (one reason a line)}.
 if command == 'heartbeat' then
     local d = ARGV[3]
     local lease_ms = tonumber(ARGV[4])
@@ -893,8 +1007,8 @@ if command == 'heartbeat' then
         if #expired > 0 then
             -- Idle daemons heartbeat forever: only pay for this when someone died.
             local fallback = {}
-            local mine = redis.call('HGET', daemon_key(d), 'priorities')
-            if mine then fallback = split_csv(mine) end
+            local mine = redis.pcall('HGET', daemon_key(d), 'priorities')
+            if type(mine) == 'string' then fallback = split_csv(mine) end
             for _, other in ipairs(expired) do
                 local r = recover(other, fallback, true, max_recoveries)
                 queued, dead = queued + r[1], dead + r[2]
@@ -902,7 +1016,7 @@ if command == 'heartbeat' then
         end
     end
     return {registered and 1 or 0, lapsed and 1 or 0, table.concat(expired, ','),
-        queued, dead, next_due_in(now), now, trimmed}
+        queued, dead, next_due_in(now), now, trimmed, table.concat(problems, '\n')}
 end
 
 -- recover D died max_recoveries max_dead p1 p2 ...
@@ -910,21 +1024,26 @@ end
 -- daemon on a clean stop (for itself: died = 0) and at start-up for a dead
 -- predecessor on the same host (died = 1). The priorities are a fallback for a D
 -- with no info hash. Returns {jobs put back, jobs dead-lettered as poison, dead
--- letters trimmed}.
+-- letters trimmed, keys of the wrong type left as they were (one reason a line)}.
 if command == 'recover' then
     max_dead = tonumber(ARGV[6])
     local r = recover(ARGV[3], {unpack(ARGV, 7)}, ARGV[4] == '1', tonumber(ARGV[5]))
-    r[#r + 1] = trimmed
-    return r
+    return {r[1], r[2], trimmed, table.concat(problems, '\n')}
 end
 
 -- undead entry p payload id payload_key
 -- Moves one dead letter (matched by its exact text) back to the tail of queue p as
 -- a fresh job: its attempts start again from 0. The payload is `payload`, or the
 -- value of `payload_key` (deleted here) if that is not empty. Returns 1, or 0 if the
--- letter is gone, or -1 if its payload key is.
+-- letter is gone, or -1 if its payload key is; an error (nothing written) if a key it
+-- would write has the wrong type.
 if command == 'undead' then
     local entry_text, p, payload, id, pkey = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+    local targets = {{dead_key, 'list'}, {queue_key(p), 'list'}}
+    if id ~= '' then targets[#targets + 1] = {job_key(id), 'hash'} end
+    if pkey ~= '' then targets[#targets + 1] = {pkey, 'string'} end
+    local why = check(targets)
+    if why then return redis.error_reply('prioqd: ' .. why) end
     if pkey ~= '' then
         payload = redis.call('GET', pkey)
         if not payload then return -1 end
@@ -967,8 +1086,9 @@ if command == 'promote' then
     if #due == 0 then return {0, 0, next_due_in(now), 0} end
     local served = {}
     for _, d in ipairs(redis.call('ZRANGE', daemons_key, 0, -1)) do
-        local prios = redis.call('HGET', daemon_key(d), 'priorities')
-        if prios then
+        -- (One daemon's info of the wrong type must not stop every promotion.)
+        local prios = redis.pcall('HGET', daemon_key(d), 'priorities')
+        if type(prios) == 'string' then
             for _, p in ipairs(split_csv(prios)) do served[p] = true end
         end
     end
@@ -998,21 +1118,23 @@ end
 -- Enqueues a [[schedule]] tick exactly once, whichever daemons offer it: only if no
 -- tick of that name as late or later was handled. A catch-up (catch_up = 1: the
 -- tick is long past) for a name never seen before is only recorded, not enqueued:
--- nothing was missed, the schedule is new (so is a tick whose queue has the wrong
--- type). A tick later than Redis's clock by more than FUTURE_TICK_MS is refused: the
--- clock of the daemon offering it jumped ahead, and recorded, it would make every
--- daemon skip the real ticks up to it. Returns 1 enqueued, 0 already handled (or
--- recorded only), -1 refused as later than Redis's clock.
+-- nothing was missed, the schedule is new. A tick later than Redis's clock by more
+-- than FUTURE_TICK_MS is refused: the clock of the daemon offering it jumped ahead,
+-- and recorded, it would make every daemon skip the real ticks up to it. Returns 1
+-- enqueued, 0 already handled (or recorded only), -1 refused as later than Redis's
+-- clock; an error (nothing written) if P:periodic or the queue has the wrong type.
 local FUTURE_TICK_MS = 1000
 if command == 'periodic' then
     local name, tick, p, payload, catch_up = ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6], ARGV[7]
     if tick > now_ms() + FUTURE_TICK_MS then return -1 end
     local key = prefix .. ':periodic'
+    -- Checked before the tick is recorded: a tick recorded but not pushed is lost.
+    local why = check({{key, 'hash'}, {queue_key(p), 'list'}})
+    if why then return redis.error_reply('prioqd: ' .. why) end
     local last = redis.call('HGET', key, name)
     if last and tonumber(last) >= tick then return 0 end
     redis.call('HSET', key, name, tick)
     if catch_up == '1' and not last then return 0 end
-    if unwritable(queue_key(p), 'list') then return 0 end
     redis.call('LPUSH', queue_key(p), payload)
     redis.call('HSET', key, name .. ':enqueued', tick)
     return 1
