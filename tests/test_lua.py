@@ -334,7 +334,7 @@ def test_schedule(lua: Script) -> None:
     job = parsed(job.raw, 1)  # due 5 s after now=1e9
     assert twice(lua, jobs.schedule_op(job, daemon_id=D, ttl_s=60)) == (1, 1)
     assert lua.r.zrange(f"{P}:scheduled", 0, -1, withscores=True) == [
-        (f'high\nd1/1\n{job.json}'.encode(), float(job.due_ms))
+        (f"high\nd1/1\n{job.json}".encode(), float(job.due_ms))
     ]
 
 
@@ -403,6 +403,7 @@ def test_progress(lua: Script) -> None:
 
 def _every_op(lua: Script) -> dict[type, ops.Op]:
     """One op of each type, each in a state where it applies."""
+
     def claimed(job_id: str, claim: int, **fields: Any) -> jobs.Job:
         return claim_one(lua, {"id": job_id, "task": "t", **fields}, claim=claim)
 
@@ -567,7 +568,7 @@ def test_heartbeat_recover_and_promote_return_the_dead_letters_they_trimmed(
     assert reply[4] == 1 and reply[7] == 1  # one poisoned, one old letter dropped
     # recover: with max_recoveries 0, the held payload is poison at once.
     claim_one(lua, {"id": "q", "task": "t"})
-    assert lua.call("recover", D, 1, 0, 2, "high") == [0, 1, 1]
+    assert lua.call("recover", D, 1, 0, 2, "high") == [0, 1, 1, b""]
     # promote: a due job of a priority nobody serves.
     lua.r.zadd(f"{P}:scheduled", {'ghost\nd/1\n{"id":"g","task":"t"}': 0})
     assert lua.call("promote", 100, 2)[1::2] == [1, 1]
@@ -641,7 +642,7 @@ def test_recovery_leaves_a_dead_daemons_key_of_the_wrong_type_and_recovers_the_r
     lua.r.delete(broken)
     lua.r.set(broken, "x")
     lua.r.zadd(f"{P}:daemons", {D: 1, "d3": 1})
-    _, _, recovered, queued, dead, _, _, problems = lua.beat("d2")
+    _, _, recovered, queued, dead, _, _, _, problems = lua.beat("d2")
     assert sorted(recovered.split(b",")) == [D.encode(), b"d3"]
     kind = "list" if key == "landing" else "hash"
     assert problems.decode() == f"WRONGTYPE: {broken} holds a string, not a {kind}"
