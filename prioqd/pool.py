@@ -491,11 +491,11 @@ class Pool:
         self._pending = keep
         return evicted
 
-    def lowest_rank(self, *, waiting: bool) -> int | None:
+    def lowest_rank(self, *, unstarted: bool) -> int | None:
         """The highest rank (lowest priority) of a job held here: of those not started
-        yet if ``waiting``, else of all, running ones included."""
+        yet if ``unstarted``, else of all, running ones included."""
         ranks = [entry[0] for entry in self._pending]
-        least = 2 if waiting else 1
+        least = 2 if unstarted else 1
         ranks += [w.batch[0].rank for w in self._workers if len(w.batch) >= least]
         return max(ranks) if ranks else None
 

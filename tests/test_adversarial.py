@@ -1488,6 +1488,25 @@ def test_eta_is_compared_with_redis_clock_not_the_daemon_hosts(
     assert 2.5 <= waited < 6.0, waited
 
 
+@pytest.mark.slow
+def test_a_cancel_is_heard_by_a_daemon_whose_clock_is_an_hour_off(
+    r: redis.Redis, redis_server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
+) -> None:
+    """A cancel's expiry is Redis's clock (ten minutes, as `prioqd cancel` keeps it);
+    a daemon compared it with its own and, an hour ahead, found every cancel expired."""
+    if not LIBFAKETIME.exists():
+        skip_or_fail("libfaketime is not installed (apt-get install faketime)")
+    env = env_for(mods, LD_PRELOAD=str(LIBFAKETIME), FAKETIME="+1h", FAKETIME_NO_CACHE="1")
+    d = daemon(make_config(tmp_path / "c.toml", redis_server.url), env=env)
+    push(r, "normal", {"id": "long", "task": "nap", "args": [30_000]})
+    wait_ended(r, ["long"], d, statuses=("running",))
+    seconds, micros = r.time()
+    r.zadd("prioqd:cancels", {"long": seconds * 1000 + micros // 1000 + 600_000})
+    r.publish("prioqd:control", json.dumps({"op": "cancel", "ids": ["long"]}))
+    h = wait_ended(r, ["long"], d, statuses=("cancelled",), timeout_s=10)["long"]
+    assert h["status"] == "cancelled"
+
+
 # --- 13. CLI ----------------------------------------------------------------------------
 
 

@@ -49,7 +49,7 @@ UNUSABLE = "prioqd: daemon state unusable:"
 
 #: Outcomes wait at most this long for a claim to ride along with.
 COALESCE_S = 0.005
-#: ...and go at once when this many are waiting.
+#: ...and go at once when this many are pending.
 MAX_OPS = 256
 
 
@@ -71,6 +71,7 @@ class Cycle:
         on_idle: Callable[[], None],
         on_unlanded: Callable[[str], None],
         force: asyncio.Event,
+        paused: set[str],
     ) -> None:
         self.broker = broker
         self.config = config
@@ -82,8 +83,8 @@ class Cycle:
         self._on_idle = on_idle
         self._on_unlanded = on_unlanded
         self._force = force
-        #: What the last claim saw as paused, and whom to tell when it changes.
-        self.paused: set[str] = set()
+        #: The daemon's paused priorities, and whom to tell when a claim sees others.
+        self.paused = paused
         self.on_paused: Callable[[set[str]], None] = lambda paused: None
         #: Dead letters dropped to keep within dead_letters_max: (how many, by what).
         self.on_trimmed: Callable[[int, str], None] = lambda n, during: None
@@ -104,8 +105,8 @@ class Cycle:
         self.drained = asyncio.Event()
         #: Claims are made while this is true (cleared by a stop).
         self.fetching = True
-        #: True while the blocking wait watches the queues: it claims, not the cycle.
-        self.waiting = False
+        #: Whether the blocking waits claim, not the cycle (idle mode; Watch's to say).
+        self.is_idle: Callable[[], bool] = lambda: False
         self._closing = False
 
     def wake(self) -> None:
@@ -136,7 +137,7 @@ class Cycle:
         self._wake.set()
 
     def _flush_due(self, n_ops: int) -> bool:
-        """Whether waiting ops must go now rather than with the next claim."""
+        """Whether pending ops must go now rather than with the next claim."""
         now = time.monotonic()
         if self._pending_since is None:
             self._pending_since = now
@@ -161,7 +162,7 @@ class Cycle:
             self._wake.clear()
             ops = self.dispatch.collect()
             tokens = 0
-            if self.fetching and not self.waiting and self.lease.held and self.slots.free > 0:
+            if self.fetching and not self.is_idle() and self.lease.held and self.slots.free > 0:
                 self.dispatch.release_due()
                 tokens = self.slots.try_acquire(self.slots.free)
             if not tokens and ops and not self._repairs and not self._flush_due(len(ops)):

@@ -163,14 +163,14 @@ class Dispatcher:
 
     # --- claims in ---------------------------------------------------------------------
 
-    def lowest_waiting(self) -> int | None:
+    def lowest_unstarted(self) -> int | None:
         """The rank (0 = highest) of the lowest priority among jobs held here that
         have not started: a higher job must not wait behind them."""
-        return self.pool.lowest_rank(waiting=True)
+        return self.pool.lowest_rank(unstarted=True)
 
     def lowest_held(self) -> int | None:
         """The rank of the lowest priority among jobs held here, running or not."""
-        return self.pool.lowest_rank(waiting=False)
+        return self.pool.lowest_rank(unstarted=False)
 
     def claim_sizes(self) -> list[tuple[str, int]]:
         """Payloads to claim per slot token, per priority (highest first)."""
@@ -447,7 +447,7 @@ class Dispatcher:
         return jobs.start_op(job, daemon_id=self.daemon_id, ttl_s=self.config.jobs.result_ttl_s)
 
     def collect(self) -> list[Op]:
-        """Every op waiting to be written: made outside a cycle, for runs that ended,
+        """Every op pending to be written: made outside a cycle, for runs that ended,
         and the start records that are due (see START_RECORD_AFTER_S)."""
         ops, self._outbox = self._outbox, []
         if self._progress:
@@ -455,7 +455,7 @@ class Dispatcher:
             ops.extend(self._progress.values())
             self._progress.clear()
         ttl = self.config.jobs.result_ttl_s
-        waiting: deque[tuple[Job, RunResult]] = deque()
+        awaiting_start: deque[tuple[Job, RunResult]] = deque()
         released: list[Job] = []
         for job, run in self._finished:
             state = job.state
@@ -468,9 +468,9 @@ class Dispatcher:
                 else:
                     # The policy (retry or dead) needs the attempt the start returns.
                     ops.append(self._start(job))
-                    waiting.append((job, run))
+                    awaiting_start.append((job, run))
             elif state is JobState.STARTING:
-                waiting.append((job, run))  # its start op is on its way
+                awaiting_start.append((job, run))  # its start op is on its way
             elif state is JobState.STARTED:
                 if run.status == "not_run":
                     released.append(job)
@@ -486,7 +486,7 @@ class Dispatcher:
                         )
                     )
             # JobState.LOST: another daemon owns the job now; nothing to write.
-        self._finished = waiting
+        self._finished = awaiting_start
         if released:
             released.sort(key=lambda j: j.claim)
             ops.append(Release([j.claim for j in released], released, why="not run"))

@@ -54,6 +54,8 @@ class Daemon:
     def __init__(self, config: Config, *, daemon_id: str | None = None) -> None:
         self.config = config
         self.priorities = list(config.queues.priorities)
+        #: Priorities an operator paused, as last heard (the parts share this set).
+        self.paused: set[str] = set()
         self.broker = Broker.from_config(config)
         self.keys = self.broker.keys
         self.notifier = Notifier()
@@ -104,6 +106,7 @@ class Daemon:
             on_idle=self._idle,
             on_unlanded=self._unlanded,
             force=self._force,
+            paused=self.paused,
         )
         self.watch = Watch(
             self.broker,
@@ -115,7 +118,9 @@ class Daemon:
             log=self.log,
             on_redis_down=self._redis_down,
             on_failure=self._internal_failure,
+            paused=self.paused,
         )
+        self.cycle.is_idle = lambda: self.watch.idle
         self.dispatch.on_change = self.watch.reconcile
         self.dispatch.on_outcome = self._outcome
         self.cycle.on_claimed = self.watch.claimed
@@ -130,6 +135,7 @@ class Daemon:
             on_cancel=self.dispatch.cancel,
             on_redis_down=self._redis_down,
             on_problems=self._problems,
+            paused=self.paused,
         )
         self.cycle.on_paused = self._set_paused
         for part in (self.cycle, self.lease, self.scheduler):
@@ -356,16 +362,18 @@ class Daemon:
         self.control.status_changed()
 
     def _idle(self) -> None:
-        self.watch.idle()
+        self.watch.go_idle()
 
     def _set_paused(self, paused: set[str]) -> None:
         """Operators paused or resumed priorities (heard on the channel, or seen by a
         claim when a note was missed)."""
-        if paused == self.remote.paused:
+        if paused == self.paused:
             return
         self.log.info("paused priorities", paused=sorted(paused))
-        self.remote.paused = self.cycle.paused = paused
-        self.watch.set_paused(paused)
+        # One set, shared by the parts that read it (Remote, Cycle, Watch).
+        self.paused.clear()
+        self.paused.update(paused)
+        self.watch.paused_changed()
         self.cycle.wake()  # a resumed priority may have jobs to claim
 
     def _trimmed(self, n: int, during: str) -> None:

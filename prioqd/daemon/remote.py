@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +30,7 @@ class Remote:
         on_paused: Callable[[set[str]], None],
         on_cancel: Callable[[set[str]], None],
         on_redis_down: Callable[[str, BrokerError, Backoff], float],
+        paused: set[str],
         on_problems: Callable[[list[str]], None] = lambda problems: None,
     ) -> None:
         self.broker = broker
@@ -41,22 +41,30 @@ class Remote:
         self._on_cancel = on_cancel
         self._on_redis_down = on_redis_down
         self._closing = asyncio.Event()
-        self.paused: set[str] = set()
+        #: The daemon's paused priorities (its one set; changed through on_paused).
+        self.paused = paused
 
     async def refresh(self) -> None:
         """Read the paused priorities and the pending cancels. A key of the wrong type
         reads as empty and is reported (once): it must not stop every daemon."""
         keys = self.broker.keys
         r: Any = self.broker.redis
-        now_ms = int(time.time() * 1000)
         problems: list[str] = []
         with wrap_errors("read operator commands"):
             async with r.pipeline(transaction=False) as pipe:
                 pipe.smembers(keys.paused)
-                pipe.zrangebyscore(keys.cancels, now_ms, "+inf")
+                pipe.zrange(keys.cancels, 0, -1, withscores=True)
+                pipe.time()
                 replies = await pipe.execute(raise_on_error=False)
             paused = _members(replies[0], keys.paused, "set", problems)
-            cancels = _members(replies[1], keys.cancels, "zset", problems)
+            # Expiries are Redis's clock (cancel_held sets them): compared with ours, a
+            # host an hour off would drop, or keep, every cancel.
+            seconds, micros = replies[2]
+            now_ms = int(seconds) * 1000 + int(micros) // 1000
+            live = replies[1]
+            if not isinstance(live, Exception):
+                live = [m for m, expiry in live if expiry >= now_ms]
+            cancels = _members(live, keys.cancels, "zset", problems)
         if problems != self._problems:
             self._problems = problems
             self._on_problems(problems)

@@ -53,6 +53,7 @@ class Watch:
         log: Any,
         on_redis_down: Callable[[str, BrokerError, Backoff], float],
         on_failure: Callable[[BaseException], None],
+        paused: set[str],
     ) -> None:
         self.priorities = priorities
         self._on_failure = on_failure
@@ -75,28 +76,29 @@ class Watch:
         #: Waits left in place from idle mode until a claim shows we are busy.
         self._left_over = False
         self._backoff = Backoff()
-        #: Priorities an operator paused: never waited on.
-        self.paused: set[str] = set()
+        #: Priorities an operator paused (the daemon's one set): never waited on.
+        self.paused = paused
+        #: Idle mode: every queue empty, the waits here claim and the cycle does not.
+        self.idle = False
         self._closing = False
 
     # --- which queues to wait on -------------------------------------------------------
 
-    def idle(self) -> None:
+    def go_idle(self) -> None:
         """Every queue is empty: wait on all of them (the cycle stops claiming)."""
         if self._closing:
             return
-        self.cycle.waiting = True
+        self.idle = True
         self._left_over = False
         for p in self.priorities:
             self._arm(p)
 
-    def set_paused(self, paused: set[str]) -> None:
-        """Operators paused or resumed priorities."""
-        self.paused = set(paused)
+    def paused_changed(self) -> None:
+        """Operators paused or resumed priorities (``self.paused`` holds them now)."""
         stop = [p for p in self._tasks if p in self.paused and p not in self._leaving]
         if stop:
             self._call_off(stop)
-        if self.cycle.waiting:
+        if self.idle:
             for p in self.priorities:
                 self._arm(p)
         else:
@@ -124,7 +126,7 @@ class Watch:
         job while another daemon idles. The price is a window of about a round trip: a
         claim Redis ran just before a higher push hands a lower job to the next free
         worker (see docs/design.md, "What is left")."""
-        lowest = self.dispatch.lowest_waiting()
+        lowest = self.dispatch.lowest_unstarted()
         if lowest is None:
             return []
         return [p for p in self.priorities[:lowest] if p not in self.paused]
@@ -134,7 +136,7 @@ class Watch:
         not started. A wait no longer needed is left in place (calling it off and
         renewing it for every prefetched job would cost two commands a job): what
         lands there is taken if it outranks what runs here, else put back."""
-        if self._closing or self.cycle.waiting or self._race is not None:
+        if self._closing or self.idle or self._race is not None:
             return
         for p in self._busy_targets():
             self._arm(p)
@@ -195,7 +197,7 @@ class Watch:
         self._backoff.reset()
         if raw is not None:
             self._landed(p, raw)
-        elif self.cycle.waiting and self._race is None:
+        elif self.idle and self._race is None:
             self._arm(p)  # called off, but we went back to idle meanwhile (or resumed)
         else:
             self.reconcile()
@@ -210,7 +212,7 @@ class Watch:
             self._race.append((claim, p, raw))  # settled by _settle
         elif self._closing or p in self.paused:
             self.dispatch.land_back(claim, p, raw)
-        elif self.cycle.waiting:
+        elif self.idle:
             higher = [q for q in self.priorities[: self._rank[p]] if q not in self.paused]
             if len(higher) < self.slots.free:
                 # Nothing of the same moment can wait for it: a free token (an idle
@@ -219,7 +221,7 @@ class Watch:
                 # so a higher job starts at once beside it. Run it now, no round trip
                 # first. (Counting only the waits in place is not enough: a payload
                 # put back from one being called off would find the token taken.)
-                self.cycle.waiting = False
+                self.idle = False
                 self.dispatch.land(claim, p, raw)
                 self._leave_idle()
             else:
@@ -262,7 +264,7 @@ class Watch:
             if tasks:
                 await asyncio.wait(tasks, timeout=2.0)
         race, self._race = self._race or [], None
-        self.cycle.waiting = False
+        self.idle = False
         race.sort(key=lambda landed: self._rank[landed[1]])
         for i, (claim, p, raw) in enumerate(race):
             if i == 0 and not self._closing:
@@ -292,7 +294,7 @@ class Watch:
         if not self._left_over:
             return
         self._left_over = False
-        if self._closing or self.cycle.waiting:
+        if self._closing or self.idle:
             return
         targets = self._busy_targets()
         extra = [q for q in self._tasks if q not in targets and q not in self._leaving]
@@ -310,7 +312,7 @@ class Watch:
     def unlanded(self, p: str) -> None:
         """An ``Unland`` of ``p`` was applied: it may wait again."""
         self._dirty.discard(p)
-        if self.cycle.waiting:
+        if self.idle:
             self._arm(p)
         else:
             self.reconcile()
@@ -318,7 +320,7 @@ class Watch:
     async def close(self) -> None:
         """Call off every wait (shutdown)."""
         self._closing = True
-        self.cycle.waiting = False
+        self.idle = False
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
