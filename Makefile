@@ -39,7 +39,7 @@ lint: setup
 test: lint
 	rm -f .coverage .coverage.*
 	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml COVERAGE_FILE=$(CURDIR)/.coverage \
-		$(BIN)/pytest -ra; status=$$?; \
+		$(BIN)/pytest -ra --durations=25; status=$$?; \
 	$(BIN)/coverage combine -q || true; rm -f .coverage.*; \
 	COVERAGE_FILE=$(CURDIR)/.coverage $(BIN)/coverage report --show-missing \
 		|| { echo "make test: coverage report failed" >&2; [ $$status -ne 0 ] || status=1; }; \

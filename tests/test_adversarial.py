@@ -920,30 +920,41 @@ def test_a_crash_in_a_batch_charges_exactly_the_job_that_was_running(
     push(r, "normal", *({"id": j, "task": "quick", "args": [str(runs), j]} for j in warm))
     wait_ended(r, warm, d)
     wait_idle(r)
-    # One LPUSH: the blocking wait takes b0, the next claim b1..b7 in one batch.
-    ids = [f"b{i}" for i in range(8)]
-    culprit = "b3"
-    r.lpush(
-        "prioqd:queue:normal",
-        *(
-            json.dumps({"id": j, "task": "quick", "args": [str(runs), j, j == culprit]})
-            for j in ids
-        ),
-    )
-    hashes = wait_ended(r, ids, d)
-    counts = run_counts(runs)
-    innocent = [j for j in ids if j != culprit]
-    for j in innocent:
-        assert hashes[j]["status"] == "succeeded" and hashes[j]["attempts"] == "1", (j, hashes[j])
-        assert counts[j] == 1, (j, counts[j])
-    assert hashes[culprit]["status"] == "dead" and hashes[culprit]["attempts"] == "2"
-    assert hashes[culprit]["error"] == "worker process exited with code 13"
-    assert counts[culprit] == 2
-    # Those put back behind the culprit ran in their original (FIFO) order.
-    order = [tag for tag in runs.read_text().split() if tag in innocent]
-    assert order == innocent
-    requeued = [e for e in d.events("job finished") if e.get("outcome") == "requeued"]
-    assert requeued, "the batch was not put back: the scenario did not happen"
+    # One LPUSH: the blocking wait takes x0, the next claim x1..x7 in one batch. How the
+    # daemon batches them depends on how long it measured `quick` to be, which a loaded
+    # machine stretches: up to three rounds, until a batch was put back behind the
+    # culprit (the scenario); every round's outcomes are checked all the same.
+    requeued: list[dict[str, Any]] = []
+    for round_ in "bcd":
+        ids = [f"{round_}{i}" for i in range(8)]
+        culprit = f"{round_}3"
+        r.lpush(
+            "prioqd:queue:normal",
+            *(
+                json.dumps({"id": j, "task": "quick", "args": [str(runs), j, j == culprit]})
+                for j in ids
+            ),
+        )
+        hashes = wait_ended(r, ids, d)
+        counts = run_counts(runs)
+        innocent = [j for j in ids if j != culprit]
+        for j in innocent:
+            assert hashes[j]["status"] == "succeeded" and hashes[j]["attempts"] == "1", (
+                j,
+                hashes[j],
+            )
+            assert counts[j] == 1, (j, counts[j])
+        assert hashes[culprit]["status"] == "dead" and hashes[culprit]["attempts"] == "2"
+        assert hashes[culprit]["error"] == "worker process exited with code 13"
+        assert counts[culprit] == 2
+        # Those put back behind the culprit ran in their original (FIFO) order.
+        order = [tag for tag in runs.read_text().split() if tag in innocent]
+        assert order == innocent
+        requeued = [e for e in d.events("job finished") if e.get("outcome") == "requeued"]
+        if requeued:
+            break
+        wait_idle(r)
+    assert requeued, "no batch was put back in three rounds: the scenario did not happen"
 
 
 # --- 6. huge payloads, results and arguments ---------------------------------------------
