@@ -29,11 +29,6 @@ class Keys:
         """LIST where a daemon's blocking BLMOVE puts a payload until its next cycle."""
         return f"{self.prefix}:landing:{daemon_id}:{priority}"
 
-    def adopted(self, daemon_id: str) -> str:
-        """HASH priority -> the highest claim number the daemon adopted from that
-        landing list (what makes a repeated ``Adopt`` a no-op)."""
-        return f"{self.prefix}:adopted:{daemon_id}"
-
     def inflight(self, daemon_id: str) -> str:
         """HASH claim number -> "<priority>\\n<state>\\n<recoveries>\\n<payload>"."""
         return f"{self.prefix}:inflight:{daemon_id}"
