@@ -369,7 +369,12 @@ def test_a_failed_idle_barrier_hears_every_wait_out_and_keeps_the_order(
     wait_for(lambda: helpers.waits_blocked(r) == 3, 10)
     push(r, "low", {"id": "alone", "task": "nap", "args": [1]})
     wait_ended(r, ["alone"], d)
-    assert events_like(d, "barrier failed"), "the barrier never ran: the test proves nothing"
+    # (Log lines are written in batches: wait for it rather than read at once.)
+    wait_for(
+        lambda: events_like(d, "barrier failed"),
+        10,
+        what="the barrier failing (else the test proves nothing)",
+    )
     # High first: Redis writes the replies of one turn newest first, so the low one's
     # tends to be read first, which is the case that needs the barrier.
     helpers.high_and_low_together(r, 6, high_first=True, daemon=d)
@@ -1169,9 +1174,13 @@ def test_a_daemon_resumed_after_its_jobs_were_rerun_never_overwrites_the_outcome
         tmp_path / "c.toml", redis_server.url, workers={"slots": 1}, daemon={"lease_s": 2}
     )
     a = daemon(cfg, env=env_for(mods))
-    push(r, "normal", {"id": "held", "task": "logrun", "args": [str(runs), "held", 1200]})
-    wait_ended(r, ["held"], a, statuses=("running",))
+    wait_idle(r)  # a blocks on the queues first, so Redis hands it the job, not b
+    # b is up before the job starts: its start-up (a second on a loaded machine) must
+    # not let the job end, and its outcome be written, before a is stopped.
     b = daemon(cfg, env=env_for(mods))
+    push(r, "normal", {"id": "held", "task": "logrun", "args": [str(runs), "held", 1200]})
+    running = wait_ended(r, ["held"], a, statuses=("running",))["held"]
+    assert running["daemon"] == a.daemon_id, "b took the job: the scenario did not happen"
     assert a.proc is not None
     a.proc.send_signal(signal.SIGSTOP)  # alive but silent; its worker finishes the job
     try:

@@ -960,7 +960,7 @@ def test_every_payload_is_in_exactly_one_place_whatever_the_interleaving(
     ClaimMachine.server = server
     machine = ClaimMachine.TestCase
     machine.settings = settings(
-        max_examples=150,
+        max_examples=90,
         stateful_step_count=50,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],

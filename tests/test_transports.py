@@ -127,7 +127,7 @@ def test_a_connection_closed_while_it_connects_fails_as_a_redis_error(
     async def main() -> dict[str, int]:
         broker = Broker(redis_server.url, Keys("race"))
         seen = {"ok": 0, "closed": 0}
-        for i in range(2000):
+        for i in range(1200):
             direct = _Direct(broker, "barrier")
             call = asyncio.ensure_future(direct.call("PING"))
             for _ in range(i % 8):
