@@ -119,21 +119,6 @@ local THROUGHPUT_TTL_S = 3600
 local outcomes = {}
 local function count(status) outcomes[status] = (outcomes[status] or 0) + 1 end
 
--- Adds this call's outcomes to the current minute's P:throughput:M.
-local function count_outcomes()
-    if next(outcomes) == nil then return end
-    local t = redis.call('TIME')
-    local key = throughput_key(math.floor(tonumber(t[1]) / 60))
-    local new = false
-    for status, n in pairs(outcomes) do
-        -- (A key of another type must not fail the call after its writes: the
-        -- counts are only for show.)
-        new = redis.pcall('HINCRBY', key, status, n) == n or new
-    end
-    -- Only when a field was created (a few times a minute), not every call.
-    if new then redis.call('EXPIRE', key, THROUGHPUT_TTL_S) end
-end
-
 -- Dead letters kept at most (0: no bound); set by each command that may add one.
 local max_dead = 0
 -- Dead letters dropped (oldest first) to keep within max_dead by this call.
@@ -160,6 +145,20 @@ end
 local function now_ms()
     local t = redis.call('TIME')
     return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Adds this call's outcomes to the current minute's P:throughput:M.
+local function count_outcomes()
+    if next(outcomes) == nil then return end
+    local key = throughput_key(math.floor(now_ms() / 60000))
+    local new = false
+    for status, n in pairs(outcomes) do
+        -- (A key of another type must not fail the call after its writes: the
+        -- counts are only for show.)
+        new = redis.pcall('HINCRBY', key, status, n) == n or new
+    end
+    -- Only when a field was created (a few times a minute), not every call.
+    if new then redis.call('EXPIRE', key, THROUGHPUT_TTL_S) end
 end
 
 local function split_csv(s)
