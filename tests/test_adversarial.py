@@ -1035,7 +1035,7 @@ def test_a_task_error_of_megabytes_is_capped_and_marked_everywhere_it_is_copied(
     assert letter["traceback"] == tb and letter["reason"].startswith(error)
     (done,) = r.lrange("prioqd:done:loud", 0, -1)
     assert json.loads(done)["error"] == error
-    (line,) = [e for e in d.events("job finished") if e.get("job_id") == "loud"]
+    line = d.wait_log("job finished", job_id="loud")  # the log is written after Redis
     assert line["error"] == error and line["traceback"] == tb
     d.assert_alive()
 

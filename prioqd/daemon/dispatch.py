@@ -135,6 +135,8 @@ class Dispatcher:
         self.on_change: Callable[[], None] = lambda: None
         #: Called when a run ended: its outcome waits to be written.
         self.on_outcome: Callable[[], None] = wake
+        #: Called when ``last_error`` changed (after the outcome was written).
+        self.on_error: Callable[[], None] = lambda: None
         self.jobs_done = 0
         self.last_error = ""
         self.metrics: Metrics = NO_METRICS
@@ -628,6 +630,7 @@ class Dispatcher:
             self.log.info("job finished", **fields)
             return
         self.last_error = f"{job.task} {job.id}: {run.error}"
+        self.on_error()
         level = self.log.error if ending.status == "dead" else self.log.warning
         extra: dict[str, Any] = {"error": run.error}
         if ending.status == "failed":

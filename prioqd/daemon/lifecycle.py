@@ -156,6 +156,8 @@ class Daemon:
             current=lambda: self.config,
             log=lambda: self.log,
         )
+        # The STATUS line carries the last error, known only once the outcome is written.
+        self.dispatch.on_error = self.control.status_changed
         self.metrics: Metrics = NO_METRICS
         self.last_error = ""
         self.exit_code = EXIT_OK
