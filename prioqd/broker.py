@@ -245,13 +245,15 @@ class Broker:
         max_dead: int,
         tokens: int,
         sizes: Sequence[tuple[str, int]],
+        repeat: bool,
     ) -> CycleReply:
         """The daemon's one round trip: apply ``ops`` in order, then claim payloads for
         up to ``tokens`` slot tokens, ``size`` payloads a token from each priority in
-        ``sizes`` (highest first)."""
+        ``sizes`` (highest first). ``repeat``: the reply of the last call was lost, so
+        ``ops`` may repeat ops that applied (they answer as they did then)."""
         args: list[str | bytes] = [
             self.keys.prefix, "cycle", daemon_id, str(next_claim), str(max_payload_bytes),
-            str(max_dead), str(tokens), str(len(sizes)),
+            str(max_dead), str(tokens), "1" if repeat else "0", str(len(sizes)),
         ]  # fmt: skip
         for priority, size in sizes:
             args += (priority, str(size))

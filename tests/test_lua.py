@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -55,8 +56,11 @@ class Script:
         tokens: int = 0,
         max_bytes: int = 10_000,
         daemon: str = D,
+        repeat: bool = False,
     ) -> tuple[list[int], list[tuple[str, bytes]], bool]:
-        args: list[Any] = ["cycle", daemon, next_claim, max_bytes, 0, tokens, len(SIZES)]
+        args: list[Any] = [
+            "cycle", daemon, next_claim, max_bytes, 0, tokens, int(repeat), len(SIZES),
+        ]  # fmt: skip
         for p, size in SIZES:
             args += [p, size]
         for op in op_list:
@@ -114,7 +118,7 @@ def twice(lua: Script, op: ops.Op) -> tuple[int, int]:
     """Apply ``op``, snapshot what it changed, apply it again: nothing more changes."""
     first = lua.cycle([op])[0][0]
     before = snapshot(lua.r)
-    second = lua.cycle([op])[0][0]
+    second = lua.cycle([op], repeat=True)[0][0]
     assert snapshot(lua.r) == before, f"repeating {type(op).__name__} changed Redis"
     return first, second
 
@@ -196,7 +200,8 @@ def test_identical_delayed_landings_both_reach_the_schedule_when_a_reply_is_lost
     lua.r.lpush(landing, raw)  # the twin lands: claim 2
     twin = parsed(raw, 2)
     results, _, _ = lua.cycle(
-        [*lost, ops.Adopt(raw, "high", 2), jobs.schedule_op(twin, daemon_id=D, ttl_s=60)]
+        [*lost, ops.Adopt(raw, "high", 2), jobs.schedule_op(twin, daemon_id=D, ttl_s=60)],
+        repeat=True,
     )
     assert results == [ops.ADOPTED_BEFORE, 1, 1, 1]
     assert lua.r.zcard(f"{P}:scheduled") == 2
@@ -241,6 +246,30 @@ def test_finish(lua: Script) -> None:
     assert done == [done[0]] and done[0]["result"] == 42 and done[0]["attempts"] == 1
 
 
+def test_a_repeat_answers_as_the_first_call_after_its_id_was_claimed_again(lua: Script) -> None:
+    """Found by the claim machine: two payloads of one id; the first's finish and the
+    second's start go in one call whose reply is lost. Sent again, the finish must still
+    say it applied (attempt 1), though the job hash now names the second claim: the
+    daemon logs, counts and wakes waiters from that answer."""
+    first = claim_one(lua, {"id": "same", "task": "t"}, claim=1)
+    second = claim_one(lua, {"id": "same", "task": "t"}, claim=2)
+    run = jobs.RunResult("ok", "1", started_at=1.0, finished_at=2.0)
+    lost = [
+        jobs.finish_op(first, run, daemon_id=D, ttl_s=60),
+        jobs.start_op(second, daemon_id=D, ttl_s=60),
+    ]
+    assert lua.cycle(lost)[0] == [1, 2]
+    assert lua.cycle(lost, repeat=True)[0] == [1, 2]
+    ended = jobs.end_op(second, run, daemon_id=D, policy=POLICY, now_ms=0, rng=random.Random())
+    assert lua.cycle([*lost, ended], repeat=True)[0] == [1, 2, 1]
+    # The start's own repeat, after its claim ended: the attempt it ran as.
+    assert lua.cycle([*lost, ended], repeat=True)[0] == [1, 2, 1]
+    # A call after a reply seen forgets: nothing of D can be a repeat any more.
+    lua.cycle([])
+    assert not lua.r.exists(f"{P}:retired:{D}")
+    assert lua.cycle([ended])[0] == [ops.LOST]
+
+
 def test_finish_refuses_a_job_that_ran_before(lua: Script) -> None:
     lua.r.hset(f"{P}:job:g", "attempts", 1)
     job = claim_one(lua, {"id": "g", "task": "t"})
@@ -274,7 +303,7 @@ def test_reject(lua: Script) -> None:
     lua.cycle(tokens=1)
     rej = jobs.parse(raw, "high", known_tasks={"t"}, max_payload_bytes=100, now=0)
     assert isinstance(rej, jobs.Rejected)
-    assert twice(lua, jobs.reject_op(rej, 1, daemon_id=D, ttl_s=60, now=0)) == (1, ops.LOST)
+    assert twice(lua, jobs.reject_op(rej, 1, daemon_id=D, ttl_s=60, now=0)) == (1, 1)
     assert lua.r.llen(f"{P}:dead") == 1 and lua.r.llen(f"{P}:done:r") == 1
 
 
@@ -349,7 +378,7 @@ def test_release_keeps_fifo_order_and_uncounts_a_started_attempt(lua: Script) ->
     assert len(claimed) == 3
     started = parsed(claimed[0][1], 1)
     lua.cycle([jobs.start_op(started, daemon_id=D, ttl_s=60)])
-    assert twice(lua, ops.Release([1, 2, 3])) == (3, 0)
+    assert twice(lua, ops.Release([1, 2, 3])) == (3, 3)
     head_first = [json.loads(x)["id"] for x in reversed(lua.r.lrange(f"{P}:queue:high", 0, -1))]
     assert head_first == ["q0", "q1", "q2"]
     h = lua.r.hgetall(f"{P}:job:q0")
@@ -358,7 +387,7 @@ def test_release_keeps_fifo_order_and_uncounts_a_started_attempt(lua: Script) ->
 
 def test_bury(lua: Script) -> None:
     claim_one(lua, {"id": "b", "task": "t"})
-    assert twice(lua, ops.Bury(1, "refused")) == (1, ops.LOST)
+    assert twice(lua, ops.Bury(1, "refused")) == (1, 1)
     (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
     assert letter["reason"] == "refused"
     assert json.loads(lua.r.get(letter["payload_key"]))["id"] == "b"  # type: ignore[arg-type]
@@ -370,7 +399,7 @@ def test_restore_puts_back_unseen_claims_only(lua: Script) -> None:
     lua.cycle(next_claim=20, tokens=2)  # claims 20..22: the reply is "lost"
     seen = parsed(b'{"id":"s","task":"t"}', 30)
     lua.r.hset(f"{P}:inflight:{D}", "30", b"high\nc0\n0\n" + seen.raw)
-    assert twice(lua, ops.Restore(20, 29)) == (3, 0)
+    assert twice(lua, ops.Restore(20, 29)) == (3, 3)
     assert lua.r.lrange(f"{P}:queue:high", 0, -1) == [b"c", b"b", b"a"]
     assert list(inflight(lua)) == [b"30"]
 
@@ -387,7 +416,7 @@ def test_lock(lua: Script) -> None:
     assert lua.r.get(f"{P}:unique:u") == f"{D}/1".encode()
     # A second claim of the same id while the first holds it: a duplicate, dropped.
     other = claim_one(lua, {"id": "u", "task": "t", "unique": True}, claim=2)
-    assert twice(lua, ops.Lock(other, 600)) == (0, ops.LOST)
+    assert twice(lua, ops.Lock(other, 600)) == (0, 0)  # dropped, and again
     assert list(inflight(lua)) == [b"1"] and lua.r.get(f"{P}:unique:u") == f"{D}/1".encode()
 
 
@@ -739,6 +768,7 @@ class ClaimMachine(RuleBasedStateMachine):
         self.lost_ranges: list[tuple[int, int]] = []
         self.landed: list[tuple[int, str, bytes]] = []  # seen, no Adopt sent yet
         self.unacked: list[tuple[ops.Op, Callback]] = []  # sent, the reply lost
+        self.repeat = False  # the last call's reply was lost
         self.recoveries = 0  # times the daemon was recovered by another
         #: Priorities whose wait broke: as in ``Watch``, nothing lands there until an
         #: Unland's result is back.
@@ -765,7 +795,11 @@ class ClaimMachine(RuleBasedStateMachine):
         full = [*self.unacked, *batch]
         lo = self.next_claim
         self.next_claim += tokens * 2
-        results, claimed, _ = self.lua.cycle([op for op, _ in full], next_claim=lo, tokens=tokens)
+        results, claimed, _ = self.lua.cycle(
+            [op for op, _ in full], next_claim=lo, tokens=tokens, repeat=self.repeat
+        )
+        # As in ``Cycle``: a call after a lost reply says so (its ops answer as before).
+        self.repeat = lose
         if lose:
             self.unacked = full
             if tokens:
@@ -960,7 +994,7 @@ def test_every_payload_is_in_exactly_one_place_whatever_the_interleaving(
     ClaimMachine.server = server
     machine = ClaimMachine.TestCase
     machine.settings = settings(
-        max_examples=90,
+        max_examples=int(os.environ.get("PRIOQD_CLAIM_EXAMPLES", "90")),
         stateful_step_count=50,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],

@@ -98,6 +98,9 @@ class Cycle:
         self._next_claim = 1
         #: Put-backs owed after lost replies, sent with the next cycle.
         self._repairs: list[Op] = []
+        #: A call's reply was lost since the last one seen: the next call may repeat
+        #: ops that applied, and Redis keeps their results for it (P:retired:D).
+        self._repeat = False
         self._pending_since: float | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
@@ -197,8 +200,10 @@ class Cycle:
                     max_dead=self.config.jobs.dead_letters_max,
                     tokens=tokens,
                     sizes=sizes,
+                    repeat=self._repeat,
                 )
             except BrokerError as exc:
+                self._repeat = True
                 # Nothing is known to have applied: every op is repeated as it was (they
                 # are idempotent), and a claim that may have moved payloads is restored.
                 self.slots.release(tokens)
@@ -219,6 +224,9 @@ class Cycle:
                 self.wake()
                 continue
             backoff.reset()
+            # Every op that a lost reply left unsure went in this call (collect takes
+            # them all), and this reply is seen: the next call repeats nothing.
+            self._repeat = False
             self.dispatch.rtt_s.add(time.monotonic() - sent)
             self._apply([*ops, *repairs], reply.results)
             for reason in reply.dropped:
@@ -273,15 +281,20 @@ class Cycle:
 
     async def _alone(self, op: Op) -> CycleReply:
         """A cycle of this one op, claiming nothing."""
-        return await self.broker.cycle(
-            self.lease.id,
-            [op],
-            next_claim=0,
-            max_payload_bytes=0,
-            max_dead=self.config.jobs.dead_letters_max,
-            tokens=0,
-            sizes=[],
-        )
+        try:
+            return await self.broker.cycle(
+                self.lease.id,
+                [op],
+                next_claim=0,
+                max_payload_bytes=0,
+                max_dead=self.config.jobs.dead_letters_max,
+                tokens=0,
+                sizes=[],
+                repeat=self._repeat,
+            )
+        except BrokerError:
+            self._repeat = True  # it may have applied before the error
+            raise
 
     async def _bury(self, op: Op, reason: str) -> None:
         claims: list[tuple[int, str]] = []

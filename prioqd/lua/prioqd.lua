@@ -26,6 +26,15 @@
 --                           lost reply, then the retry) and must not take another
 --                           payload of the same text. Expires a day after its last
 --                           write (only D's retries, seconds apart, read it).
+--   P:retired:D      HASH   C -> "<op> <result> <attempt>" for each claim of D that an op
+--                           took out of P:inflight:D (ended it, scheduled it, put it
+--                           back): the op's name and result, and the attempt number
+--                           its entry had (0: never started). A repeat of an op whose
+--                           reply D lost answers from here (`gone`), whatever happened
+--                           to the job's id since (the same id claimed again, say).
+--                           D says in each cycle whether it saw the last reply: if so
+--                           these are forgotten first (nothing can be repeated), if
+--                           not kept. Expires a day after its last write.
 --   P:inflight:D     HASH   C -> "p\nS\nR\n<payload>" for every job D holds. C is D's
 --                           claim counter (decimal), unique within D and increasing in
 --                           claim order, so sorting by C restores FIFO order. S is "c"
@@ -98,6 +107,7 @@ local command = ARGV[2]
 local function queue_key(p) return prefix .. ':queue:' .. p end
 local function landing_key(d, p) return prefix .. ':landing:' .. d .. ':' .. p end
 local function inflight_key(d) return prefix .. ':inflight:' .. d end
+local function retired_key(d) return prefix .. ':settled:' .. d end
 local function adopted_key(d) return prefix .. ':adopted:' .. d end
 local function daemon_key(d) return prefix .. ':daemon:' .. d end
 local function job_key(id) return prefix .. ':job:' .. id end
@@ -463,9 +473,9 @@ local function recover(d, fallback_priorities, died, max_recoveries)
     end
     if not bad_info then redis.call('DEL', info) end
     redis.call('ZREM', daemons_key, d)
-    -- (A daemon recovered by others may be alive, and retry an adopt: its marks
-    -- expire by themselves. One that stopped retries nothing.)
-    if not died then redis.call('DEL', adopted_key(d)) end
+    -- (A daemon recovered by others may be alive, and retry an op: its marks and
+    -- retired claims expire by themselves. One that stopped retries nothing.)
+    if not died then redis.call('DEL', adopted_key(d), retired_key(d)) end
     return {queued, dead}
 end
 
@@ -488,9 +498,11 @@ end
 -- ---------------------------------------------------------------------------------
 -- cycle: the daemon's one round trip.
 --
---   cycle D next_claim max_payload_bytes max_dead tokens n p1 size1 .. pn sizen op args...
+--   cycle D next_claim max_payload_bytes max_dead tokens keep n p1 size1 .. pn sizen op args...
 --
--- Applies a batch of ops in order, then (if D's lease is held) claims payloads into
+-- keep is "0" when D saw the reply of its last call (P:retired:D is forgotten first:
+-- no op of D can be a repeat now), "1" when it did not (the ops it sends again find
+-- their results there). Applies a batch of ops in order, then (if D's lease is held) claims payloads into
 -- P:inflight:D, highest priority first: from priority p up to `size` payloads per
 -- slot token left. Claim numbers are next_claim, next_claim + 1, ... in the order
 -- returned. A payload over max_payload_bytes never leaves Redis: it goes to the dead
@@ -503,24 +515,51 @@ end
 -- With P:inflight:D of the wrong type the whole call is refused, before any write,
 -- with "prioqd: daemon state unusable: <reason>".
 --
--- Op results: >= 0 the op applied (or had applied before); -1 the claim is gone
--- (recovered by another daemon: nothing was written); -2 the op could not apply
+-- Op results: >= 0 the op applied (or had applied before: the same result again, see
+-- P:retired:D); -1 the claim is gone (recovered by another daemon, or settled by
+-- another op: nothing was written); -2 the op could not apply
 -- (a key of the wrong type) and its job went to the dead letters with the reason;
 -- -3 not even that (the dead-letter key has the wrong type): the job stays held.
 -- Each op reads its arguments from ARGV[i] and returns (result, next i). Python
 -- builds the same layouts in prioqd/ops.py, one class per op.
 -- ---------------------------------------------------------------------------------
 
-local D, inflight
+local D, inflight, retired
+local retired_expiry_set = false
 
 -- The inflight entry of claim c, or nil.
 local function entry(c) return redis.call('HGET', inflight, c) end
 
--- The op on claim c cannot write `why`: move its job to the dead letters instead.
-local function fail_op(c, v, why)
-    if not dead_writable() then return -3 end
-    local p, _, _, payload = parse_entry(v)
+-- Claim c (its entry's state `state`) leaves P:inflight:D, settled by `op` with
+-- `result`: remembered in P:retired:D for a repeat of that op (see `gone`).
+local function retire(c, state, op, result)
     redis.call('HDEL', inflight, c)
+    local attempt = 0
+    if not is_claimed(state) then attempt = tonumber(state) end
+    redis.call('HSET', retired, c, op .. ' ' .. result .. ' ' .. attempt)
+    if not retired_expiry_set then
+        redis.call('EXPIRE', retired, 86400)
+        retired_expiry_set = true
+    end
+end
+
+-- The result of `op` on claim c, which D no longer holds: what the op returned when it
+-- settled c (this is a repeat: its reply was lost); for 'start', the attempt c ran as
+-- (it was started, then settled); -1 otherwise (recovered, or settled by another op).
+local function gone(c, op)
+    local t = redis.call('HGET', retired, c)
+    if not t then return -1 end
+    local by, result, attempt = string.match(t, '^(%S+) (%S+) (%S+)$')
+    if by == op then return tonumber(result) end
+    if op == 'start' and tonumber(attempt) >= 1 then return tonumber(attempt) end
+    return -1
+end
+
+-- The op on claim c cannot write `why`: move its job to the dead letters instead.
+local function fail_op(c, v, why, op)
+    if not dead_writable() then return -3 end
+    local p, state, _, payload = parse_entry(v)
+    retire(c, state, op, -2)
     dead_by_reference(p, payload, 'redis error: ' .. why)
     unlock(unique_id(payload), D .. '/' .. c, false)
     return -2
@@ -567,13 +606,14 @@ end
 ops.lock = function(i)
     local c, id, ttl = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local v = entry(c)
-    if not v then return -1, i + 4 end
+    if not v then return gone(c, 'lock'), i + 4 end
     local key, me = unique_key(id), D .. '/' .. c
     local why = unwritable(key, 'string')
-    if why then return fail_op(c, v, why), i + 4 end
+    if why then return fail_op(c, v, why, 'lock'), i + 4 end
     local cur = redis.call('GET', key)
     if cur and cur ~= 'q' and cur ~= me and lock_live(cur) then
-        redis.call('HDEL', inflight, c)
+        local _, state = parse_entry(v)
+        retire(c, state, 'lock', 0)
         redis.call('PUBLISH', events_key, cjson.encode({id = id, status = 'duplicate'}))
         return 0, i + 4
     end
@@ -649,11 +689,11 @@ ops.start = function(i)
     local c, json, id, ttl = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
     local fields, nxt = read_list(i + 5)
     local v = entry(c)
-    if not v then return -1, nxt end
+    if not v then return gone(c, 'start'), nxt end
     local p, state, recoveries, payload = parse_entry(v)
     if not is_claimed(state) then return tonumber(state), nxt end
     local why = unwritable(job_key(id), 'hash')
-    if why then return fail_op(c, v, why), nxt end
+    if why then return fail_op(c, v, why, 'start'), nxt end
     local attempt = redis.call('HINCRBY', job_key(id), 'attempts', 1)
     if json == '' then json = payload end
     redis.call('HSET', inflight, c, make_entry(p, attempt, recoveries, json))
@@ -677,20 +717,15 @@ ops.finish = function(i)
         ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
     local fields, nxt = read_list(i + 7)
     local v = entry(c)
-    if not v then
-        -- Applied already (a lost reply, now repeated), or the claim was taken.
-        local job = redis.call('HMGET', job_key(id), 'claim', 'attempts')
-        if job[1] == D .. '/' .. c then return tonumber(job[2]), nxt end
-        return -1, nxt
-    end
+    if not v then return gone(c, 'finish'), nxt end
     local why = check(settle_targets(id, flags, {{job_key(id), 'hash'}, {done_key(id), 'list'}}))
-    if why then return fail_op(c, v, why), nxt end
+    if why then return fail_op(c, v, why, 'finish'), nxt end
     local _, state = parse_entry(v)
     local so_far = tonumber(redis.call('HGET', job_key(id), 'attempts') or '0')
     if not is_claimed(state) or so_far + 1 ~= attempt then
         return -4, nxt
     end
-    redis.call('HDEL', inflight, c)
+    retire(c, state, 'finish', attempt)
     fields[#fields + 1] = 'claim'
     fields[#fields + 1] = D .. '/' .. c
     -- A rerun that succeeds: what the failed attempts left is not this one's.
@@ -715,27 +750,21 @@ ops['end'] = function(i)
     dels, nxt = read_list(i + 10)
     fields, nxt = read_list(nxt)
     local v = entry(c)
-    if not v then
-        local job = redis.call('HMGET', job_key(id), 'claim', 'status')
-        if job[1] == D .. '/' .. c and job[2] ~= 'queued' and job[2] ~= 'running' then
-            return 1, nxt
-        end
-        return -1, nxt
-    end
+    if not v then return gone(c, 'end'), nxt end
     local targets = settle_targets(id, flags, {{job_key(id), 'hash'}})
     if done == '1' then targets[#targets + 1] = {done_key(id), 'list'} end
     if dead ~= '' then targets[#targets + 1] = {dead_key, 'list'} end
     if member ~= '' then targets[#targets + 1] = {scheduled_key, 'zset'} end
     local why = check(targets)
-    if why then return fail_op(c, v, why), nxt end
-    redis.call('HDEL', inflight, c)
+    if why then return fail_op(c, v, why, 'end'), nxt end
+    local _, state, recoveries = parse_entry(v)
+    retire(c, state, 'end', 1)
     write_job(id, ttl, fields, dels)
     if done == '1' then push_done(id, ttl, outcome) end
     if dead ~= '' then push_dead(dead) end
     if member ~= '' then
         redis.call('ZADD', scheduled_key, tonumber(due_ms), member)
         local _, json = parse_member(member)
-        local _, state, recoveries = parse_entry(v)
         remember(json, recoveries, used(state))
     end
     redis.call('PUBLISH', events_key, outcome)
@@ -759,21 +788,21 @@ ops.reject = function(i)
     local c, id, ttl, outcome, dead = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
     local fields, nxt = read_list(i + 6)
     local v = entry(c)
-    if not v then return -1, nxt end
+    if not v then return gone(c, 'reject'), nxt end
     local targets = {{dead_key, 'list'}}
     if id ~= '' then
         targets[#targets + 1] = {job_key(id), 'hash'}
         targets[#targets + 1] = {done_key(id), 'list'}
     end
     local why = check(targets)
-    if why then return fail_op(c, v, why), nxt end
-    redis.call('HDEL', inflight, c)
+    if why then return fail_op(c, v, why, 'reject'), nxt end
+    local _, state, _, payload = parse_entry(v)
+    retire(c, state, 'reject', 1)
     push_dead(dead)
     if id ~= '' then
         write_job(id, ttl, fields, nil)
         push_done(id, ttl, outcome)
     end
-    local _, _, _, payload = parse_entry(v)
     unlock(unique_id(payload), D .. '/' .. c, false)
     redis.call('PUBLISH', events_key, outcome)
     count('dead')
@@ -786,13 +815,11 @@ ops.schedule = function(i)
     local c, id, ttl, member, due_ms = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
     local fields, nxt = read_list(i + 6)
     local v = entry(c)
-    if not v then
-        if redis.call('ZSCORE', scheduled_key, member) then return 1, nxt end
-        return -1, nxt
-    end
+    if not v then return gone(c, 'schedule'), nxt end
     local why = check({{scheduled_key, 'zset'}, {job_key(id), 'hash'}})
-    if why then return fail_op(c, v, why), nxt end
-    redis.call('HDEL', inflight, c)
+    if why then return fail_op(c, v, why, 'schedule'), nxt end
+    local _, state = parse_entry(v)
+    retire(c, state, 'schedule', 1)
     redis.call('ZADD', scheduled_key, tonumber(due_ms), member)
     write_job(id, ttl, fields, nil)
     return 1, nxt
@@ -807,13 +834,15 @@ ops.release = function(i)
     for k = #cs, 1, -1 do
         local c = cs[k]
         local v = entry(c)
-        if v then
+        if not v then
+            if gone(c, 'release') == 1 then n = n + 1 end
+        else
             local p, state, recoveries, payload = parse_entry(v)
             local why = unwritable(queue_key(p), 'list')
             if why then
-                fail_op(c, v, why)
+                fail_op(c, v, why, 'release')
             else
-                redis.call('HDEL', inflight, c)
+                retire(c, state, 'release', 1)
                 redis.call('RPUSH', queue_key(p), payload)
                 unlock(unique_id(payload), D .. '/' .. c, true)
                 -- Uncharged: a started one's attempt is taken back.
@@ -841,10 +870,10 @@ end
 ops.bury = function(i)
     local c, id, reason = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local v = entry(c)
-    if not v then return -1, i + 4 end
+    if not v then return gone(c, 'bury'), i + 4 end
     if not dead_writable() then return -3, i + 4 end
-    local p, _, _, payload = parse_entry(v)
-    redis.call('HDEL', inflight, c)
+    local p, state, _, payload = parse_entry(v)
+    retire(c, state, 'bury', 1)
     dead_by_reference(p, payload, reason, {id = id ~= '' and id or cjson.null})
     if id ~= '' then mark_dead(id, p, reason) end
     unlock(unique_id(payload), D .. '/' .. c, false)
@@ -859,10 +888,12 @@ ops.restore = function(i)
     local n = 0
     for c = hi, lo, -1 do
         local v = entry(tostring(c))
-        if v then
+        if not v then
+            if gone(tostring(c), 'restore') == 1 then n = n + 1 end
+        else
             local p, state, recoveries, payload = parse_entry(v)
             if is_claimed(state) and unwritable(queue_key(p), 'list') == nil then
-                redis.call('HDEL', inflight, tostring(c))
+                retire(tostring(c), state, 'restore', 1)
                 redis.call('RPUSH', queue_key(p), payload)
                 remember(payload, recoveries, used(state))
                 n = n + 1
@@ -896,8 +927,16 @@ if command == 'cycle' then
     local max_bytes = tonumber(ARGV[5])
     max_dead = tonumber(ARGV[6])
     local tokens = tonumber(ARGV[7])
-    local nprio = tonumber(ARGV[8])
-    local i = 9 + 2 * nprio
+    retired = retired_key(D)
+    if ARGV[8] == '0' then
+        redis.call('DEL', retired)
+    elseif unwritable(retired, 'hash') then
+        -- (Repeats then answer "claim gone": their jobs are not lost, only misreported.)
+        skipped(unwritable(retired, 'hash') .. ': deleted')
+        redis.call('DEL', retired)
+    end
+    local nprio = tonumber(ARGV[9])
+    local i = 10 + 2 * nprio
     local results = {}
     while i <= #ARGV do
         local op = ops[ARGV[i]]
@@ -925,7 +964,7 @@ if command == 'cycle' then
         local history = redis.call('TYPE', history_key)['ok'] == 'hash'
         for k = 0, nprio - 1 do
             if tokens <= 0 then break end
-            local p, size = ARGV[9 + 2 * k], tonumber(ARGV[10 + 2 * k])
+            local p, size = ARGV[10 + 2 * k], tonumber(ARGV[11 + 2 * k])
             local queue = queue_key(p)
             if not skip[p] and unwritable(queue, 'list') == nil then
                 local cap, n = tokens * size, 0
