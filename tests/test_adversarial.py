@@ -478,6 +478,9 @@ def test_a_payload_that_kills_its_idle_daemon_at_once_becomes_a_dead_letter(
     assert letter["reason"] == "poison: its daemon died 4 times while holding it"
     assert r.get(letter["payload_key"]) == payload.encode()
     assert not r.llen("prioqd:queue:normal") and helpers.in_flight_count(r) == 0
+    # It never started (its adopt was never written), yet its waiter hears of it.
+    assert job_hash(r, "killer")["status"] == "dead"
+    assert json.loads(r.lindex("prioqd:done:killer", 0))["status"] == "dead"  # type: ignore[arg-type]
     d.assert_alive()
 
 

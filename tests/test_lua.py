@@ -577,6 +577,31 @@ def test_recovery_of_a_dead_daemon_counts_it_and_poison_goes_to_the_dead_letters
     (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
     assert letter["reason"] == "poison: its daemon died 4 times while holding it"
     assert lua.r.get(letter["payload_key"]) == raw
+    assert_waiter_hears_poison(lua, "p")
+
+
+def assert_waiter_hears_poison(lua: Script, job_id: str) -> None:
+    """A job that never started still tells its waiter (hash and done list) it died."""
+    reason = "poison: its daemon died 4 times while holding it"
+    assert lua.r.hget(f"{P}:job:{job_id}", "status") == b"dead"
+    assert lua.r.hget(f"{P}:job:{job_id}", "error") == reason.encode()
+    (done,) = [json.loads(x) for x in lua.r.lrange(f"{P}:done:{job_id}", 0, -1)]
+    assert done["status"] == "dead" and done["error"] == reason
+
+
+@pytest.mark.parametrize("bad_id", ["", "two words", "x" * 201, "tab\there"])
+def test_a_poison_payload_with_an_id_no_daemon_accepts_writes_no_job_record(
+    lua: Script, bad_id: str
+) -> None:
+    raw = json.dumps({"id": bad_id, "task": "t"}).encode()
+    lua.r.lpush(f"{P}:queue:high", raw)
+    lua.beat("d2")
+    _, claimed, _ = lua.cycle(next_claim=1, tokens=1)
+    assert claimed == [("high", raw)]
+    lua.r.zadd(f"{P}:daemons", {D: 1})
+    assert lua.call("heartbeat", "d2", 60_000, 10, 0, 0)[4] == 1  # max_recoveries 0
+    assert lua.r.llen(f"{P}:dead") == 1
+    assert lua.r.keys(f"{P}:job:*") == [] and lua.r.keys(f"{P}:done:*") == []
 
 
 def test_heartbeat_recover_and_promote_return_the_dead_letters_they_trimmed(
@@ -701,6 +726,7 @@ def test_a_landed_payload_counts_the_deaths_of_its_daemons_and_becomes_poison(
     (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
     assert letter["reason"] == "poison: its daemon died 4 times while holding it"
     assert lua.r.get(letter["payload_key"]) == raw
+    assert_waiter_hears_poison(lua, "p")
 
 
 def test_a_periodic_tick_is_not_recorded_while_its_queue_has_the_wrong_type(

@@ -333,6 +333,17 @@ local function remember(payload, recoveries, attempts)
     end
 end
 
+-- The id of a payload, if it has one the daemon would accept (as jobs.valid_id: a
+-- string of 1 to 200 characters without spaces or control characters), else nil.
+local function payload_id(payload)
+    local ok, job = pcall(cjson.decode, payload)
+    if not ok or type(job) ~= 'table' or type(job.id) ~= 'string' then return nil end
+    local id = job.id
+    local chars = select(2, string.gsub(id, '[^\128-\191]', ''))
+    if chars == 0 or chars > 200 or string.find(id, '[%s%c]') then return nil end
+    return id
+end
+
 -- Puts one inflight entry back at the head of its queue, or (a poison payload that
 -- has now been held by max_recoveries + 1 daemons that died) into the dead letters.
 -- `died`: whether its daemon died (counted) or let it go (a stop, a lost claim).
@@ -347,6 +358,9 @@ local function put_back(v, died, max_recoveries)
     if died then recoveries = recoveries + 1 end
     if died and recoveries > max_recoveries and dead_writable() then
         local reason = 'poison: its daemon died ' .. recoveries .. ' times while holding it'
+        -- Not started (or never adopted: it killed its daemon at once), its id is in
+        -- the producer's payload: its waiter hears of it all the same.
+        id = id or payload_id(payload)
         local uid = unique_id(payload)
         unlock(uid, entry_holder(uid, v), false)
         dead_by_reference(p, payload, reason, {id = id or cjson.null})
