@@ -247,6 +247,10 @@ class ScheduledJob:
     payload: str
 
 
+#: ``undead``'s answer for a unique job whose id a live job holds.
+UNDEAD_DUPLICATE = -2
+
+
 @dataclass
 class RequeueResult:
     moved: int = 0
@@ -254,6 +258,8 @@ class RequeueResult:
     missing: list[str] = field(default_factory=list)
     #: Ids whose payload key is gone (the letter stays).
     gone: list[str] = field(default_factory=list)
+    #: Unique jobs left in the dead letters: a live job of the same id holds its lock.
+    duplicates: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -865,9 +871,13 @@ class Admin:
                 letter_payload(entry),
                 job_id if isinstance(job_id, str) else "",
                 pkey if isinstance(pkey, str) else "",
+                # As a push gives it: the lock outlives the wait, as the job's record.
+                self.config.jobs.result_ttl_s,
             )
             if done == 1:
                 result.moved += 1
+            elif done == UNDEAD_DUPLICATE:
+                result.duplicates.append(str(job_id or letter.key))
             elif done < 0:
                 result.gone.append(str(job_id or letter.key))
         return result

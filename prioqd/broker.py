@@ -321,13 +321,16 @@ class Broker:
         return int(queued), int(dead), int(trimmed), _lines(problems)
 
     async def undead(
-        self, entry: bytes, priority: str, payload: bytes, job_id: str, payload_key: str
+        self,
+        entry: bytes,
+        priority: str,
+        payload: bytes,
+        job_id: str,
+        payload_key: str,
+        lock_ttl_s: int,
     ) -> int:
-        return int(
-            await self._call(
-                "requeue dead letter", "undead", entry, priority, payload, job_id, payload_key
-            )
-        )
+        args = (entry, priority, payload, job_id, payload_key, lock_ttl_s)
+        return int(await self._call("requeue dead letter", "undead", *args))
 
     async def purge_dead(self) -> int:
         return int(await self._call("purge dead letters", "purge"))

@@ -336,12 +336,27 @@ async def _dead(cfg: Config, args: argparse.Namespace) -> int:
                 print(f"purged {n} dead letter(s)")
             return EXIT_OK
         res = await admin.requeue(args.ids, everything=args.all)
-    code = EXIT_FAILED if res.missing else EXIT_OK
+    code = EXIT_FAILED if res.missing or res.duplicates else EXIT_OK
     if args.json:
-        print(json.dumps({"requeued": res.moved, "missing": res.missing, "gone": res.gone}))
+        print(
+            json.dumps(
+                {
+                    "requeued": res.moved,
+                    "missing": res.missing,
+                    "gone": res.gone,
+                    "duplicate": res.duplicates,
+                }
+            )
+        )
         return code
     for job_id in res.gone:
         print(f"prioqd: the payload of {clean(job_id)} is gone", file=sys.stderr)
+    for job_id in res.duplicates:
+        print(
+            f"prioqd: {clean(job_id)} not requeued: a unique job of that id is queued or"
+            " running (its dead letter stays)",
+            file=sys.stderr,
+        )
     print(f"requeued {res.moved} dead letter(s)")
     for job_id in res.missing:
         print(f"prioqd: no dead letter with id {clean(job_id)!r}", file=sys.stderr)

@@ -216,6 +216,28 @@ def test_drop(lua: Script) -> None:
     assert lua.r.get(letter["payload_key"]) == b"y" * 50
 
 
+def test_an_oversized_unique_payload_gives_up_its_lock_on_either_way_in(lua: Script) -> None:
+    """Claimed, or landed on a blocking wait and dropped by the daemon: either way it
+    goes to the dead letters, and the "q" its push took goes too (else every push of
+    the id would be a duplicate until the lock expired)."""
+    big = json.dumps({"id": "u", "task": "t", "unique": True, "meta": {"x": "y" * 200}})
+    lua.r.set(f"{P}:unique:u", "q")
+    lua.r.lpush(f"{P}:queue:high", big)
+    _, claimed, _ = lua.cycle(next_claim=1, tokens=1, max_bytes=100)
+    assert claimed == [] and lua.r.llen(f"{P}:dead") == 1
+    assert lua.r.get(f"{P}:unique:u") is None
+    lua.r.set(f"{P}:unique:u", "q")
+    lua.r.lpush(f"{P}:landing:{D}:high", big)
+    assert lua.cycle([ops.Drop("high", len(big), "too big")])[0] == [1]
+    assert lua.r.get(f"{P}:unique:u") is None and lua.r.llen(f"{P}:dead") == 2
+    # A live run's lock ("D/C") is not the dropped payload's to release.
+    lua.r.hset(f"{P}:inflight:d9", "3", "high\n1\n0\n{}")
+    lua.r.set(f"{P}:unique:u", "d9/3")
+    lua.r.lpush(f"{P}:queue:high", big)
+    lua.cycle(next_claim=2, tokens=1, max_bytes=100)
+    assert lua.r.get(f"{P}:unique:u") == b"d9/3"
+
+
 def test_drop_by_sha1_takes_exactly_that_payload(lua: Script) -> None:
     # (How the daemon buries a landed payload whose adopt Redis refused.)
     landing = f"{P}:landing:{D}:high"
@@ -748,8 +770,31 @@ def test_undead_into_a_queue_of_the_wrong_type_writes_nothing(lua: Script) -> No
     lua.r.set(f"{P}:queue:high", "x")
     before = snapshot(lua.r)
     with pytest.raises(redis.ResponseError, match=f"WRONGTYPE: {P}:queue:high"):
-        lua.call("undead", letter, "high", "", "", f"{P}:payload:1")
+        lua.call("undead", letter, "high", "", "", f"{P}:payload:1", 60)
     assert snapshot(lua.r) == before
+
+
+def test_undead_of_a_unique_job_takes_its_lock_or_leaves_the_letter(lua: Script) -> None:
+    payload = json.dumps({"id": "u", "task": "t", "unique": True})
+    letter = json.dumps({"reason": "r", "id": "u", "payload": payload})
+    lua.r.lpush(f"{P}:dead", letter)
+    # A live job of that id (queued: "q") holds the lock: the letter stays.
+    lua.r.set(f"{P}:unique:u", "q")
+    before = snapshot(lua.r)
+    assert lua.call("undead", letter, "high", payload, "u", "", 60) == -2
+    assert snapshot(lua.r) == before
+    # The lock freed: requeued, holding the lock as a push would.
+    lua.r.delete(f"{P}:unique:u")
+    assert lua.call("undead", letter, "high", payload, "u", "", 60) == 1
+    assert lua.r.lrange(f"{P}:queue:high", 0, -1) == [payload.encode()]
+    assert lua.r.get(f"{P}:unique:u") == b"q" and 0 < lua.r.ttl(f"{P}:unique:u") <= 60
+    assert lua.r.llen(f"{P}:dead") == 0
+    # A lock whose claim is gone holds nothing, as at a push.
+    lua.r.delete(f"{P}:queue:high")
+    lua.r.lpush(f"{P}:dead", letter)
+    lua.r.set(f"{P}:unique:u", "d9/4")
+    assert lua.call("undead", letter, "high", payload, "u", "", 60) == 1
+    assert lua.r.get(f"{P}:unique:u") == b"q"
 
 
 # --- the invariant under any interleaving ---------------------------------------------

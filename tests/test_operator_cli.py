@@ -358,7 +358,31 @@ def test_dead_requeue_and_purge_print_json(r: redis.Redis, config: Config) -> No
         r.lpush("prioqd:dead", json.dumps(letter))
     out = prioqd("dead", "requeue", "--config", cfg, "j0", "nope", "--json")
     assert out.returncode == 1, out.stderr
-    assert json.loads(out.stdout) == {"requeued": 1, "missing": ["nope"], "gone": []}
+    assert json.loads(out.stdout) == {
+        "requeued": 1, "missing": ["nope"], "gone": [], "duplicate": [],
+    }  # fmt: skip
     out = ok("dead", "purge", "--config", cfg, "--json")
     assert json.loads(out.stdout) == {"purged": 2}
     assert r.llen("prioqd:dead") == 0 and r.llen("prioqd:queue:low") == 1
+
+
+def test_dead_requeue_of_a_unique_job_whose_id_is_live_leaves_the_letter(
+    r: redis.Redis, config: Config
+) -> None:
+    cfg = str(config())
+    payload = json.dumps({"id": "u1", "task": "t", "unique": True})
+    r.lpush(
+        "prioqd:dead",
+        json.dumps({"reason": "r", "id": "u1", "priority": "low", "payload": payload}),
+    )
+    r.lpush("prioqd:queue:low", payload)  # a copy pushed since, holding the lock
+    r.set("prioqd:unique:u1", "q")
+    out = prioqd("dead", "requeue", "--config", cfg, "u1")
+    assert out.returncode == 1, out.stderr
+    assert "u1 not requeued: a unique job of that id is queued or running" in out.stderr
+    assert r.llen("prioqd:dead") == 1 and r.llen("prioqd:queue:low") == 1
+    r.delete("prioqd:queue:low", "prioqd:unique:u1")  # that copy ran and ended
+    out = prioqd("dead", "requeue", "--config", cfg, "u1", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["requeued"] == 1
+    assert r.get("prioqd:unique:u1") == b"q" and r.llen("prioqd:queue:low") == 1

@@ -690,6 +690,7 @@ ops.drop = function(i)
             if not dead_writable() then return -3, i + 5 end
             redis.call('LREM', landing, 1, v)
             dead_by_reference(p, v, reason)
+            unlock(unique_id(v), nil, false)  -- its push's "q"
             return 1, i + 5
         end
     end
@@ -992,6 +993,7 @@ if command == 'cycle' then
                         local reason = 'payload is ' .. string.len(v) ..
                             ' bytes, over max_payload_bytes=' .. max_bytes
                         dead_by_reference(p, v, reason)
+                        unlock(unique_id(v), nil, false)  -- its push's "q"
                         dropped[#dropped + 1] = p .. ': ' .. reason
                     else
                         local recoveries, attempts = 0, 0
@@ -1083,12 +1085,14 @@ if command == 'recover' then
     return {r[1], r[2], trimmed, table.concat(problems, '\n')}
 end
 
--- undead entry p payload id payload_key
+-- undead entry p payload id payload_key lock_ttl
 -- Moves one dead letter (matched by its exact text) back to the tail of queue p as
 -- a fresh job: its attempts start again from 0. The payload is `payload`, or the
--- value of `payload_key` (deleted here) if that is not empty. Returns 1, or 0 if the
--- letter is gone, or -1 if its payload key is; an error (nothing written) if a key it
--- would write has the wrong type.
+-- value of `payload_key` (deleted here) if that is not empty. A unique job takes its
+-- lock ("q", for lock_ttl seconds) as a push does; if a live job holds it, the letter
+-- stays (-2: it would run twice). Returns 1, or 0 if the letter is gone, or -1 if its
+-- payload key is; an error (nothing written) if a key it would write has the wrong
+-- type.
 if command == 'undead' then
     local entry_text, p, payload, id, pkey = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
     local targets = {{dead_key, 'list'}, {queue_key(p), 'list'}}
@@ -1100,8 +1104,16 @@ if command == 'undead' then
         payload = redis.call('GET', pkey)
         if not payload then return -1 end
     end
+    local uid = unique_id(payload)
+    if uid then
+        why = unwritable(unique_key(uid), 'string')
+        if why then return redis.error_reply('prioqd: ' .. why) end
+        local cur = redis.call('GET', unique_key(uid))
+        if cur and lock_live(cur) then return -2 end
+    end
     if redis.call('LREM', dead_key, 1, entry_text) == 0 then return 0 end
     if pkey ~= '' then redis.call('DEL', pkey) end
+    if uid then redis.call('SET', unique_key(uid), 'q', 'EX', tonumber(ARGV[8])) end
     redis.call('LPUSH', queue_key(p), payload)
     if id ~= '' and redis.call('EXISTS', job_key(id)) == 1 then
         redis.call('HSET', job_key(id), 'status', 'queued', 'attempts', 0)

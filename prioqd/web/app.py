@@ -345,6 +345,10 @@ class Dashboard:
             text += "; already gone: " + ", ".join(result.missing)[:200]
         if result.gone:
             text += "; payload gone for: " + ", ".join(result.gone)[:200]
+        if result.duplicates:
+            text += (
+                "; left (a unique job of that id is live): " + ", ".join(result.duplicates)[:200]
+            )
         return self.back(request, "/dead", text)
 
     async def purge(self, request: Request) -> Response:
