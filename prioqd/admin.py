@@ -97,6 +97,22 @@ class Where:
     status: str | None = None
 
 
+class _Search:
+    """How far a lookup reads each list it searches (None: to its end), and whether
+    that stopped it short of the end of one."""
+
+    def __init__(self, max_entries: int | None) -> None:
+        self.max_entries = max_entries
+        self.cut = False
+
+    def more(self, read: int) -> bool:
+        """Whether to read on, ``read`` entries of this list in."""
+        if self.max_entries is not None and read >= self.max_entries:
+            self.cut = True
+            return False
+        return True
+
+
 @dataclass
 class JobInfo:
     id: str
@@ -110,6 +126,9 @@ class JobInfo:
     now: float = 0.0
     #: The exact bytes where it was found: the queue's element, the schedule's member.
     raw: bytes | None = None
+    #: False if a search limit (``inspect(search_max=...)``) cut the search short: an
+    #: unknown job may then wait deeper in a queue, the schedule or the dead letters.
+    searched_all: bool = True
 
     @property
     def found(self) -> bool:
@@ -347,11 +366,26 @@ def describe(info: JobInfo) -> str:
 class Admin:
     """Operator actions on one prioqd deployment (one Redis, one prefix)."""
 
-    def __init__(self, broker: Broker, config: Config) -> None:
+    def __init__(self, broker: Broker, config: Config, *, rescan_queues_s: float = 0.0) -> None:
         self.broker = broker
         self.config = config
         self.keys: Keys = broker.keys
         self.r: Any = broker.redis  # redis-py's stubs type replies loosely
+        #: How long the queue names a SCAN found are used before the next SCAN (0:
+        #: every call). The dashboard's pages refresh every few seconds, and a SCAN
+        #: walks the whole keyspace; depths are read afresh every time.
+        self.rescan_queues_s = rescan_queues_s
+        self._queue_names: list[str] = []
+        self._queues_scanned_at: float | None = None
+
+    async def queues(self) -> dict[str, int]:
+        """Every queue (configured, or found in Redis) that exists, and its depth."""
+        now = time.monotonic()
+        if self._queues_scanned_at is None or now - self._queues_scanned_at >= self.rescan_queues_s:
+            self._queue_names = await self.broker.queue_names()
+            self._queues_scanned_at = now
+        names = dict.fromkeys([*self.config.queues.priorities, *self._queue_names])
+        return await self.broker.queue_depths(list(names))
 
     async def now(self) -> float:
         """Unix time by Redis's clock (daemons' lease times use it)."""
@@ -412,14 +446,16 @@ class Admin:
                 return h
         return None
 
-    async def _find_queued(self, job_id: str) -> tuple[str, int, int, bytes] | None:
+    async def _find_queued(
+        self, job_id: str, search: _Search
+    ) -> tuple[str, int, int, bytes] | None:
         """(priority, position from the head, depth, raw payload) of a queued job."""
         match = jobs.IdMatch(job_id)
-        queues = await self.broker.queues()
+        queues = await self.queues()
         for p in self._ordered(queues):
             key = self.keys.queue(p)
             seen = 0
-            while True:
+            while search.more(seen):
                 # From the head (the right end) back: negative indexes do not move
                 # when producers push on the left.
                 with wrap_errors("search a queue"):
@@ -439,10 +475,10 @@ class Admin:
         configured = [p for p in self.config.queues.priorities if p in found]
         return configured + sorted(p for p in found if p not in configured)
 
-    async def _find_scheduled(self, job_id: str) -> tuple[bytes, float] | None:
+    async def _find_scheduled(self, job_id: str, search: _Search) -> tuple[bytes, float] | None:
         match = jobs.IdMatch(job_id)
         start = 0
-        while True:
+        while search.more(start):
             with wrap_errors("search the schedule"):
                 chunk = await self.r.zrange(
                     self.keys.scheduled, start, start + CHUNK - 1, withscores=True
@@ -454,11 +490,12 @@ class Admin:
             if len(chunk) < CHUNK:
                 return None
             start += CHUNK
+        return None
 
-    async def _find_dead(self, job_id: str) -> DeadLetter | None:
+    async def _find_dead(self, job_id: str, search: _Search) -> DeadLetter | None:
         match = jobs.IdMatch(job_id)
         start = 0
-        while True:
+        while search.more(start):
             with wrap_errors("search the dead letters"):
                 chunk = await self.r.lrange(self.keys.dead, start, start + CHUNK - 1)
             for raw in chunk:
@@ -467,16 +504,20 @@ class Admin:
             if len(chunk) < CHUNK:
                 return None
             start += CHUNK
+        return None
 
     async def _job_hash(self, job_id: str) -> dict[str, str]:
         with wrap_errors("read a job"):
             raw = await self.r.hgetall(self.keys.job(job_id))
         return {as_text(k): as_text(v) for k, v in raw.items()}
 
-    async def inspect(self, job_id: str) -> JobInfo:
-        """The job hash and where the job is now."""
+    async def inspect(self, job_id: str, *, search_max: int | None = None) -> JobInfo:
+        """The job hash and where the job is now. ``search_max``: read at most that many
+        entries of each queue, of the schedule and of the dead letters (the dashboard's
+        bound: a page refreshed on an unknown id must not read a backlog of millions
+        every few seconds); ``JobInfo.searched_all`` says if that cut the search."""
         for attempt in range(LOOKUPS):
-            info = await self._inspect_once(job_id)
+            info = await self._inspect_once(job_id, _Search(search_max))
             moving = info.where.state == "unknown" and info.fields.get("status") in (
                 "queued", "running", "scheduled", "failed",
             )  # fmt: skip
@@ -484,7 +525,7 @@ class Admin:
                 return info
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _inspect_once(self, job_id: str) -> JobInfo:
+    async def _inspect_once(self, job_id: str, search: _Search) -> JobInfo:
         now = await self.now()
         fields = await self._job_hash(job_id)
         info = JobInfo(job_id, fields, Where("unknown"), now=now)
@@ -503,14 +544,14 @@ class Admin:
             )
             info.payload = as_text(held.payload)
             return info
-        queued = await self._find_queued(job_id)
+        queued = await self._find_queued(job_id, search)
         if queued is not None:
             p, position, depth, raw = queued
             info.where = Where("queued", priority=p, position=position, depth=depth)
             info.payload = as_text(raw)
             info.raw = raw
             return info
-        scheduled = await self._find_scheduled(job_id)
+        scheduled = await self._find_scheduled(job_id, search)
         if scheduled is not None:
             member, due = scheduled
             p, payload = jobs.split_member(member)
@@ -522,7 +563,7 @@ class Admin:
             info.where = Where("ended", priority=fields.get("priority"), status=status)
             info.outcome = await self._outcome(job_id)
             return info
-        letter = await self._find_dead(job_id)
+        letter = await self._find_dead(job_id, search)
         if letter is not None or status == "dead":
             e = letter.entry if letter is not None else {}
             info.where = Where(
@@ -535,6 +576,7 @@ class Admin:
             info.payload = letter.payload if letter is not None else None
             info.outcome = await self._outcome(job_id)
             return info
+        info.searched_all = not search.cut
         return info
 
     async def _outcome(self, job_id: str) -> dict[str, Any] | None:
@@ -659,7 +701,7 @@ class Admin:
         names = list(self.config.queues.priorities)
         for prios in (await self._daemon_priorities()).values():
             names += prios
-        names += list(await self.broker.queues())
+        names += list(await self.queues())
         return list(dict.fromkeys(names))
 
     async def _check_priorities(self, priorities: Iterable[str]) -> list[str]:
@@ -700,7 +742,7 @@ class Admin:
 
     async def status(self) -> Status:
         now = await self.now()
-        found = await self.broker.queues()
+        found = await self.queues()
         configured = list(self.config.queues.priorities)
         names = configured + sorted(p for p in found if p not in configured)
         paused = await self.paused()

@@ -372,19 +372,31 @@ class Broker:
 
     async def queues(self) -> dict[str, int]:
         """Every ``<prefix>:queue:*`` list and its depth, served or not."""
+        return await self.queue_depths(await self.queue_names())
+
+    async def queue_names(self) -> list[str]:
+        """The priority of every ``<prefix>:queue:*`` key: a SCAN of the whole keyspace
+        (with millions of job hashes, thousands of round trips)."""
         r: Any = self.redis
         with wrap_errors("list queues"):
-            names = [k async for k in r.scan_iter(match=self.keys.queue_pattern, count=1000)]
+            keys = [k async for k in r.scan_iter(match=self.keys.queue_pattern, count=1000)]
+        return [self.keys.priority_of(as_text(k)) for k in keys]
+
+    async def queue_depths(self, priorities: Sequence[str]) -> dict[str, int]:
+        """The depth of each of these queues that is a list (one that is gone, or of
+        another type, is left out)."""
+        r: Any = self.redis
+        with wrap_errors("list queues"):
             async with r.pipeline(transaction=False) as pipe:
-                for name in names:
-                    pipe.type(name)
-                    pipe.llen(name)
+                for p in priorities:
+                    pipe.type(self.keys.queue(p))
+                    pipe.llen(self.keys.queue(p))
                 replies = await pipe.execute(raise_on_error=False)
         out = {}
-        for i, name in enumerate(names):
+        for i, p in enumerate(priorities):
             kind, depth = replies[2 * i], replies[2 * i + 1]
             if kind == b"list" and isinstance(depth, int):
-                out[self.keys.priority_of(as_text(name))] = depth
+                out[p] = depth
         return out
 
     async def unserved_queues(self, priorities: Sequence[str]) -> dict[str, int]:

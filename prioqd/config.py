@@ -277,6 +277,9 @@ class WebConfig:
     allowed_hosts: list[str] = field(default_factory=list, metadata=_check(_hosts))
     # How often an open page refreshes itself.
     refresh_s: float = field(default=2.0, metadata=_check(_up_to(_DAY_S)))
+    # How often pages look for queues of priorities not configured (a SCAN of the
+    # whole keyspace: on a Redis of millions of keys, thousands of round trips).
+    queues_scan_s: float = field(default=30.0, metadata=_check(_up_to(_DAY_S)))
     # How long a sign-in lasts.
     session_max_age_s: int = field(default=43200, metadata=_check(_up_to(_YEAR_S)))
 

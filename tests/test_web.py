@@ -174,7 +174,7 @@ def test_nothing_is_read_while_no_page_is_open(r: redis.Redis, web: Web, page: A
 def test_overview_shows_daemons_throughput_and_the_oldest_job(
     r: redis.Redis, web: Web, page: Any, daemon: Daemon, config: Config
 ) -> None:
-    w = web(workers={"slots": 2})
+    w = web(workers={"slots": 2}, web={"queues_scan_s": 0.2})
     daemon(config(workers={"slots": 2}))
     page.get(w.url + "/")
     push(r, "high", *({"id": f"t{i}", "task": "square", "args": [i]} for i in range(5)))
@@ -606,3 +606,45 @@ def test_jobs_with_the_ids_dot_and_dot_dot_have_pages_and_cancels_of_their_own(
     assert status == 303
     assert job_hash(r, "..")["status"] == "cancelled" and not job_hash(r, ".")
     assert r.zcard("prioqd:scheduled") == 1
+
+
+def test_a_refresh_reads_a_bounded_part_of_a_large_redis(r: redis.Redis, web: Web) -> None:
+    """A job page left open on an id deep in a backlog, or nowhere, must not read the
+    whole backlog at every refresh; nor the overview SCAN the keyspace each time."""
+    w = web()
+    n = 25_000
+    with r.pipeline(transaction=False) as pipe:
+        for start in range(0, n, 5_000):
+            pipe.lpush(
+                "prioqd:queue:normal",
+                *(
+                    json.dumps({"id": f"q{i}", "task": "square"})
+                    for i in range(start, start + 5_000)
+                ),
+            )
+        pipe.execute()
+    client = Client(w.url)
+
+    def calls(command: str) -> int:
+        stats = r.info("commandstats").get(f"cmdstat_{command}", {})
+        return int(stats.get("calls", 0))
+
+    r.config_resetstat()
+    status, body = client.request("GET", "/jobs/nowhere")
+    assert status == 404 and 'id="search-cut"' in body, body
+    assert "prioqd inspect nowhere" in body
+    # 1,000 entries a read: ten of the queue, one of the (empty) dead letters.
+    assert calls("lrange") <= 11, calls("lrange")
+    status, body = client.request("GET", "/jobs/q500")
+    assert status == 200 and "queued" in body and 'id="search-cut"' not in body
+    # Past the bound the page does not find it; the CLI searches to the end.
+    status, body = client.request("GET", "/jobs/q15000")
+    assert status == 404 and 'id="search-cut"' in body
+    # Three job pages and three overviews: one SCAN (queue names are looked for every
+    # 30 s; their depths are read each time).
+    for _ in range(3):
+        assert client.request("GET", "/")[0] == 200
+    assert calls("scan") == 1, calls("scan")
+    out = prioqd("inspect", "q15000", "--json", "--config", str(w.config))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["where"]["position"] == 15_000

@@ -78,6 +78,7 @@ class WebProcess:
     def __init__(
         self, config: Path, logdir: Path, *args: str, env: dict[str, str] | None = None
     ) -> None:
+        self.config = config
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         logdir.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,12 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 
+#: Entries of each queue, of the schedule and of the dead letters a job page reads
+#: looking for its job: a page refreshed every few seconds on an id that is nowhere
+#: (or deep in a backlog of millions) must not read the whole backlog each time.
+#: ``prioqd inspect`` searches to the end.
+SEARCH_MAX = 10_000
+
 
 class SecurityHeaders:
     """Adds ``SECURITY_HEADERS`` to every response."""
@@ -123,7 +129,7 @@ class Dashboard:
         #: Signs the CSRF and sign-in cookies; a restart signs everyone out.
         self.secret = os.urandom(32)
         self.broker = Broker.from_config(cfg)
-        self.admin = Admin(self.broker, cfg)
+        self.admin = Admin(self.broker, cfg, rescan_queues_s=cfg.web.queues_scan_s)
         self.throughput = Throughput(self.broker)
         env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"),
@@ -250,10 +256,12 @@ class Dashboard:
     async def _job_page(self, request: Request, job_id: str) -> Response:
         if not valid_id(job_id):
             raise HTTPException(404, "not a job id")
-        info = await self.admin.inspect(job_id)
+        info = await self.admin.inspect(job_id, search_max=SEARCH_MAX)
         journal = f"journalctl -u prioqd {shlex.quote('JOB_ID=' + job_id)}"
         status = 200 if info.found else 404
-        response = self.render(request, "job", info=info, journal=journal, job_id=job_id)
+        response = self.render(
+            request, "job", info=info, journal=journal, job_id=job_id, search_max=f"{SEARCH_MAX:,}"
+        )
         response.status_code = status
         return response
 
