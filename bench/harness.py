@@ -224,10 +224,15 @@ def redis_server(workdir: Path, name: str) -> Iterator[RedisServer]:
         server.stop()
 
 
+#: The benchmark's task module (bench/benchtasks.py), the same for every ``--rev``.
+BENCH_TASKS = "benchtasks"
+
+
 class Daemon:
-    """``python -m prioqd.cli run`` with the default configuration: only the Redis URL
-    (and, if given, the priorities) set. Logs at the default level (info) as JSON
-    lines (``format = "auto"`` with stdout to a file) into the workload's directory."""
+    """``python -m prioqd.cli run`` with the default configuration: only the Redis URL,
+    the task module (the benchmark's own, ``benchtasks``) and, if given, the
+    priorities set. Logs at the default level (info) as JSON lines (``format =
+    "auto"`` with stdout to a file) into the workload's directory."""
 
     def __init__(
         self,
@@ -239,16 +244,16 @@ class Daemon:
         path: list[Path] | None = None,
         env: dict[str, str] | None = None,
     ):
-        """``modules``: task modules instead of the default ``prioqd.examples``, found
-        on ``path`` (put on PYTHONPATH); ``env``: extra environment (inherited by the
-        workers)."""
+        """``modules``: task modules instead of ``benchtasks``, found on ``path`` (put
+        on PYTHONPATH); ``env``: extra environment (inherited by the workers)."""
         self.server = server
         self.dir = server.dir
         lines = ["[redis]", f'url = "redis://127.0.0.1:{server.port}/0"']
         if priorities is not None:
             lines += ["", "[queues]", f"priorities = {json.dumps(priorities)}"]
-        if modules is not None:
-            lines += ["", "[tasks]", f"modules = {json.dumps(modules)}"]
+        if modules is None:
+            modules, path = [BENCH_TASKS], [Path(__file__).resolve().parent, *(path or [])]
+        lines += ["", "[tasks]", f"modules = {json.dumps(modules)}"]
         if os.environ.get("BENCH_DAEMON_LOG_LEVEL"):  # to look into a run, not for figures
             lines += ["", "[log]", f'level = "{os.environ["BENCH_DAEMON_LOG_LEVEL"]}"']
         self.path = list(path or [])

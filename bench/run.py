@@ -8,8 +8,9 @@
 
 Every workload starts throwaway redis-servers of its own on free loopback ports
 (never the shared one on 6379) and the daemon as a real ``prioqd run`` process with
-the default configuration (only the Redis URL, and the priorities for the levels
-runs, are set), exactly as a user runs it. Workloads: CEILING, W1..W5, MEM, SCALE
+the default configuration (only the Redis URL, the task module - bench/benchtasks.py,
+the same bodies for every --rev - and the priorities for the levels runs are set),
+exactly as a user runs it. Workloads: CEILING, W1..W5, MEM, SCALE
 (backlogs), LEVELS (3 and 10 priority levels).
 
 ``--peers`` runs prioqd beside Dramatiq and Huey (and RQ) instead: see peers.py.

@@ -49,6 +49,10 @@ _PREEMPT = struct.Struct("=qq")
 #: of megabytes (or a traceback through a huge repr) must not make them that large.
 MAX_ERROR_BYTES = 4 * 1024
 MAX_TRACEBACK_BYTES = 64 * 1024
+#: A result's JSON: compact, UTF-8 kept as is, NaN refused. (Built once: json.dumps
+#: with options builds an encoder at every call.)
+_RESULT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_RESULT_JSON_ASCII = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def write_frame(fd: int, obj: Any) -> None:
@@ -180,6 +184,23 @@ class Runner:
                 self._signatures[name] = None
         return self._signatures[name]
 
+    def _wrong_arguments(
+        self, name: str, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]
+    ) -> str:
+        """Why the job's arguments do not fit the task's signature, or "" if they do.
+        Asked only once the call raised TypeError: arguments that do not bind raise it
+        before the task's body runs, so binding after the fact tells "the job's
+        arguments are wrong" (no retry can help) from a TypeError raised inside the
+        task (which may be retried), at no cost to the calls that succeed."""
+        sig = self._signature(name, fn)
+        if sig is None:
+            return ""
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            return f"task {name!r} rejected its arguments: {exc}"
+        return ""
+
     def run(
         self,
         seq: int,
@@ -197,37 +218,33 @@ class Runner:
         fn = self.tasks.get(name)
         if fn is None:
             return out("rejected", error=f"unknown task {name!r}")
-        sig = self._signature(name, fn)
-        if sig is not None:
-            # Binding first separates "the job's arguments are wrong" (no retry can
-            # help) from a TypeError raised inside the task (which may be retried).
-            try:
-                sig.bind(*args, **kwargs)
-            except TypeError as exc:
-                return out("rejected", error=f"task {name!r} rejected its arguments: {exc}")
         token = None
         if ctx is not None:
             job_id, priority, attempt, max_retries, meta, enqueued_at, timeout_s = ctx
-            job = context.JobContext(
-                job_id, name, priority, attempt, max_retries, meta or {}, enqueued_at,
+            fields = (
+                job_id, name, priority, attempt, max_retries, meta, enqueued_at,
                 started + timeout_s,
             )  # fmt: skip
-            token = context.enter(job, lambda text: self._send(("progress", seq, text)))
+            token = context.enter(fields, self._send, seq)
         try:
             value = fn(*args, **kwargs)
             if inspect.isawaitable(value):
                 value = self._await(value)
         except BaseException as exc:  # a task's SystemExit must not end the worker
+            if isinstance(exc, TypeError) and (
+                why := self._wrong_arguments(name, fn, args, kwargs)
+            ):
+                return out("rejected", error=why)
             return out("error", error=_error_line(exc), tb=traceback.format_exc())
         finally:
             if token is not None:
                 context.leave(token)
         try:
-            result = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            result = _RESULT_JSON.encode(value)
             try:
                 result.encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate: keep it as an ASCII escape
-                result = json.dumps(value, separators=(",", ":"), allow_nan=False)
+                result = _RESULT_JSON_ASCII.encode(value)
         except (TypeError, ValueError, RecursionError) as exc:
             return out(
                 "bad_result",
