@@ -330,6 +330,67 @@ def test_async_client_gets_results(
     asyncio.run(main())
 
 
+#: A client whose sockets time out after 0.3 s waits for an outcome in slices of
+#: 0.15 s (a blocking read must end before its socket's timeout): a job of a second
+#: outlives several of them.
+SHORT_SOCKET_TIMEOUT_S = 0.3
+
+
+@pytest.mark.timeout(60)  # a wait that never returns fails here, not after 300 s
+def test_result_and_outcome_without_a_timeout_wait_for_the_job_to_end(
+    r: redis.Redis, config: Config, daemon: Daemon, redis_server: RedisServer
+) -> None:
+    """``result()`` and ``outcome()`` with no timeout (the default) on jobs that have
+    not ended: each waits, across many slices of its blocking read, and returns the
+    job's outcome once it has ended; never ``None``, ``TimeoutError`` or early."""
+    daemon(config())
+    with Client(redis_server.url, socket_timeout_s=SHORT_SOCKET_TIMEOUT_S) as client:
+        first = client.enqueue("nap", 1000, "first")
+        second = client.enqueue("nap", 1600, "second")
+        wait_for(lambda: first.status() == "running", 20, 0.02, what="the first job to run")
+        t0 = time.monotonic()
+        assert first.result() == "first"
+        assert r.hget(f"prioqd:job:{first.id}", "status") == b"succeeded"
+        assert second.status() == "running"  # not ended: the next wait has to wait
+        outcome = second.outcome()
+        waited = time.monotonic() - t0
+        assert (outcome["id"], outcome["status"], outcome["result"]) == (
+            second.id, "succeeded", "second",
+        )  # fmt: skip
+        assert r.hget(f"prioqd:job:{second.id}", "status") == b"succeeded"
+        # Many 0.15 s slices: a wait that gave up after one would have returned by now.
+        assert waited >= 0.9, waited
+
+
+@pytest.mark.timeout(60)
+def test_async_result_and_outcome_without_a_timeout_wait_for_the_job_to_end(
+    r: redis.Redis, config: Config, daemon: Daemon, redis_server: RedisServer
+) -> None:
+    """As above, for ``AsyncJobHandle``: two waits with no timeout at once."""
+    daemon(config())
+
+    async def main() -> None:
+        async with AsyncClient(redis_server.url, socket_timeout_s=SHORT_SOCKET_TIMEOUT_S) as client:
+            first = await client.enqueue("nap", 1000, "first")
+            second = await client.enqueue("nap", 1600, "second")
+            for _ in range(400):
+                if await first.status() == "running":
+                    break
+                await asyncio.sleep(0.02)
+            assert await second.status() in ("queued", "running")  # not ended
+            t0 = time.monotonic()
+            result, outcome = await asyncio.gather(first.result(), second.outcome())
+            waited = time.monotonic() - t0
+            assert result == "first"
+            assert (outcome["id"], outcome["status"], outcome["result"]) == (
+                second.id, "succeeded", "second",
+            )  # fmt: skip
+            assert await first.status() == await second.status() == "succeeded"
+            assert waited >= 0.9, waited
+
+    asyncio.run(main())
+
+
 def test_failing_task_raises_job_failed_with_the_traceback(
     r: redis.Redis, client: Client, config: Config, daemon: Daemon
 ) -> None:

@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import redis
 from helpers import (
+    PRIOQD,
+    ROOT,
     Config,
     Daemon,
     dead_letters,
+    env_with_taskmods,
+    held_by,
+    in_flight_count,
     job_hash,
+    prioqd,
     push,
     wait_for,
     wait_status,
@@ -125,6 +132,141 @@ def test_a_cancel_asked_before_the_claim_stops_the_job_when_claimed(
     push(r, "normal", {"id": "later", "task": "nap", "args": [5000]})
     reply = r.blpop(["prioqd:done:later"], timeout=10)
     assert reply is not None and json.loads(reply[1])["status"] == "cancelled"
+
+
+def test_a_cancelled_job_waiting_in_the_pool_for_a_worker_never_runs(
+    r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
+) -> None:
+    """One worker. A short task (a few ms on average) has its successor claimed just
+    before it is expected to end (the prefetch), and that successor waits in the
+    daemon's pool for the worker. Here the short task is held running, so the next job
+    is claimed and stays in the pool, not started. `prioqd cancel` of it: it ends
+    cancelled without ever running, and the held job runs on and succeeds."""
+    cfg = config(workers={"slots": 1})
+    d = daemon(cfg)
+    hold, held, runs = tmp_path / "hold", tmp_path / "hold.held", tmp_path / "runs"
+    # Teach the daemon that held_once takes about 5 ms (within the prefetch range).
+    short = [f"short{i}" for i in range(3)]
+    for job_id in short:
+        push(r, "normal", {"id": job_id, "task": "held_once", "args": [str(hold), 0.005]})
+    wait_status(r, short, daemon=d)
+    hold.touch()  # the next held_once runs until held is removed
+    push(r, "normal", {"id": "busy", "task": "held_once", "args": [str(hold), 0.005]})
+    wait_for(held.exists, 10, what="the job holding the one worker")
+    wait_for(lambda: job_hash(r, "busy").get("status") == "running", 10)
+    worker = int(job_hash(r, "busy")["worker_pid"])
+    push(r, "normal", {"id": "waiting", "task": "logrun", "args": [str(runs), "waiting"]})
+    # Handed to the pool: the daemon holds it (claimed), and no worker is free for it.
+    d.wait_log("job dispatched", job_id="waiting")
+    assert held_by(r, d.daemon_id) == {"busy", "waiting"}
+    assert r.llen("prioqd:queue:normal") == 0
+    assert held.exists() and not runs.exists()
+
+    out = prioqd("cancel", "--config", str(cfg), "waiting")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("waiting: cancelled"), out.stdout
+    outcome = json.loads(r.lindex("prioqd:done:waiting", 0))  # type: ignore[arg-type]
+    assert (outcome["id"], outcome["status"]) == ("waiting", "cancelled")
+    assert job_hash(r, "waiting")["status"] == "cancelled"
+    d.wait_log("job cancelled by an operator", job_id="waiting")
+    # Taken out of the pool's queue; the running job and its worker were not touched.
+    assert held.exists() and not worker_gone(worker)
+    assert job_hash(r, "busy")["status"] == "running"
+
+    held.unlink()  # let the held job end
+    h = wait_status(r, ["busy"], daemon=d)["busy"]
+    assert h["status"] == "succeeded" and h["attempts"] == "1"
+    # The worker is free again and the cancelled job does not run on it: a job pushed
+    # after runs and ends, and still nothing of "waiting" ran.
+    push(r, "normal", {"id": "after", "task": "logrun", "args": [str(runs), "after"]})
+    assert wait_status(r, ["after"], daemon=d)["after"]["status"] == "succeeded"
+    assert runs.read_text().split() == ["after"]
+    assert job_hash(r, "waiting")["status"] == "cancelled"
+    assert r.llen("prioqd:done:waiting") == 1
+    assert in_flight_count(r) == 0 and not dead_letters(r)
+    assert r.llen("prioqd:queue:normal") == 0
+    assert not d.events("worker process died")
+
+
+def test_a_cancelled_job_waiting_unstarted_in_a_workers_batch_never_runs(
+    r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
+) -> None:
+    """Jobs known to be short go to the one worker in a batch. The first of the batch
+    is held running; `prioqd cancel` of another job of that batch, waiting behind it
+    in the worker: it ends cancelled without running, the rest of the batch goes back
+    to its queue and runs after, and the held job succeeds."""
+    cfg = config(workers={"slots": 1})
+    d = daemon(cfg)
+    hold, held = tmp_path / "hold", tmp_path / "hold.held"
+    # The cancelled job is a held_once on a file of its own: had it run, it would have
+    # renamed that file (and held the worker).
+    mark, mark_held = tmp_path / "mark", tmp_path / "mark.held"
+    nowhere = str(tmp_path / "nowhere")
+    # Teach the daemon that held_once, and the high priority, take well under 1 ms: a
+    # claim then takes several high jobs a token and they go to the worker together.
+    # Its estimate is a moving average of the runs' durations (prioqd.timing.Ewma, as
+    # the daemon logs them): a run slowed by a loaded machine is made up for by more.
+    average, taught = None, 0
+    while average is None or average > 0.0005:
+        assert taught < 100, f"held_once runs take {average} s on average here"
+        short = [f"short{i}" for i in range(taught, taught + 10)]
+        push(r, "high", *({"id": j, "task": "held_once", "args": [nowhere, 0]} for j in short))
+        wait_status(r, short, daemon=d)
+        taught += len(short)
+        average = None
+        for e in d.wait_count("job finished", taught):
+            took = e["duration_s"]
+            average = took if average is None else average + 0.2 * (took - average)
+    # While a low job has the worker, the batch's jobs wait in the high queue...
+    push(r, "low", {"id": "lead", "task": "nap", "args": [500]})
+    wait_for(lambda: job_hash(r, "lead").get("status") == "running", 10)
+    hold.touch()
+    mark.touch()
+    batch = [("head", hold), ("doomed", mark), ("rest1", nowhere), ("rest2", nowhere)]
+    r.lpush(  # one LPUSH: the four are in the queue at once, in this order
+        "prioqd:queue:high",
+        *(json.dumps({"id": j, "task": "held_once", "args": [str(p), 0]}) for j, p in batch),
+    )
+    # ...and are claimed together when it ends: the first is held, the next waits
+    # behind it in the same worker (its start record names that worker).
+    wait_for(held.exists, 10, what="the batch's first job held")
+    assert {"head", "doomed"} <= held_by(r, d.daemon_id), "not claimed as one batch"
+    wait_for(lambda: "worker_pid" in job_hash(r, "doomed"), 10, what="its start record")
+    assert job_hash(r, "doomed")["worker_pid"] == job_hash(r, "head")["worker_pid"]
+    assert mark.exists() and not mark_held.exists()
+
+    with open(tmp_path / "cancel.out", "w+") as out:
+        cancel = subprocess.Popen(
+            [*PRIOQD, "cancel", "--config", str(cfg), "--wait-s", "20", "doomed"],
+            stdout=out, stderr=subprocess.STDOUT, env=env_with_taskmods(), cwd=str(ROOT),
+        )  # fmt: skip
+        try:
+            # The daemon has taken it out of the batch; the worker hands it back (with
+            # the rest) when the job it runs ends, as the hold is lifted.
+            d.wait_log("job cancelled by an operator", job_id="doomed")
+            held.unlink()
+            assert cancel.wait(30) == 0
+        finally:
+            if cancel.poll() is None:
+                cancel.kill()
+                cancel.wait()
+        out.seek(0)
+        assert out.read().startswith("doomed: cancelled")
+    h = wait_status(r, ["head", "doomed", "rest1", "rest2"], ("succeeded", "cancelled", "dead"))
+    assert {k: v["status"] for k, v in h.items()} == {
+        "head": "succeeded", "doomed": "cancelled", "rest1": "succeeded", "rest2": "succeeded",
+    }  # fmt: skip
+    outcome = json.loads(r.lindex("prioqd:done:doomed", 0))  # type: ignore[arg-type]
+    assert outcome["status"] == "cancelled" and r.llen("prioqd:done:doomed") == 1
+    assert mark.exists() and not mark_held.exists()  # it never ran
+    # What else of the batch had not started went back to its queue unrun, uncharged,
+    # and ran after.
+    requeued = {e["job_id"] for e in d.events("job finished") if e["outcome"] == "requeued"}
+    assert "doomed" not in requeued
+    assert h["rest1"]["attempts"] == h["rest2"]["attempts"] == "1"
+    wait_for(lambda: in_flight_count(r) == 0, 10, what="nothing left in flight")
+    assert not dead_letters(r) and r.llen("prioqd:queue:high") == 0
+    assert not d.events("worker process died")
 
 
 def test_a_unique_job_pushed_again_while_it_runs_is_dropped_as_a_duplicate(

@@ -648,3 +648,104 @@ def test_a_refresh_reads_a_bounded_part_of_a_large_redis(r: redis.Redis, web: We
     out = prioqd("inspect", "q15000", "--json", "--config", str(w.config))
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["where"]["position"] == 15_000
+
+
+# --- Redis unreachable, signing out, the job search (plain HTTP) ---------------------------
+
+
+def redirect(client: Client, path: str, form: dict[str, str] | None = None) -> tuple[int, str]:
+    """GET ``path`` (POST ``form`` if given): its status and where it sends the browser
+    (the Location header; the client follows no redirect)."""
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    try:
+        with client.opener.open(client.base + path, data=data, timeout=30) as resp:
+            return int(resp.status), ""
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), str(exc.headers.get("location", ""))
+
+
+def test_redis_unreachable_gives_a_503_page_and_the_dashboard_serves_again_after(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True)  # the job outlives a restart
+    server.start()
+    w = None
+    try:
+        with server.client() as r:
+            push(r, "low", {"id": "kept", "task": "square", "args": [2]})
+        cfg = write_config(tmp_path / "web.toml", server.url)
+        w = WebProcess(cfg, tmp_path / "web", "--read-only")
+        client = Client(w.url)
+        assert client.request("GET", "/")[0] == 200
+        server.stop()
+        for path in ("/", "/jobs/kept", "/running", "/dead", "/healthz"):
+            status, body = client.request("GET", path)
+            assert status == 503, (path, status, body)
+            # A page that says what is wrong, not a traceback or an empty 500.
+            assert "<h2>503</h2>" in body, (path, body)
+            message = re.search(r'<p class="error" id="error">([^<]*)</p>', body)
+            assert message and message.group(1).startswith("Redis: "), (path, body)
+            assert "ConnectionError" in message.group(1), (path, message.group(1))
+        assert w.proc.poll() is None, w.log()  # still serving
+        server.start()  # the same port
+        status, body = client.request("GET", "/jobs/kept")
+        assert status == 200 and "queued" in body, body
+        assert client.request("GET", "/")[0] == 200
+        assert "Traceback" not in w.log()
+    finally:
+        if w is not None:
+            w.stop()
+        server.stop()
+
+
+def test_signing_out_refuses_the_next_action_as_for_anyone_signed_out(
+    r: redis.Redis, web: Web
+) -> None:
+    w = web()
+    client = Client(w.url)
+    assert client.sign_in() == 303
+    status, body = client.request("GET", "/")
+    assert status == 200 and "Sign out" in body
+    csrf = client.csrf("/")
+    status, _ = client.request("POST", "/pause", {"csrf": csrf, "priority": "low"})
+    assert status == 303 and r.smembers("prioqd:paused") == {b"low"}
+    # Another site's form cannot sign anyone out: the CSRF token is checked.
+    status, body = client.request("POST", "/logout", {})
+    assert status == 403 and "CSRF" in body
+    assert "Sign out" in client.request("GET", "/")[1]
+
+    assert redirect(client, "/logout", {"csrf": csrf}) == (303, "/")
+    assert not [c for c in client.jar if c.name == "prioqd_auth"]  # cookie removed
+    status, body = client.request("GET", "/")
+    assert status == 200 and "signed out" in body
+    assert "Sign out" not in body and 'href="/login">Sign in</a>' in body
+    status, body = client.request("POST", "/pause", {"csrf": csrf, "priority": "normal"})
+    assert status == 403 and "sign in with the dashboard token first" in body
+    status, body = client.request("POST", "/pause", {"csrf": csrf, "priority": "low",
+                                                     "action": "resume"})  # fmt: skip
+    assert status == 403
+    assert r.smembers("prioqd:paused") == {b"low"}  # neither action was done
+
+
+def test_the_job_search_goes_to_the_jobs_page_and_refuses_what_is_not_an_id(
+    r: redis.Redis, web: Web
+) -> None:
+    push(r, "low", {"id": "find-me", "task": "square", "args": [3]})
+    push(r, "low", {"id": "a/b?c", "task": "square", "args": [4]})
+    w = web()
+    client = Client(w.url)
+    # What the header's Find form sends (spaces around a pasted id are dropped).
+    for query, page_path in (
+        ("id=find-me", "/jobs/find-me"),
+        ("id=%20find-me%20", "/jobs/find-me"),
+        ("id=a%2Fb%3Fc", "/jobs/a%2Fb%3Fc"),
+    ):
+        assert redirect(client, f"/jobs?{query}") == (303, page_path), query
+        status, body = client.request("GET", page_path)
+        assert status == 200 and "queued" in body, (page_path, body)
+    assert ">find-me<" in client.request("GET", "/jobs/find-me")[1]
+    # Not an id: back to the overview, which says so.
+    for query in ("id=has%20space", "id=", "id=%20%20", "id=" + "x" * 300, ""):
+        assert redirect(client, f"/jobs?{query}") == (303, "/"), query
+        status, body = client.request("GET", "/")
+        assert status == 200 and '<p class="flash" role="status">not a job id</p>' in body
