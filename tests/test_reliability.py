@@ -378,12 +378,6 @@ def test_a_cycle_that_finds_its_lease_gone_claims_nothing_until_renewed_and_lose
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a renewal after a cycle found the lease gone does not wake the cycle "
-    "(Lease.beat sets held and nothing else), so a daemon that runs nothing then, and "
-    "waits on no queue (it was busy, not idle), never claims again",
-)
 def test_a_daemon_claims_again_once_its_lease_is_renewed(
     r: redis.Redis, config: Config, daemon: Daemon, tmp_path: Path
 ) -> None:

@@ -81,6 +81,9 @@ class Lease:
         self.last_error: Callable[[], str] = lambda: ""
         #: Told of a problem the daemon's STATUS should show.
         self.on_problem: Callable[[str], None] = lambda text: None
+        #: Called when a beat renews a lease a cycle had found gone: claims may start
+        #: again (an idle daemon has no run ending to wake its cycle).
+        self.on_renewed: Callable[[], None] = lambda: None
         self._error_written = ""
         #: Where we run: it does not change while we run, so it is read once, not
         #: every beat.
@@ -186,7 +189,10 @@ class Lease:
             )
         elif beat.lapsed:
             self.log.warning("our lease had run out; renewed before anyone recovered it")
+        renewed = not self.held
         self.held = True
+        if renewed:
+            self.on_renewed()
         if beat.recovered_daemons:
             self.log.warning(
                 "recovered jobs of daemons whose lease expired",

@@ -142,6 +142,7 @@ class Daemon:
             part.on_trimmed = self._trimmed
         self.cycle.on_problems = self._problems
         self.lease.on_problem = self._set_last_error
+        self.lease.on_renewed = self.cycle.wake
         self.ticks = Ticks(
             self.broker,
             config,
