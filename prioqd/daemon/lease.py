@@ -20,6 +20,7 @@ from typing import Any
 from prioqd import __version__
 from prioqd.broker import Broker, Heartbeat
 from prioqd.config import Config
+from prioqd.daemon.slots import Slots
 from prioqd.errors import BrokerError
 from prioqd.timing import Backoff, wait_event
 
@@ -63,6 +64,7 @@ class Lease:
         config: Config,
         daemon_id: str,
         *,
+        slots: Slots,
         log: Any,
         on_redis_down: Callable[[str, BrokerError, Backoff], float],
         on_due_in_ms: Callable[[int], None],
@@ -76,7 +78,8 @@ class Lease:
         self._on_due_in_ms = on_due_in_ms
         #: Dead letters dropped to keep within dead_letters_max: (how many, by what).
         self.on_trimmed: Callable[[int, str], None] = lambda n, during: None
-        self.slots = 0
+        #: The daemon's slot tokens: their total is registered (and changes on reload).
+        self.slots = slots
         #: The daemon's last error, as ``prioqd status`` and the dashboard show it.
         self.last_error: Callable[[], str] = lambda: ""
         #: Told of a problem the daemon's STATUS should show.
@@ -124,7 +127,7 @@ class Lease:
         return {
             **self._where,
             "priorities": ",".join(self.config.queues.priorities),
-            "slots": str(self.slots),
+            "slots": str(self.slots.total),
             "started_at": f"{time.time():.6f}",
             "version": __version__,
         }

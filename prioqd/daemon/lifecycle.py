@@ -79,11 +79,11 @@ class Daemon:
             self.broker,
             config,
             self.id,
+            slots=self.slots,
             log=self.log,
             on_redis_down=self._redis_down,
             on_due_in_ms=self.scheduler.due_in,
         )
-        self.lease.slots = self.slots.total
         self.lease.last_error = self._last_error
         self.dispatch = Dispatcher(
             config,
@@ -512,7 +512,6 @@ class Daemon:
                 text = str(exc) if isinstance(exc, WorkerStartError) else repr(exc)
                 return f"worker processes cannot start: {text}"
             self.slots.resize(slots)
-            self.lease.slots = slots
             try:  # the next registration rewrites it anyway
                 await self.broker.update_daemon_info(self.id, {"slots": str(slots)})
             except BrokerError as exc:
