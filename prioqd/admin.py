@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -105,12 +106,14 @@ class _Search:
         self.max_entries = max_entries
         self.cut = False
 
-    def more(self, read: int) -> bool:
-        """Whether to read on, ``read`` entries of this list in."""
-        if self.max_entries is not None and read >= self.max_entries:
+    async def more(self, read: int, length: Callable[[], Awaitable[int]]) -> bool:
+        """Whether to read on, ``read`` entries of this list in; ``length`` tells the
+        list's length, asked only at the bound (to know whether it cut anything)."""
+        if self.max_entries is None or read < self.max_entries:
+            return True
+        if await length() > read:
             self.cut = True
-            return False
-        return True
+        return False
 
 
 @dataclass
@@ -355,8 +358,11 @@ def describe(info: JobInfo) -> str:
         return f"dead: {w.reason or 'no reason recorded'}"
     if w.state == "ended":
         return f"ended: {w.status}"
+    searched = "any queue" if info.searched_all else "the part of the queues looked at"
     if info.fields:
-        return f"not found in any queue (job hash says {info.fields.get('status', '?')})"
+        return f"not found in {searched} (job hash says {info.fields.get('status', '?')})"
+    if not info.searched_all:
+        return "not found: no job hash, not held, not in the part of the lists looked at"
     return "unknown: no job hash, not queued, scheduled, held or dead"
 
 
@@ -455,7 +461,7 @@ class Admin:
         for p in self._ordered(queues):
             key = self.keys.queue(p)
             seen = 0
-            while search.more(seen):
+            while await search.more(seen, functools.partial(self._length, "llen", key)):
                 # From the head (the right end) back: negative indexes do not move
                 # when producers push on the left.
                 with wrap_errors("search a queue"):
@@ -478,7 +484,8 @@ class Admin:
     async def _find_scheduled(self, job_id: str, search: _Search) -> tuple[bytes, float] | None:
         match = jobs.IdMatch(job_id)
         start = 0
-        while search.more(start):
+        scheduled = functools.partial(self._length, "zcard", self.keys.scheduled)
+        while await search.more(start, scheduled):
             with wrap_errors("search the schedule"):
                 chunk = await self.r.zrange(
                     self.keys.scheduled, start, start + CHUNK - 1, withscores=True
@@ -495,7 +502,7 @@ class Admin:
     async def _find_dead(self, job_id: str, search: _Search) -> DeadLetter | None:
         match = jobs.IdMatch(job_id)
         start = 0
-        while search.more(start):
+        while await search.more(start, functools.partial(self._length, "llen", self.keys.dead)):
             with wrap_errors("search the dead letters"):
                 chunk = await self.r.lrange(self.keys.dead, start, start + CHUNK - 1)
             for raw in chunk:
@@ -505,6 +512,10 @@ class Admin:
                 return None
             start += CHUNK
         return None
+
+    async def _length(self, command: str, key: str) -> int:
+        with wrap_errors("search a list"):
+            return int(await self.r.execute_command(command.upper(), key))
 
     async def _job_hash(self, job_id: str) -> dict[str, str]:
         with wrap_errors("read a job"):
@@ -521,7 +532,8 @@ class Admin:
             moving = info.where.state == "unknown" and info.fields.get("status") in (
                 "queued", "running", "scheduled", "failed",
             )  # fmt: skip
-            if not moving or attempt == LOOKUPS - 1:
+            # (A search cut short would only be cut short again: once is the bound.)
+            if not moving or not info.searched_all or attempt == LOOKUPS - 1:
                 return info
         raise AssertionError("unreachable")  # pragma: no cover
 

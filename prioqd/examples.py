@@ -19,7 +19,7 @@ SQUARE_DELAY_S = float(os.environ.get("PRIOQD_SQUARE_DELAY_S", "0"))
 @task
 def square(x: float, delay_s: float | None = None) -> float:
     delay = SQUARE_DELAY_S if delay_s is None else delay_s
-    if delay > 0:  # (sleep(0) is a system call: tens of microseconds of timer slack)
+    if delay != 0:  # (sleep(0) is a system call: tens of microseconds of timer slack)
         time.sleep(delay)
     return x * x
 

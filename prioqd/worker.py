@@ -37,6 +37,7 @@ import struct
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -162,6 +163,7 @@ class Runner:
         self.tasks = tasks
         self._send = send or (lambda frame: None)
         self._signatures: dict[str, inspect.Signature | None] = {}
+        self._binds_first: dict[str, bool] = {}
         self._loop: Any = None
 
     def _await(self, awaitable: Any) -> Any:
@@ -184,14 +186,29 @@ class Runner:
                 self._signatures[name] = None
         return self._signatures[name]
 
+    def _bind_first(self, name: str, fn: Callable[..., Any]) -> bool:
+        """Whether the job's arguments must be bound before the call. A plain function
+        (``def`` or ``async def``) raises TypeError for arguments that do not fit
+        before its body runs, so binding only after a TypeError tells the same thing
+        at no cost to the calls that succeed. Anything else (a wrapper whose signature
+        is its inner function's, a callable object, a ``__signature__``) could run code,
+        or swallow the error, before the mismatch shows: it is bound first."""
+        first = self._binds_first.get(name)
+        if first is None:
+            plain = (
+                isinstance(fn, types.FunctionType)
+                and not hasattr(fn, "__wrapped__")
+                and "__signature__" not in fn.__dict__
+            )
+            first = self._binds_first[name] = not plain
+        return first
+
     def _wrong_arguments(
         self, name: str, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]
     ) -> str:
-        """Why the job's arguments do not fit the task's signature, or "" if they do.
-        Asked only once the call raised TypeError: arguments that do not bind raise it
-        before the task's body runs, so binding after the fact tells "the job's
-        arguments are wrong" (no retry can help) from a TypeError raised inside the
-        task (which may be retried), at no cost to the calls that succeed."""
+        """Why the job's arguments do not fit the task's signature, or "" if they do
+        (see ``_bind_first``): "the job's arguments are wrong" (no retry can help), not
+        a TypeError raised inside the task (which may be retried)."""
         sig = self._signature(name, fn)
         if sig is None:
             return ""
@@ -218,6 +235,8 @@ class Runner:
         fn = self.tasks.get(name)
         if fn is None:
             return out("rejected", error=f"unknown task {name!r}")
+        if self._bind_first(name, fn) and (why := self._wrong_arguments(name, fn, args, kwargs)):
+            return out("rejected", error=why)
         token = None
         if ctx is not None:
             job_id, priority, attempt, max_retries, meta, enqueued_at, timeout_s = ctx
@@ -231,8 +250,10 @@ class Runner:
             if inspect.isawaitable(value):
                 value = self._await(value)
         except BaseException as exc:  # a task's SystemExit must not end the worker
-            if isinstance(exc, TypeError) and (
-                why := self._wrong_arguments(name, fn, args, kwargs)
+            if (
+                isinstance(exc, TypeError)
+                and not self._bind_first(name, fn)
+                and (why := self._wrong_arguments(name, fn, args, kwargs))
             ):
                 return out("rejected", error=why)
             return out("error", error=_error_line(exc), tb=traceback.format_exc())

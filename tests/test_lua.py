@@ -287,6 +287,8 @@ def test_a_repeat_answers_as_the_first_call_after_its_id_was_claimed_again(lua: 
     # The start's own repeat, after its claim ended: the attempt it ran as.
     assert lua.cycle([*lost, ended], repeat=True)[0] == [1, 2, 1]
     # A call after a reply seen forgets: nothing of D can be a repeat any more.
+    assert lua.r.hlen(f"{P}:retired:{D}") == 2  # claims 1 and 2, settled
+    assert 0 < lua.r.ttl(f"{P}:retired:{D}") <= 86400
     lua.cycle([])
     assert not lua.r.exists(f"{P}:retired:{D}")
     assert lua.cycle([ended])[0] == [ops.LOST]
@@ -611,11 +613,18 @@ def assert_waiter_hears_poison(lua: Script, job_id: str) -> None:
     assert done["status"] == "dead" and done["error"] == reason
 
 
-@pytest.mark.parametrize("bad_id", ["", "two words", "x" * 201, "tab\there"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        *(json.dumps({"id": i, "task": "t"}).encode() for i in ["", "two words", "x" * 201]),
+        *(json.dumps({"id": i, "task": "t"}).encode() for i in ["tab\there", "nbsp\u00a0"]),
+        b'{"id":"caf\xc3\xa9","task":"t"}',  # Unicode: left to the dead letter
+        b'{"id":"job-\xff","task":"t"}',  # not UTF-8
+    ],
+)
 def test_a_poison_payload_with_an_id_no_daemon_accepts_writes_no_job_record(
-    lua: Script, bad_id: str
+    lua: Script, raw: bytes
 ) -> None:
-    raw = json.dumps({"id": bad_id, "task": "t"}).encode()
     lua.r.lpush(f"{P}:queue:high", raw)
     lua.beat("d2")
     _, claimed, _ = lua.cycle(next_claim=1, tokens=1)
@@ -624,6 +633,22 @@ def test_a_poison_payload_with_an_id_no_daemon_accepts_writes_no_job_record(
     assert lua.call("heartbeat", "d2", 60_000, 10, 0, 0)[4] == 1  # max_recoveries 0
     assert lua.r.llen(f"{P}:dead") == 1
     assert lua.r.keys(f"{P}:job:*") == [] and lua.r.keys(f"{P}:done:*") == []
+
+
+def test_a_poison_payload_leaves_the_record_of_another_run_of_its_id_alone(
+    lua: Script,
+) -> None:
+    """The same id pushed again and running on another daemon: the poison copy (never
+    started) must not tell that run's waiter it died."""
+    raw = json.dumps({"id": "twin", "task": "t"}).encode()
+    lua.r.hset(f"{P}:job:twin", mapping={"status": "running", "claim": "d9/1"})
+    lua.r.lpush(f"{P}:queue:high", raw)
+    lua.beat("d2")
+    assert lua.cycle(next_claim=1, tokens=1)[1] == [("high", raw)]
+    lua.r.zadd(f"{P}:daemons", {D: 1})
+    assert lua.call("heartbeat", "d2", 60_000, 10, 0, 0)[4] == 1  # dead-lettered
+    assert lua.r.hget(f"{P}:job:twin", "status") == b"running"
+    assert not lua.r.exists(f"{P}:done:twin")
 
 
 def test_heartbeat_recover_and_promote_return_the_dead_letters_they_trimmed(
@@ -795,6 +820,8 @@ def test_undead_of_a_unique_job_takes_its_lock_or_leaves_the_letter(lua: Script)
     lua.r.set(f"{P}:unique:u", "d9/4")
     assert lua.call("undead", letter, "high", payload, "u", "", 60) == 1
     assert lua.r.get(f"{P}:unique:u") == b"q"
+    # A letter already gone is said so (0), not called a duplicate.
+    assert lua.call("undead", letter, "high", payload, "u", "", 60) == 0
 
 
 # --- the invariant under any interleaving ---------------------------------------------

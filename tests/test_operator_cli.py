@@ -386,3 +386,30 @@ def test_dead_requeue_of_a_unique_job_whose_id_is_live_leaves_the_letter(
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["requeued"] == 1
     assert r.get("prioqd:unique:u1") == b"q" and r.llen("prioqd:queue:low") == 1
+
+
+def test_a_bounded_search_says_it_was_cut_only_when_it_was(r: redis.Redis, config: Config) -> None:
+    """The dashboard's bound (inspect(search_max=...)): a list exactly as long as the
+    bound, read to its end, is not a search cut short; one entry more is."""
+    import asyncio
+
+    from prioqd.admin import Admin
+    from prioqd.broker import Broker
+    from prioqd.config import load
+
+    cfg = load(str(config()))
+    r.rpush("prioqd:queue:normal", *(json.dumps({"id": f"x{i}", "task": "t"}) for i in range(2000)))
+
+    async def lookup(job_id: str) -> tuple[str, bool]:
+        broker = Broker.from_config(cfg)
+        try:
+            info = await Admin(broker, cfg).inspect(job_id, search_max=2000)
+            return info.where.state, info.searched_all
+        finally:
+            await broker.close()
+
+    assert asyncio.run(lookup("nowhere")) == ("unknown", True)
+    assert asyncio.run(lookup("x0")) == ("queued", True)
+    r.lpush("prioqd:queue:normal", json.dumps({"id": "deep", "task": "t"}))  # the tail
+    assert asyncio.run(lookup("nowhere")) == ("unknown", False)
+    assert asyncio.run(lookup("deep")) == ("unknown", False)

@@ -637,9 +637,12 @@ def test_a_refresh_reads_a_bounded_part_of_a_large_redis(r: redis.Redis, web: We
     assert calls("lrange") <= 11, calls("lrange")
     status, body = client.request("GET", "/jobs/q500")
     assert status == 200 and "queued" in body and 'id="search-cut"' not in body
-    # Past the bound the page does not find it; the CLI searches to the end.
+    # Past the bound the page does not find it (a cancel is offered all the same: it
+    # searches to the end); the CLI searches to the end.
+    assert client.sign_in() == 303
     status, body = client.request("GET", "/jobs/q15000")
-    assert status == 404 and 'id="search-cut"' in body
+    assert status == 404 and 'id="search-cut"' in body and "Cancel this job" in body
+    assert "not found: no job hash" in body
     # Three job pages and three overviews: one SCAN (queue names are looked for every
     # 30 s; their depths are read each time).
     for _ in range(3):

@@ -107,7 +107,7 @@ local command = ARGV[2]
 local function queue_key(p) return prefix .. ':queue:' .. p end
 local function landing_key(d, p) return prefix .. ':landing:' .. d .. ':' .. p end
 local function inflight_key(d) return prefix .. ':inflight:' .. d end
-local function retired_key(d) return prefix .. ':settled:' .. d end
+local function retired_key(d) return prefix .. ':retired:' .. d end
 local function adopted_key(d) return prefix .. ':adopted:' .. d end
 local function daemon_key(d) return prefix .. ':daemon:' .. d end
 local function job_key(id) return prefix .. ':job:' .. id end
@@ -266,6 +266,11 @@ end
 -- A lock an ended job left behind would turn every later push of its id into a
 -- "duplicate" until the lock expired.
 
+-- A payload on its way to the dead letters (oversized, or poison) longer than this is
+-- not decoded to free its unique lock or tell its waiter: a decode blocks Redis (tens
+-- of milliseconds a megabyte). The lock's expiry then frees the id.
+local DECODE_MAX = 4 * 1024 * 1024
+
 -- The id of a unique job's payload, or nil. (A payload that does not mention
 -- "unique" at all is not decoded: most are not unique.)
 local function unique_id(payload)
@@ -333,14 +338,17 @@ local function remember(payload, recoveries, attempts)
     end
 end
 
--- The id of a payload, if it has one the daemon would accept (as jobs.valid_id: a
--- string of 1 to 200 characters without spaces or control characters), else nil.
+-- The id of a payload, if it is one the daemon accepts and plain enough to be sure
+-- of here: 1 to 200 printable ASCII characters, no space (jobs.valid_id also takes
+-- other Unicode; Lua cannot tell which of it is printable). Else nil.
 local function payload_id(payload)
+    if string.len(payload) > DECODE_MAX then return nil end
     local ok, job = pcall(cjson.decode, payload)
     if not ok or type(job) ~= 'table' or type(job.id) ~= 'string' then return nil end
     local id = job.id
-    local chars = select(2, string.gsub(id, '[^\128-\191]', ''))
-    if chars == 0 or chars > 200 or string.find(id, '[%s%c]') then return nil end
+    if string.len(id) == 0 or string.len(id) > 200 or string.find(id, '[^\33-\126]') then
+        return nil
+    end
     return id
 end
 
@@ -359,8 +367,15 @@ local function put_back(v, died, max_recoveries)
     if died and recoveries > max_recoveries and dead_writable() then
         local reason = 'poison: its daemon died ' .. recoveries .. ' times while holding it'
         -- Not started (or never adopted: it killed its daemon at once), its id is in
-        -- the producer's payload: its waiter hears of it all the same.
-        id = id or payload_id(payload)
+        -- the producer's payload: its waiter hears of it all the same, unless that id's
+        -- record is another job's (the same id pushed again, running elsewhere).
+        if not id then
+            id = payload_id(payload)
+            if id and unwritable(job_key(id), 'hash') == nil then
+                local status = redis.call('HGET', job_key(id), 'status')
+                if status and status ~= 'queued' then id = nil end
+            end
+        end
         local uid = unique_id(payload)
         unlock(uid, entry_holder(uid, v), false)
         dead_by_reference(p, payload, reason, {id = id or cjson.null})
@@ -547,10 +562,10 @@ local function entry(c) return redis.call('HGET', inflight, c) end
 -- Claim c (its entry's state `state`) leaves P:inflight:D, settled by `op` with
 -- `result`: remembered in P:retired:D for a repeat of that op (see `gone`).
 local function retire(c, state, op, result)
-    redis.call('HDEL', inflight, c)
     local attempt = 0
-    if not is_claimed(state) then attempt = tonumber(state) end
+    if not is_claimed(state) then attempt = tonumber(state) or 0 end
     redis.call('HSET', retired, c, op .. ' ' .. result .. ' ' .. attempt)
+    redis.call('HDEL', inflight, c)
     if not retired_expiry_set then
         redis.call('EXPIRE', retired, 86400)
         retired_expiry_set = true
@@ -690,7 +705,9 @@ ops.drop = function(i)
             if not dead_writable() then return -3, i + 5 end
             redis.call('LREM', landing, 1, v)
             dead_by_reference(p, v, reason)
-            unlock(unique_id(v), nil, false)  -- its push's "q"
+            if string.len(v) <= DECODE_MAX then
+                unlock(unique_id(v), nil, false)  -- its push's "q"
+            end
             return 1, i + 5
         end
     end
@@ -755,8 +772,8 @@ end
 -- end C id ttl flags done dead member due_ms outcome ndel k... n k v ...: a started run
 -- ended: the job hash gets the fields (and loses the ndel ones); the done list the
 -- outcome if done = "1"; the dead letters `dead` if not empty; the schedule `member`
--- at due_ms (Redis clock) if not empty. 1 (also when repeated: the job hash still
--- names this claim and no longer says queued or running); -1 if the claim is gone.
+-- at due_ms (Redis clock) if not empty. 1 (also when repeated: see P:retired:D); -1
+-- if the claim is gone.
 ops['end'] = function(i)
     local c, id, ttl, flags, done, dead, member, due_ms, outcome =
         ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5], ARGV[i + 6],
@@ -993,7 +1010,9 @@ if command == 'cycle' then
                         local reason = 'payload is ' .. string.len(v) ..
                             ' bytes, over max_payload_bytes=' .. max_bytes
                         dead_by_reference(p, v, reason)
-                        unlock(unique_id(v), nil, false)  -- its push's "q"
+                        if string.len(v) <= DECODE_MAX then
+                            unlock(unique_id(v), nil, false)  -- its push's "q"
+                        end
                         dropped[#dropped + 1] = p .. ': ' .. reason
                     else
                         local recoveries, attempts = 0, 0
@@ -1104,6 +1123,7 @@ if command == 'undead' then
         payload = redis.call('GET', pkey)
         if not payload then return -1 end
     end
+    if not redis.call('LPOS', dead_key, entry_text) then return 0 end
     local uid = unique_id(payload)
     if uid then
         why = unwritable(unique_key(uid), 'string')
