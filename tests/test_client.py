@@ -135,6 +135,13 @@ def test_payload_is_exactly_the_documented_json(r: redis.Redis, client: Client) 
         (lambda c: c.enqueue("square", 2, max_retries=True), "'max_retries' must be a whole"),
         (lambda c: c.enqueue("square", 2, unique="yes", id="u"), "unique must be True or False"),
         (lambda c: c.enqueue("", 2), "'task' must be a non-empty string"),
+        # Options json cannot encode: refused before the daemon's own checks run.
+        (lambda c: c.enqueue("square", 2, timeout_s=object()),
+         "task 'square': the job is not JSON-serialisable: Object of type object"),
+        (lambda c: c.enqueue("square", 2, delay_s=math.nan),
+         "task 'square': the job is not JSON-serialisable: Out of range float values"),
+        (lambda c: c.options(eta=math.inf).enqueue(square, 2),
+         "task 'square': the job is not JSON-serialisable: Out of range float values"),
     ],
 )  # fmt: skip
 def test_a_job_the_daemon_would_reject_raises_and_pushes_nothing(
@@ -151,6 +158,24 @@ def _deep(levels: int) -> list[Any]:
     for _ in range(levels):
         value = [value]
     return value
+
+
+def test_a_lone_surrogate_in_the_arguments_goes_as_an_ascii_escape_and_comes_back(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    cfg = config()
+    with Client.from_config(cfg) as client:
+        plain = client.enqueue("echo", "caf\u00e9", priority="high")
+        odd = client.enqueue("echo", "caf\u00e9 \ud800", priority="low")
+        # UTF-8 as it is; a lone surrogate cannot be UTF-8, so that payload is ASCII
+        # with JSON escapes (the daemon reads it as the same text).
+        (raw_plain,) = r.lrange("prioqd:queue:high", 0, -1)  # type: ignore[misc]
+        (raw_odd,) = r.lrange("prioqd:queue:low", 0, -1)  # type: ignore[misc]
+        assert b'"caf\xc3\xa9"' in raw_plain
+        assert raw_odd.isascii() and b'"caf\\u00e9 \\ud800"' in raw_odd
+        daemon(cfg)  # started only now: the payloads were read as pushed
+        assert plain.result(timeout_s=30) == {"args": ["caf\u00e9"], "kwargs": {}}
+        assert odd.result(timeout_s=30) == {"args": ["caf\u00e9 \ud800"], "kwargs": {}}
 
 
 def test_task_functions_take_options_through_options(r: redis.Redis, client: Client) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import redis
 from helpers import (
     PRIOQD,
@@ -627,6 +629,61 @@ def test_a_task_knows_its_job_and_a_retry_its_attempt(
         raise AssertionError("current_job() outside a task must raise")
 
 
+def test_an_async_task_knows_its_job_as_a_sync_one_does(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    daemon(config(jobs={"timeout_s": 60, "max_retries": 2}))
+    sent = time.time()
+    for task in ("whoami", "async_whoami"):
+        job = {"id": task, "task": task, "meta": {"k": [1]}, "enqueued_at": sent, "timeout_s": 30}
+        push(r, "low", job)
+    h = wait_status(r, ["whoami", "async_whoami"])
+    for task in ("whoami", "async_whoami"):
+        assert h[task]["status"] == "succeeded", h[task]
+        ctx = json.loads(h[task]["result"])
+        assert set(ctx) == {"id", "task", "priority", "attempt", "max_retries", "meta",
+                            "enqueued_at", "deadline"}  # fmt: skip
+        assert (ctx["id"], ctx["task"], ctx["priority"]) == (task, task, "low")
+        assert (ctx["attempt"], ctx["max_retries"], ctx["meta"]) == (1, 2, {"k": [1]})
+        assert ctx["enqueued_at"] == sent
+        # The job's own timeout_s (30), from when it started.
+        assert ctx["deadline"] == pytest.approx(float(h[task]["started_at"]) + 30, abs=0.5)
+
+
+def test_set_progress_misuse_raises_and_a_bad_last_value_is_dropped_with_a_warning(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    from prioqd import NotInTaskError, set_progress
+
+    with pytest.raises(NotInTaskError, match=r"set_progress\(\) is only available inside"):
+        set_progress(0.5)
+    d = daemon(config(jobs={"max_retries": 0}))
+    push(r, "normal", {"id": "misuse", "task": "progress_misuse"})
+    h = wait_status(r, ["misuse"], daemon=d)["misuse"]
+    # The bad last value did not fail the job: it succeeded at its first attempt...
+    assert (h["status"], h["attempts"]) == ("succeeded", "1"), h
+    got = json.loads(h["result"])
+    wrong_type = "TypeError: progress must be a number or a JSON object (a dict)"
+    assert got["text"] == got["bool"] == got["list"] == wrong_type
+    assert got["nan"] == got["inf"] == "ValueError: progress must be a finite number"
+    assert got["not_json"].startswith("ValueError: progress must be JSON: "), got
+    assert "is not JSON serializable" in got["not_json"]
+    assert got["nan_inside"].startswith("ValueError: Out of range float values"), got
+    assert got["too_big"] == "ValueError: progress is 5010 bytes of JSON, over 4096"
+    # ...its progress is the last value sent (4096 bytes: the limit is allowed)...
+    assert len(h["progress"]) == 4096 and json.loads(h["progress"]) == {"pad": "x" * 4086}
+    # ...and the value dropped is said on stderr (the worker's, which is the daemon's).
+    warning = wait_for(
+        lambda: re.search(r"prioqd: last progress of job misuse dropped: (.*)", d.stderr()),
+        5,
+        what="the warning on stderr",
+    )
+    assert warning[1].startswith("progress must be JSON: ") and "object" in warning[1]
+    # The worker carries on.
+    push(r, "normal", {"id": "next", "task": "square", "args": [3]})
+    assert wait_status(r, ["next"], daemon=d)["next"]["result"] == "9"
+
+
 def test_progress_reaches_the_job_hash_at_most_twice_a_second(
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:
@@ -735,6 +792,40 @@ def test_tasks_an_async_job_leaves_running_are_cancelled_when_it_ends(
     # Cancelled as its job ended, before the next job started on the same loop.
     assert marks.read_text().split() == ["cancelled"]
     assert float(h["next"]["started_at"]) >= float(h["leaky"]["finished_at"])
+
+
+def test_a_task_left_running_that_fails_its_cancellation_is_reported_on_stderr(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """What ``asyncio.run`` does with such a task: its exception goes to the loop's
+    exception handler (on stderr); the job that left it has succeeded, and the worker
+    goes on to the next job."""
+    d = daemon(config(workers={"slots": 1}))
+    push(r, "normal", {"id": "bad-leak", "task": "async_leaky_bad"})
+    push(r, "normal", {"id": "next", "task": "async_square", "args": [3]})
+    h = wait_status(r, ["bad-leak", "next"], daemon=d)
+    assert h["bad-leak"]["status"] == "succeeded" and h["bad-leak"]["result"] == '"started"'
+    assert h["next"]["status"] == "succeeded" and h["next"]["result"] == "9"
+    assert not d.events("worker process died")  # the same worker ran both
+    wait_for(lambda: "RuntimeError: cleanup of bad-leak failed" in d.stderr(), 5)
+    assert "unhandled exception in a task the job left running" in d.stderr()
+
+
+def test_a_traceback_over_16_ki_characters_within_64_kib_of_utf8_is_kept_whole(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    # 20,000 characters of two bytes: 40,000 bytes of UTF-8, under the 64 KiB bound
+    # (four bytes a character would be over it: the bound counts bytes, not characters).
+    d = daemon(config(jobs={"max_retries": 0}))
+    push(r, "normal", {"id": "long-tb", "task": "raise_long", "args": ["\u00e9", 20_000]})
+    h = wait_status(r, ["long-tb"], daemon=d)["long-tb"]
+    assert h["status"] == "dead"
+    tb = h["traceback"]
+    assert tb.startswith("Traceback (most recent call last):")
+    assert tb.rstrip().endswith("ValueError: " + "\u00e9" * 20_000)
+    assert "truncated" not in tb and 40_000 < len(tb.encode()) < 64 * 1024
+    # The error line itself is held to 4 KiB.
+    assert "[error text truncated: 40012 bytes, the first 4096 kept]" in h["error"]
 
 
 def test_a_settled_cancel_is_forgotten_by_every_daemon_so_the_id_can_run_again(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -188,6 +189,34 @@ def test_cancel_a_running_job(r: redis.Redis, config: Config, daemon: Daemon) ->
     push(r, "high", {"id": "after", "task": "square", "args": [3]})
     wait_status(r, ["after"], timeout_s=5)
     control.close()
+
+
+def test_a_cancel_no_daemon_confirms_in_time_stays_requested_and_is_applied_later(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    # The daemon holding the job is stopped (SIGSTOP: a hung or very busy host), its
+    # lease long enough that nobody recovers the job meanwhile.
+    cfg = config(workers={"slots": 1}, daemon={"lease_s": 30})
+    d = daemon(cfg)
+    push(r, "high", {"id": "held", "task": "nap", "args": [30000]})
+    wait_status(r, ["held"], ("running",))
+    d.signal(signal.SIGSTOP)
+    try:
+        out = prioqd("cancel", "--config", str(cfg), "--wait-s", "0.5", "held")
+        assert out.returncode == 1, out.stdout + out.stderr  # not cancelled (yet)
+        assert out.stdout == (
+            "held: requested (no daemon confirmed within 0.5s; the cancel stays asked for 60 min)\n"
+        )
+        assert job_hash(r, "held")["status"] == "running"
+        expiry_ms = r.zscore("prioqd:cancels", "held")
+        assert expiry_ms is not None
+        assert 3590 <= expiry_ms / 1000 - time.time() <= 3600
+    finally:
+        d.signal(signal.SIGCONT)
+    # The daemon, back, finds the cancel and stops the job: not retried.
+    h = wait_status(r, ["held"], ("cancelled", "succeeded", "dead"), daemon=d)["held"]
+    assert h["status"] == "cancelled", h
+    assert r.zcard("prioqd:scheduled") == 0 and r.llen("prioqd:queue:high") == 0
 
 
 # --- pause and resume ----------------------------------------------------------------------

@@ -17,8 +17,11 @@ from prioqd import jobs
 from prioqd.pool import Pool
 
 
-def job(job_id: str, task: str, *args: object) -> jobs.Job:
-    raw = json.dumps({"id": job_id, "task": task, "args": list(args)}).encode()
+def job(job_id: str, task: str, *args: object, timeout_s: float | None = None) -> jobs.Job:
+    fields = {"id": job_id, "task": task, "args": list(args)}
+    if timeout_s is not None:
+        fields["timeout_s"] = timeout_s
+    raw = json.dumps(fields).encode()
     parsed = jobs.parse(
         raw, "normal", known_tasks={"nap", "crash"}, max_payload_bytes=1 << 20, now=time.time()
     )
@@ -157,3 +160,50 @@ def test_a_worker_dying_in_joined_batches_charges_its_job_and_gives_back_the_res
     statuses, error = on_one_worker(monkeypatch, scenario)
     assert statuses == "ok ok crashed not_run not_run"
     assert "exited with code 13" in error
+
+
+def test_a_job_timer_that_fires_while_its_worker_is_idle_kills_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The deadline timer is lazy: a job that ends before its timeout leaves it armed.
+    # Firing with no job on the worker, it must leave the worker be.
+    async def scenario(pool: Pool) -> tuple[str, str]:
+        quick = job("quick", "nap", 1, timeout_s=0.3)
+        (done,) = pool.submit([quick])
+        first = await asyncio.wait_for(done, 10)
+        await asyncio.sleep(0.5)  # past quick's deadline, the worker idle meanwhile
+        after = job("after", "nap", 1)
+        (second,) = pool.submit([after])
+        ran = await asyncio.wait_for(second, 10)
+        same = after.worker_pid == quick.worker_pid and pool.pids == [quick.worker_pid]
+        return f"{first.status} {ran.status}", f"same worker: {same}"
+
+    assert on_one_worker(monkeypatch, scenario) == ("ok ok", "same worker: True")
+
+
+def test_a_job_timer_firing_early_while_a_later_job_of_the_batch_runs_waits_for_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The timer armed for the first job of a batch (0.4 s) is kept for the next one,
+    # whose deadline is later: it fires while that job runs, and must re-arm for the
+    # job's own deadline instead of killing it. Then that deadline kills as usual.
+    async def scenario(pool: Pool) -> tuple[str, str]:
+        pool.joinable = lambda batch: True
+        # 0.05 s, then 0.6 s of a 2 s timeout: the first job's timer fires at 0.4 s.
+        fits = pool.submit([job("a", "nap", 50, timeout_s=0.4), job("b", "nap", 600, timeout_s=2)])
+        a, b = await asyncio.wait_for(asyncio.gather(*fits), 10)
+        # 0.05 s, then 3 s of a 0.8 s timeout: killed 0.8 s into its run, not at 0.4 s.
+        over = pool.submit(
+            [job("c", "nap", 50, timeout_s=0.4), job("d", "nap", 3000, timeout_s=0.8)]
+        )
+        c, d = await asyncio.wait_for(asyncio.gather(*over), 10)
+        ran_s = d.finished_at - d.started_at
+        return (
+            f"{a.status} {b.status} {c.status} {d.status}: {d.error}",
+            f"d ran 0.8 s or more: {ran_s >= 0.79} (and under 2 s: {ran_s < 2})",
+        )
+
+    assert on_one_worker(monkeypatch, scenario) == (
+        "ok ok ok timeout: timed out after 0.8s",
+        "d ran 0.8 s or more: True (and under 2 s: True)",
+    )

@@ -503,6 +503,47 @@ def test_a_stop_while_redis_is_gone_leaves_the_jobs_to_recovery(
         server.stop()
 
 
+def test_a_second_sigterm_during_a_redis_outage_stops_the_cycle_retrying_at_once(
+    tmp_path: Path, daemon: Daemon
+) -> None:
+    """A forced stop while the cycle is retrying a write Redis cannot take: it stops
+    retrying there and then (no spinning through the drain's bound), and what the
+    daemon holds stays recorded as its own, for recovery."""
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    try:
+        r = server.client()
+        cfg = write_config(tmp_path / "c.toml", server.url,
+                           daemon={"lease_s": 60, "shutdown_grace_s": 5})  # fmt: skip
+        d = daemon(cfg)
+        push(r, "normal", {"id": "short", "task": "nap", "args": [1000]},
+             {"id": "long", "task": "nap", "args": [60_000]})  # fmt: skip
+        wait_status(r, ["short", "long"], ("running",))
+        server.stop()
+
+        def cycle_failures() -> int:
+            return sum(e.get("during") == "cycle" for e in d.events("redis unavailable"))
+
+        # "short" ends: its outcome cannot be written, and the cycle retries with backoff.
+        wait_for(cycle_failures, 10, what="the cycle failing")
+        d.signal(signal.SIGTERM)
+        d.wait_log("stopping: no new jobs; waiting for running ones")
+        before = cycle_failures()
+        d.signal(signal.SIGTERM)
+        assert d.wait(30) == 0
+        # At most the call in flight when the stop came (and a line that was still
+        # in the log's 10 ms buffer); retrying through the drain's 5 s makes dozens.
+        assert cycle_failures() <= before + 2, (before, cycle_failures())
+        d.wait_log("outcomes not written; the jobs stay in flight and will run again")
+        d.wait_log("could not deregister; other daemons recover our jobs when the lease ends")
+        server.start()
+        assert held_by(r, d.daemon_id) == {"short", "long"}
+        assert job_hash(r, "short")["status"] == job_hash(r, "long")["status"] == "running"
+        r.close()
+    finally:
+        server.stop()
+
+
 def test_an_error_text_that_is_not_utf8_encodable_is_kept_escaped(
     r: redis.Redis, config: Config, daemon: Daemon
 ) -> None:

@@ -235,3 +235,84 @@ def progress_spam(seconds: float) -> int:
         set_progress({"calls": n})
     set_progress({"calls": n, "last": True})
     return n
+
+
+@task
+async def async_whoami() -> dict[str, object]:
+    """The job's own context, as an ``async def`` task sees it (after an await)."""
+    import asyncio
+    from dataclasses import asdict
+
+    from prioqd import current_job
+
+    await asyncio.sleep(0)
+    return asdict(current_job())
+
+
+@task
+def progress_misuse() -> dict[str, str]:
+    """Calls ``set_progress`` with values it refuses; returns what each call raised, by
+    case. Then sends the largest value allowed (4096 bytes of JSON) and, within half a
+    second, gives a value that is not JSON: a throttled call only keeps it, so it is
+    found bad when the job ends (dropped, with a warning on stderr)."""
+    import math
+
+    from prioqd import set_progress
+
+    cases: dict[str, object] = {
+        "text": "50%",
+        "bool": True,
+        "list": [1, 2],
+        "nan": math.nan,
+        "inf": -math.inf,
+        "not_json": {"when": object()},
+        "nan_inside": {"x": math.nan},
+        "too_big": {"pad": "x" * 5000},
+    }
+    got: dict[str, str] = {}
+    for name, value in cases.items():
+        try:
+            set_progress(value)  # type: ignore[arg-type]
+        except Exception as exc:
+            got[name] = f"{type(exc).__name__}: {exc}"
+        else:
+            got[name] = "accepted"
+    at_limit = {"pad": "x" * (4096 - len('{"pad":""}'))}
+    while True:
+        set_progress(at_limit)  # sent: no value was sent before (or over 0.5 s ago)
+        try:
+            set_progress({"last": object()})  # within 0.5 s: kept, not encoded
+        except ValueError:
+            continue  # over half a second between the two calls (a loaded machine)
+        return got
+
+
+#: Strong references to the tasks ``async_leaky_bad`` starts.
+_left_failing: set[object] = set()
+
+
+@task
+async def async_leaky_bad() -> str:
+    """Starts a task it never awaits, which raises RuntimeError (naming the job) instead
+    of its cancellation when the worker cancels it at the job's end; returns at once."""
+    import asyncio
+
+    from prioqd import current_job
+
+    job_id = current_job().id
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError(f"cleanup of {job_id} failed") from None
+
+    _left_failing.add(asyncio.get_running_loop().create_task(stubborn()))
+    await asyncio.sleep(0)  # it starts, and waits
+    return "started"
+
+
+@task
+def raise_long(text: str, times: int) -> None:
+    """Raises ValueError whose message is ``text`` repeated ``times`` times."""
+    raise ValueError(text * times)
