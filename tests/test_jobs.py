@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from prioqd import jobs, timing
 
@@ -220,3 +223,52 @@ def test_a_task_name_must_be_a_non_empty_string() -> None:
     nameless.__name__ = ""
     with pytest.raises(TaskRegistryError, match="non-empty string"):
         task(nameless)
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _read(text: str) -> Any:
+    """What the payload reads as, by json alone (as before orjson was put in front), or
+    the type of error it raised."""
+    try:
+        return json.loads(text, parse_constant=jobs._constant, parse_float=jobs._finite)
+    except (ValueError, RecursionError) as exc:
+        return type(exc)
+
+
+@given(value=_JSON, spelling=st.sampled_from(["compact", "spaced", "ascii"]))
+def test_orjson_in_front_reads_every_payload_as_json_does(value: Any, spelling: str) -> None:
+    text = {
+        "compact": json.dumps(value, separators=(",", ":"), ensure_ascii=False),
+        "spaced": json.dumps(value, indent=1, ensure_ascii=False),
+        "ascii": json.dumps(value),
+    }[spelling]
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: only its \\u escape is UTF-8
+        text, raw = json.dumps(value), json.dumps(value).encode()
+    got = jobs._loads(text, raw)
+    assert got == _read(text) and repr(got) == repr(_read(text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["NaN", "[Infinity]", "1e400", "[-1e999]", '"\\ud800"', "[1,]", "{", "\ufeff{}",
+     "[" * 1100 + "]" * 1100, "123456789012345678901", "[0.1e-999]", '{"a":1,"a":2}'],
+)  # fmt: skip
+def test_what_orjson_refuses_or_reads_otherwise_is_read_by_json(text: str) -> None:
+    want = _read(text)
+    try:
+        got: Any = jobs._loads(text, text.encode())
+    except (ValueError, RecursionError) as exc:
+        got = type(exc)
+    assert got == want and repr(got) == repr(want)
