@@ -188,35 +188,31 @@ def test_catch_up_last_enqueues_the_most_recent_missed_tick_once_and_none_skips_
 
 
 def test_a_tick_due_during_a_redis_outage_is_retried_and_ticking_goes_on_after(
-    tmp_path: Path, daemon: Daemon
+    tmp_path: Path, daemon: Daemon, own_redis: RedisServer
 ) -> None:
-    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server = own_redis
+    r = server.client()
+    runs = tmp_path / "runs"
+    cfg = with_schedule(write_config(tmp_path / "c.toml", server.url), every("sec", 1, runs))
+    d = daemon(cfg)
+    d.wait_log("periodic job enqueued", schedule="sec")
+    server.stop()
+    failed = d.wait_log("redis unavailable", during="periodic jobs", timeout_s=5)
+    assert failed["retry_in_s"] > 0 and failed["failures"] >= 1
     server.start()
-    try:
-        r = server.client()
-        runs = tmp_path / "runs"
-        cfg = with_schedule(write_config(tmp_path / "c.toml", server.url), every("sec", 1, runs))
-        d = daemon(cfg)
-        d.wait_log("periodic job enqueued", schedule="sec")
-        server.stop()
-        failed = d.wait_log("redis unavailable", during="periodic jobs", timeout_s=5)
-        assert failed["retry_in_s"] > 0 and failed["failures"] >= 1
-        server.start()
 
-        def enqueued_after_the_failure() -> list[dict[str, Any]]:
-            lines = d.logs()
-            since = lines.index(failed)
-            return [e for e in lines[since:] if e.get("event") == "periodic job enqueued"]
+    def enqueued_after_the_failure() -> list[dict[str, Any]]:
+        lines = d.logs()
+        since = lines.index(failed)
+        return [e for e in lines[since:] if e.get("event") == "periodic job enqueued"]
 
-        # Retried after its backoff, not left until some other wake-up.
-        later = wait_for(enqueued_after_the_failure, 10, what="a tick enqueued after the outage")
-        job_id = later[0]["job_id"]
-        assert job_id.startswith("sec@") and later[0]["catch_up"] is False
-        assert wait_status(r, [job_id], daemon=d)[job_id]["status"] == "succeeded"
-        assert d.stop() == 0  # while Redis is up (else its drain waits for it, 5 s)
-        r.close()
-    finally:
-        server.stop()
+    # Retried after its backoff, not left until some other wake-up.
+    later = wait_for(enqueued_after_the_failure, 10, what="a tick enqueued after the outage")
+    job_id = later[0]["job_id"]
+    assert job_id.startswith("sec@") and later[0]["catch_up"] is False
+    assert wait_status(r, [job_id], daemon=d)[job_id]["status"] == "succeeded"
+    assert d.stop() == 0  # while Redis is up (else its drain waits for it, 5 s)
+    r.close()
 
 
 def test_schedule_config_errors_name_the_key_and_exit_2(tmp_path: Path, config: Config) -> None:

@@ -404,39 +404,35 @@ def test_a_daemon_claims_again_once_its_lease_is_renewed(
 
 
 def test_redis_outage_keeps_running_jobs_and_writes_their_outcomes_after(
-    tmp_path: Path, daemon: Daemon
+    tmp_path: Path, daemon: Daemon, own_redis: RedisServer
 ) -> None:
-    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server = own_redis
+    r = server.client()
+    # lease_s=3: heartbeats (every second) fail during the outage and the lease
+    # runs out (nobody else recovers it); a delayed job falls due during it.
+    cfg = write_config(tmp_path / "c.toml", server.url, daemon={"lease_s": 3})
+    d = daemon(cfg)
+    push(r, "normal", {"id": "through", "task": "nap", "args": [1500]})
+    push(r, "low", {"id": "later", "task": "square", "args": [5], "delay_s": 1.0})
+    wait_status(r, ["through"], ("running",))
+    wait_status(r, ["later"], ("scheduled",))
+    proc = psutil.Process(d.pid)
+    cpu_before = sum(proc.cpu_times()[:2])
+    server.stop()
+    time.sleep(3)
+    cpu_during = sum(proc.cpu_times()[:2]) - cpu_before
+    assert cpu_during < 0.5, f"the daemon spun while Redis was away: {cpu_during:.2f}s CPU"
+    assert d.events("redis unavailable")
     server.start()
-    try:
-        r = server.client()
-        # lease_s=3: heartbeats (every second) fail during the outage and the lease
-        # runs out (nobody else recovers it); a delayed job falls due during it.
-        cfg = write_config(tmp_path / "c.toml", server.url, daemon={"lease_s": 3})
-        d = daemon(cfg)
-        push(r, "normal", {"id": "through", "task": "nap", "args": [1500]})
-        push(r, "low", {"id": "later", "task": "square", "args": [5], "delay_s": 1.0})
-        wait_status(r, ["through"], ("running",))
-        wait_status(r, ["later"], ("scheduled",))
-        proc = psutil.Process(d.pid)
-        cpu_before = sum(proc.cpu_times()[:2])
-        server.stop()
-        time.sleep(3)
-        cpu_during = sum(proc.cpu_times()[:2]) - cpu_before
-        assert cpu_during < 0.5, f"the daemon spun while Redis was away: {cpu_during:.2f}s CPU"
-        assert d.events("redis unavailable")
-        server.start()
-        h = wait_status(r, ["through"], timeout_s=20)["through"]
-        assert h["status"] == "succeeded" and h["attempts"] == "1"
-        assert wait_status(r, ["later"], timeout_s=20)["later"]["result"] == "25"
-        failed_during = {e["during"] for e in d.events("redis unavailable")}
-        assert {"heartbeat", "promote"} <= failed_during, failed_during
-        # ...and it fetches again on its own.
-        push(r, "high", {"id": "after", "task": "square", "args": [4]})
-        assert wait_status(r, ["after"], timeout_s=20)["after"]["result"] == "16"
-        r.close()
-    finally:
-        server.stop()
+    h = wait_status(r, ["through"], timeout_s=20)["through"]
+    assert h["status"] == "succeeded" and h["attempts"] == "1"
+    assert wait_status(r, ["later"], timeout_s=20)["later"]["result"] == "25"
+    failed_during = {e["during"] for e in d.events("redis unavailable")}
+    assert {"heartbeat", "promote"} <= failed_during, failed_during
+    # ...and it fetches again on its own.
+    push(r, "high", {"id": "after", "task": "square", "args": [4]})
+    assert wait_status(r, ["after"], timeout_s=20)["after"]["result"] == "16"
+    r.close()
 
 
 def test_recovered_jobs_read_queued_until_they_run_again(
@@ -473,75 +469,67 @@ def test_workers_are_replaced_after_max_jobs_per_worker(
 
 
 def test_a_stop_while_redis_is_gone_leaves_the_jobs_to_recovery(
-    tmp_path: Path, daemon: Daemon
+    tmp_path: Path, daemon: Daemon, own_redis: RedisServer
 ) -> None:
     """design.md, Shutdown: with Redis gone for good the drain gives up after a bound;
     the jobs are still recorded as the daemon's in Redis and come back by recovery."""
-    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server = own_redis
+    r = server.client()
+    cfg = write_config(tmp_path / "c.toml", server.url,
+                       daemon={"lease_s": 60, "shutdown_grace_s": 2})  # fmt: skip
+    d = daemon(cfg)
+    push(r, "normal", {"id": "stuck", "task": "nap", "args": [800]})
+    wait_status(r, ["stuck"], ("running",))
+    server.stop()
+    d.signal(signal.SIGTERM)
+    assert d.wait(60) == 0
+    # (Its job_ids field lists only runs not yet turned into ops: here it is empty.)
+    d.wait_log("outcomes not written; the jobs stay in flight and will run again")
+    d.wait_log("could not deregister; other daemons recover our jobs when the lease ends")
     server.start()
-    try:
-        r = server.client()
-        cfg = write_config(tmp_path / "c.toml", server.url,
-                           daemon={"lease_s": 60, "shutdown_grace_s": 2})  # fmt: skip
-        d = daemon(cfg)
-        push(r, "normal", {"id": "stuck", "task": "nap", "args": [800]})
-        wait_status(r, ["stuck"], ("running",))
-        server.stop()
-        d.signal(signal.SIGTERM)
-        assert d.wait(60) == 0
-        # (Its job_ids field lists only runs not yet turned into ops: here it is empty.)
-        d.wait_log("outcomes not written; the jobs stay in flight and will run again")
-        d.wait_log("could not deregister; other daemons recover our jobs when the lease ends")
-        server.start()
-        assert job_hash(r, "stuck")["status"] == "running"  # as the stopped daemon left it
-        d.start()  # same host, its predecessor's pid is gone: recovered at once
-        assert d.wait_log("recovered a dead daemon's jobs")["jobs"] == 1
-        h = wait_status(r, ["stuck"], timeout_s=20)["stuck"]
-        assert h["status"] == "succeeded" and h["attempts"] == "2"
-        r.close()
-    finally:
-        server.stop()
+    assert job_hash(r, "stuck")["status"] == "running"  # as the stopped daemon left it
+    d.start()  # same host, its predecessor's pid is gone: recovered at once
+    assert d.wait_log("recovered a dead daemon's jobs")["jobs"] == 1
+    h = wait_status(r, ["stuck"], timeout_s=20)["stuck"]
+    assert h["status"] == "succeeded" and h["attempts"] == "2"
+    r.close()
 
 
 def test_a_second_sigterm_during_a_redis_outage_stops_the_cycle_retrying_at_once(
-    tmp_path: Path, daemon: Daemon
+    tmp_path: Path, daemon: Daemon, own_redis: RedisServer
 ) -> None:
     """A forced stop while the cycle is retrying a write Redis cannot take: it stops
     retrying there and then (no spinning through the drain's bound), and what the
     daemon holds stays recorded as its own, for recovery."""
-    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server = own_redis
+    r = server.client()
+    cfg = write_config(tmp_path / "c.toml", server.url,
+                       daemon={"lease_s": 60, "shutdown_grace_s": 5})  # fmt: skip
+    d = daemon(cfg)
+    push(r, "normal", {"id": "short", "task": "nap", "args": [1000]},
+         {"id": "long", "task": "nap", "args": [60_000]})  # fmt: skip
+    wait_status(r, ["short", "long"], ("running",))
+    server.stop()
+
+    def cycle_failures() -> int:
+        return sum(e.get("during") == "cycle" for e in d.events("redis unavailable"))
+
+    # "short" ends: its outcome cannot be written, and the cycle retries with backoff.
+    wait_for(cycle_failures, 10, what="the cycle failing")
+    d.signal(signal.SIGTERM)
+    d.wait_log("stopping: no new jobs; waiting for running ones")
+    before = cycle_failures()
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 0
+    # At most the call in flight when the stop came (and a line that was still
+    # in the log's 10 ms buffer); retrying through the drain's 5 s makes dozens.
+    assert cycle_failures() <= before + 2, (before, cycle_failures())
+    d.wait_log("outcomes not written; the jobs stay in flight and will run again")
+    d.wait_log("could not deregister; other daemons recover our jobs when the lease ends")
     server.start()
-    try:
-        r = server.client()
-        cfg = write_config(tmp_path / "c.toml", server.url,
-                           daemon={"lease_s": 60, "shutdown_grace_s": 5})  # fmt: skip
-        d = daemon(cfg)
-        push(r, "normal", {"id": "short", "task": "nap", "args": [1000]},
-             {"id": "long", "task": "nap", "args": [60_000]})  # fmt: skip
-        wait_status(r, ["short", "long"], ("running",))
-        server.stop()
-
-        def cycle_failures() -> int:
-            return sum(e.get("during") == "cycle" for e in d.events("redis unavailable"))
-
-        # "short" ends: its outcome cannot be written, and the cycle retries with backoff.
-        wait_for(cycle_failures, 10, what="the cycle failing")
-        d.signal(signal.SIGTERM)
-        d.wait_log("stopping: no new jobs; waiting for running ones")
-        before = cycle_failures()
-        d.signal(signal.SIGTERM)
-        assert d.wait(30) == 0
-        # At most the call in flight when the stop came (and a line that was still
-        # in the log's 10 ms buffer); retrying through the drain's 5 s makes dozens.
-        assert cycle_failures() <= before + 2, (before, cycle_failures())
-        d.wait_log("outcomes not written; the jobs stay in flight and will run again")
-        d.wait_log("could not deregister; other daemons recover our jobs when the lease ends")
-        server.start()
-        assert held_by(r, d.daemon_id) == {"short", "long"}
-        assert job_hash(r, "short")["status"] == job_hash(r, "long")["status"] == "running"
-        r.close()
-    finally:
-        server.stop()
+    assert held_by(r, d.daemon_id) == {"short", "long"}
+    assert job_hash(r, "short")["status"] == job_hash(r, "long")["status"] == "running"
+    r.close()
 
 
 def test_an_error_text_that_is_not_utf8_encodable_is_kept_escaped(
