@@ -1043,13 +1043,40 @@ def test_a_task_error_of_megabytes_is_capped_and_marked_everywhere_it_is_copied(
     d.assert_alive()
 
 
+def small_bulk_daemon(
+    server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon, **jobs: Any
+) -> tuple[redis.Redis, DaemonProcess]:
+    """One slot, on a Redis whose proto-max-bulk-len is 1 MB (the smallest it takes):
+    one argument over that and Redis refuses the whole command."""
+    r = server.client()
+    r.config_set("proto-max-bulk-len", "1mb")
+    cfg = make_config(tmp_path / "c.toml", server.url, workers={"slots": 1}, jobs=jobs)
+    return r, daemon(cfg, env=env_for(mods))
+
+
+def dead_letter_for(r: redis.Redis, d: DaemonProcess, reason: str) -> dict[str, Any]:
+    """The dead letter whose reason has ``reason`` in it, the daemon alive meanwhile."""
+
+    def letter() -> dict[str, Any] | None:
+        d.assert_alive()
+        found = letters_by_reason(r, reason)
+        return found[0] if found else None
+
+    return wait_for(letter, 20, what=f"a dead letter: {reason}")  # type: ignore[no-any-return]
+
+
+def assert_serves_on(r: redis.Redis, d: DaemonProcess) -> None:
+    """A job pushed now runs, and nothing was logged at critical."""
+    push(r, "normal", {"id": "later", "task": "square", "args": [4]})
+    assert wait_ended(r, ["later"], d)["later"]["result"] == "16"
+    assert not criticals(d)
+    r.close()
+
+
 def test_an_argument_over_proto_max_bulk_len_dead_letters_the_job_not_the_daemon(
     server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
 ) -> None:
-    r = server.client()
-    r.config_set("proto-max-bulk-len", "1mb")  # the smallest Redis accepts
-    cfg = make_config(tmp_path / "c.toml", server.url, workers={"slots": 1})
-    d = daemon(cfg, env=env_for(mods))
+    r, d = small_bulk_daemon(server, tmp_path, mods, daemon)
     # A payload under max_payload_bytes (1 MiB) of quotes: its dead letter escapes each
     # one again and comes to 1.4 MB, one argument over Redis's limit.
     payload = json.dumps({"id": "quotes", "task": "no_such_task", "args": ['"' * 350_000]})
@@ -1057,48 +1084,22 @@ def test_an_argument_over_proto_max_bulk_len_dead_letters_the_job_not_the_daemon
     push(r, "normal", payload)
     push(r, "normal", {"id": "after", "task": "square", "args": [3]})
     assert wait_ended(r, ["after"], d)["after"]["result"] == "9"
-
-    def letter() -> dict[str, Any] | None:
-        d.assert_alive()
-        found = letters_by_reason(r, "Protocol error")
-        return found[0] if found else None
-
-    dead = wait_for(letter, 20, what="a dead letter with Redis's protocol error")
+    dead = dead_letter_for(r, d, "Protocol error")
     assert r.get(dead["payload_key"]) == payload.encode()
-    push(r, "normal", {"id": "later", "task": "square", "args": [4]})
-    assert wait_ended(r, ["later"], d)["later"]["result"] == "16"
-    assert not criticals(d)
-    r.close()
+    assert_serves_on(r, d)
 
 
 def test_a_result_over_proto_max_bulk_len_dead_letters_the_job_not_the_daemon(
     server: RedisServer, tmp_path: Path, mods: Path, daemon: Daemon
 ) -> None:
-    r = server.client()
-    r.config_set("proto-max-bulk-len", "1mb")
-    cfg = make_config(
-        tmp_path / "c.toml",
-        server.url,
-        workers={"slots": 1},
-        jobs={"max_result_bytes": 4 * 1024 * 1024},
-    )
-    d = daemon(cfg, env=env_for(mods))
+    r, d = small_bulk_daemon(server, tmp_path, mods, daemon, max_result_bytes=4 * 1024 * 1024)
     push(r, "normal", {"id": "big", "task": "big_result", "args": [1_500_000]})
     push(r, "normal", {"id": "after", "task": "square", "args": [3]})
     assert wait_ended(r, ["after"], d)["after"]["result"] == "9"
-
-    def letter() -> dict[str, Any] | None:
-        d.assert_alive()
-        found = letters_by_reason(r, "Protocol error")
-        return found[0] if found else None
-
-    dead = wait_for(letter, 20, what="a dead letter with Redis's protocol error")
+    dead = dead_letter_for(r, d, "Protocol error")
     assert json.loads(r.get(dead["payload_key"]))["id"] == "big"  # type: ignore[arg-type]
     assert helpers.in_flight_count(r) == 0
-    push(r, "normal", {"id": "later", "task": "square", "args": [4]})
-    assert wait_ended(r, ["later"], d)["later"]["result"] == "16"
-    assert not criticals(d)
-    r.close()
+    assert_serves_on(r, d)
 
 
 def test_a_landed_payload_whose_adopt_redis_refuses_is_dead_lettered_not_the_daemon(
@@ -1107,15 +1108,7 @@ def test_a_landed_payload_whose_adopt_redis_refuses_is_dead_lettered_not_the_dae
     # max_payload_bytes above Redis's proto-max-bulk-len: the blocking wait hands the
     # daemon a payload (a server-side move) that Redis then refuses as an argument of
     # the adopt. It goes to the dead letters by reference; the daemon serves on.
-    r = server.client()
-    r.config_set("proto-max-bulk-len", "1mb")
-    cfg = make_config(
-        tmp_path / "c.toml",
-        server.url,
-        workers={"slots": 1},
-        jobs={"max_payload_bytes": 4 * 1024 * 1024},
-    )
-    d = daemon(cfg, env=env_for(mods))
+    r, d = small_bulk_daemon(server, tmp_path, mods, daemon, max_payload_bytes=4 * 1024 * 1024)
     wait_idle(r)
     head, tail = '{"id": "wide", "task": "nap", "args": [1], "meta": {"pad": "', '"}}'
     payload = head + "x" * 1_500_000 + tail
@@ -1124,19 +1117,10 @@ def test_a_landed_payload_whose_adopt_redis_refuses_is_dead_lettered_not_the_dae
         "redis.call('LPUSH', KEYS[1], ARGV[1] .. string.rep('x', tonumber(ARGV[2])) .. ARGV[3])",
         1, "prioqd:queue:normal", head, 1_500_000, tail,
     )  # fmt: skip
-
-    def letter() -> dict[str, Any] | None:
-        d.assert_alive()
-        found = letters_by_reason(r, "redis refused to record it")
-        return found[0] if found else None
-
-    dead = wait_for(letter, 20, what="a dead letter for the refused adopt")
+    dead = dead_letter_for(r, d, "redis refused to record it")
     assert r.get(dead["payload_key"]) == payload.encode()
     assert helpers.in_flight_count(r) == 0 and not r.llen("prioqd:queue:normal")
-    push(r, "normal", {"id": "later", "task": "square", "args": [4]})
-    assert wait_ended(r, ["later"], d)["later"]["result"] == "16"
-    assert not criticals(d)
-    r.close()
+    assert_serves_on(r, d)
 
 
 # --- 7. a Redis stall; a daemon stopped past its lease -----------------------------------
