@@ -156,6 +156,21 @@ def cap_traceback(text: str, limit: int = MAX_TRACEBACK_BYTES) -> str:
     return data[:head].decode("utf-8", "ignore") + marker + data[-tail:].decode("utf-8", "ignore")
 
 
+def _binds_first(fn: Callable[..., Any]) -> bool:
+    """Whether a task's arguments must be bound before the call. A plain function
+    (``def`` or ``async def``) raises TypeError for arguments that do not fit before its
+    body runs, so binding only after a TypeError tells the same thing at no cost to the
+    calls that succeed. Anything else (a wrapper whose signature is its inner
+    function's, a callable object, a ``__signature__``) could run code, or swallow the
+    error, before the mismatch shows: it is bound first."""
+    plain = (
+        isinstance(fn, types.FunctionType)
+        and not hasattr(fn, "__wrapped__")
+        and "__signature__" not in fn.__dict__
+    )
+    return not plain
+
+
 class Runner:
     def __init__(
         self, tasks: dict[str, Callable[..., Any]], send: Callable[[Any], None] | None = None
@@ -163,7 +178,8 @@ class Runner:
         self.tasks = tasks
         self._send = send or (lambda frame: None)
         self._signatures: dict[str, inspect.Signature | None] = {}
-        self._binds_first: dict[str, bool] = {}
+        #: Tasks whose arguments are bound before the call (see ``_binds_first``).
+        self._bind_first = {name for name, fn in tasks.items() if _binds_first(fn)}
         self._loop: Any = None
 
     def _await(self, awaitable: Any) -> Any:
@@ -186,28 +202,11 @@ class Runner:
                 self._signatures[name] = None
         return self._signatures[name]
 
-    def _bind_first(self, name: str, fn: Callable[..., Any]) -> bool:
-        """Whether the job's arguments must be bound before the call. A plain function
-        (``def`` or ``async def``) raises TypeError for arguments that do not fit
-        before its body runs, so binding only after a TypeError tells the same thing
-        at no cost to the calls that succeed. Anything else (a wrapper whose signature
-        is its inner function's, a callable object, a ``__signature__``) could run code,
-        or swallow the error, before the mismatch shows: it is bound first."""
-        first = self._binds_first.get(name)
-        if first is None:
-            plain = (
-                isinstance(fn, types.FunctionType)
-                and not hasattr(fn, "__wrapped__")
-                and "__signature__" not in fn.__dict__
-            )
-            first = self._binds_first[name] = not plain
-        return first
-
     def _wrong_arguments(
         self, name: str, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]
     ) -> str:
         """Why the job's arguments do not fit the task's signature, or "" if they do
-        (see ``_bind_first``): "the job's arguments are wrong" (no retry can help), not
+        (see ``_binds_first``): "the job's arguments are wrong" (no retry can help), not
         a TypeError raised inside the task (which may be retried)."""
         sig = self._signature(name, fn)
         if sig is None:
@@ -235,7 +234,8 @@ class Runner:
         fn = self.tasks.get(name)
         if fn is None:
             return out("rejected", error=f"unknown task {name!r}")
-        if self._bind_first(name, fn) and (why := self._wrong_arguments(name, fn, args, kwargs)):
+        bind_first = name in self._bind_first
+        if bind_first and (why := self._wrong_arguments(name, fn, args, kwargs)):
             return out("rejected", error=why)
         token = None
         if ctx is not None:
@@ -252,7 +252,7 @@ class Runner:
         except BaseException as exc:  # a task's SystemExit must not end the worker
             if (
                 isinstance(exc, TypeError)
-                and not self._bind_first(name, fn)
+                and not bind_first
                 and (why := self._wrong_arguments(name, fn, args, kwargs))
             ):
                 return out("rejected", error=why)
