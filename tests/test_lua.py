@@ -268,6 +268,26 @@ def test_finish(lua: Script) -> None:
     assert done == [done[0]] and done[0]["result"] == 42 and done[0]["attempts"] == 1
 
 
+def test_finish_replaces_a_past_outcome_and_fails_alone_on_a_done_key_of_another_type(
+    lua: Script,
+) -> None:
+    """The done list's push is finish's first write (no TYPE first): a list left by a
+    past run of the id ends up holding only this outcome; a key of another type is left
+    as it was and the job goes to the dead letters, with nothing else written."""
+    lua.r.rpush(f"{P}:done:old", "past outcome", "and another")
+    lua.r.set(f"{P}:done:bad", "x")
+    run = jobs.RunResult("ok", "7", started_at=1.0, finished_at=2.0)
+    old = claim_one(lua, {"id": "old", "task": "t"}, claim=1)
+    bad = claim_one(lua, {"id": "bad", "task": "t"}, claim=2)
+    results, _, _ = lua.cycle([jobs.finish_op(j, run, daemon_id=D, ttl_s=60) for j in (old, bad)])
+    assert results == [1, ops.FAILED]
+    (done,) = lua.r.lrange(f"{P}:done:old", 0, -1)
+    assert json.loads(done)["result"] == 7 and 0 < lua.r.ttl(f"{P}:done:old") <= 60
+    assert lua.r.get(f"{P}:done:bad") == b"x" and not lua.r.exists(f"{P}:job:bad")
+    (letter,) = [json.loads(x) for x in lua.r.lrange(f"{P}:dead", 0, -1)]
+    assert f"{P}:done:bad holds a string" in letter["reason"] and inflight(lua) == {}
+
+
 def test_a_repeat_answers_as_the_first_call_after_its_id_was_claimed_again(lua: Script) -> None:
     """Found by the claim machine: two payloads of one id; the first's finish and the
     second's start go in one call whose reply is lost. Sent again, the finish must still

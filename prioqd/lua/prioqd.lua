@@ -233,12 +233,17 @@ local function write_job(id, ttl, fields, dels)
     redis.call('EXPIRE', key, ttl)
 end
 
+-- The done list of `id` becomes {outcome}. Returns the reason if it holds another
+-- type, having written nothing: the push is its first write, so a caller may make it
+-- its own first write instead of checking the type first.
 local function push_done(id, ttl, outcome)
-    if id == '' then return end
+    if id == '' then return nil end
     local key = done_key(id)
-    redis.call('DEL', key)
-    redis.call('RPUSH', key, outcome)
+    local n = redis.pcall('LPUSH', key, outcome)
+    if type(n) == 'table' then return unwritable(key, 'list') end
+    if n > 1 then redis.call('LTRIM', key, 0, 0) end  -- a past run's outcome
     redis.call('EXPIRE', key, ttl)
+    return nil
 end
 
 -- A dead letter made here, for a payload that never reached a daemon's parser (too
@@ -554,7 +559,10 @@ end
 -- ---------------------------------------------------------------------------------
 
 local D, inflight, retired
-local retired_expiry_set = false
+-- Claims this call retired: c -> "<op> <result> <attempt>", and the same as HSET
+-- arguments, written in one HSET when the call ends (`write_retired`) rather than one
+-- a job: the hash is small, so each HSET was a scan of it.
+local retiring, retiring_args = {}, {}
 
 -- The inflight entry of claim c, or nil.
 local function entry(c) return redis.call('HGET', inflight, c) end
@@ -562,21 +570,29 @@ local function entry(c) return redis.call('HGET', inflight, c) end
 -- Claim c (its entry's state `state`) leaves P:inflight:D, settled by `op` with
 -- `result`: remembered in P:retired:D for a repeat of that op (see `gone`).
 local function retire(c, state, op, result)
-    local attempt = 0
-    if not is_claimed(state) then attempt = tonumber(state) or 0 end
-    redis.call('HSET', retired, c, op .. ' ' .. result .. ' ' .. attempt)
+    local attempt = '0'
+    if not is_claimed(state) then attempt = state end
+    local t = op .. ' ' .. result .. ' ' .. attempt
+    retiring[c] = t
+    retiring_args[#retiring_args + 1] = c
+    retiring_args[#retiring_args + 1] = t
     redis.call('HDEL', inflight, c)
-    if not retired_expiry_set then
-        redis.call('EXPIRE', retired, 86400)
-        retired_expiry_set = true
+end
+
+-- Writes what `retire` kept; every exit of `cycle` after its ops calls this.
+local function write_retired()
+    if #retiring_args == 0 then return end
+    for j = 1, #retiring_args, 1000 do
+        redis.call('HSET', retired, unpack(retiring_args, j, math.min(j + 999, #retiring_args)))
     end
+    redis.call('EXPIRE', retired, 86400)
 end
 
 -- The result of `op` on claim c, which D no longer holds: what the op returned when it
 -- settled c (this is a repeat: its reply was lost); for 'start', the attempt c ran as
 -- (it was started, then settled); -1 otherwise (recovered, or settled by another op).
 local function gone(c, op)
-    local t = redis.call('HGET', retired, c)
+    local t = retiring[c] or redis.call('HGET', retired, c)
     if not t then return -1 end
     local by, result, attempt = string.match(t, '^(%S+) (%S+) (%S+)$')
     if by == op then return tonumber(result) end
@@ -750,19 +766,30 @@ ops.finish = function(i)
     local fields, nxt = read_list(i + 7)
     local v = entry(c)
     if not v then return gone(c, 'finish'), nxt end
-    local why = check(settle_targets(id, flags, {{job_key(id), 'hash'}, {done_key(id), 'list'}}))
+    -- (This runs for every short job, so the job hash's type is checked by the read of
+    -- its attempts, and the done list's by its push, the op's first write: each is a
+    -- command fewer than a TYPE first.)
+    local why = flags ~= '' and check(settle_targets(id, flags, {}))
     if why then return fail_op(c, v, why, 'finish'), nxt end
     local _, state = parse_entry(v)
-    local so_far = tonumber(redis.call('HGET', job_key(id), 'attempts') or '0')
+    local so_far = 0
+    if id ~= '' then
+        so_far = redis.pcall('HGET', job_key(id), 'attempts')
+        if type(so_far) == 'table' then
+            return fail_op(c, v, unwritable(job_key(id), 'hash'), 'finish'), nxt
+        end
+        so_far = tonumber(so_far or '0')
+    end
     if not is_claimed(state) or so_far + 1 ~= attempt then
         return -4, nxt
     end
+    why = push_done(id, ttl, outcome)
+    if why then return fail_op(c, v, why, 'finish'), nxt end
     retire(c, state, 'finish', attempt)
     fields[#fields + 1] = 'claim'
     fields[#fields + 1] = D .. '/' .. c
     -- A rerun that succeeds: what the failed attempts left is not this one's.
     write_job(id, ttl, fields, attempt > 1 and {'error', 'traceback', 'retry_at'} or nil)
-    push_done(id, ttl, outcome)
     redis.call('PUBLISH', events_key, outcome)
     count('succeeded')
     settled(id, c, flags, ttl, nil)
@@ -975,7 +1002,10 @@ if command == 'cycle' then
         if not op then return redis.error_reply('prioqd: unknown cycle op ' .. tostring(ARGV[i])) end
         local r
         r, i = op(i)
-        if i == nil then return r end  -- an op refused the whole call (an error reply)
+        if i == nil then  -- an op refused the whole call (an error reply)
+            write_retired()
+            return r
+        end
         results[#results + 1] = r
     end
     local score = redis.call('ZSCORE', daemons_key, D)
@@ -1017,8 +1047,11 @@ if command == 'cycle' then
                     else
                         local recoveries, attempts = 0, 0
                         if history then recoveries, attempts = recall(v) end
+                        -- (Numbers are spelled out only when not 0: Lua turns a
+                        -- number into text with sprintf, for every claim.)
+                        local state = attempts == 0 and 'c0' or 'c' .. attempts
                         redis.call('HSET', inflight, tostring(next_claim),
-                            make_entry(p, 'c' .. attempts, recoveries, v))
+                            make_entry(p, state, recoveries == 0 and '0' or recoveries, v))
                         next_claim = next_claim + 1
                         claimed[#claimed + 1] = p
                         claimed[#claimed + 1] = v
@@ -1030,6 +1063,7 @@ if command == 'cycle' then
             end
         end
     end
+    write_retired()
     count_outcomes()
     return {results, claimed, held and 1 or 0, dropped, trimmed, paused, problems}
 end
