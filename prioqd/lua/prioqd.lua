@@ -188,6 +188,15 @@ local function parse_entry(v)
         tonumber(string.sub(v, b + 1, c - 1)), string.sub(v, c + 1)
 end
 
+-- Just the state of an inflight entry (nil if it is not one), without copying its
+-- payload out as parse_entry does.
+local function entry_state(v)
+    local a = string.find(v, '\n', 1, true)
+    local b = a and string.find(v, '\n', a + 1, true)
+    if not b or not string.find(v, '\n', b + 1, true) then return nil end
+    return string.sub(v, a + 1, b - 1)
+end
+
 local function make_entry(p, state, recoveries, payload)
     return p .. '\n' .. state .. '\n' .. recoveries .. '\n' .. payload
 end
@@ -625,6 +634,7 @@ end
 -- job, "c" for one that ended cancelled (so jobs that are neither pay nothing here).
 -- The lock may still say "q": a job cancelled before it took it.
 local function settled(id, c, flags, ttl, due_ms)
+    if flags == '' then return end
     if string.find(flags, 'u', 1, true) then
         local lock_ttl = nil
         if due_ms then
@@ -771,7 +781,7 @@ ops.finish = function(i)
     -- command fewer than a TYPE first.)
     local why = flags ~= '' and check(settle_targets(id, flags, {}))
     if why then return fail_op(c, v, why, 'finish'), nxt end
-    local _, state = parse_entry(v)
+    local state = entry_state(v)
     local so_far = 0
     if id ~= '' then
         so_far = redis.pcall('HGET', job_key(id), 'attempts')
