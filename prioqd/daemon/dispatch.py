@@ -87,6 +87,14 @@ def batch_size(average_s: float | None) -> int:
     return max(1, min(MAX_BATCH, int(BATCH_BUDGET_S / max(average_s, 1e-6))))
 
 
+def _average(averages: dict[str, Ewma], key: str) -> Ewma:
+    # (Not setdefault: that would build an Ewma for every job, to throw it away.)
+    avg = averages.get(key)
+    if avg is None:
+        avg = averages[key] = Ewma()
+    return avg
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -393,8 +401,8 @@ class Dispatcher:
             run = future.result()
         if run.status in ("ok", "error"):
             took = max(0.0, run.finished_at - run.started_at)
-            self._task_s.setdefault(job.task, Ewma()).add(took)
-            self._priority_s.setdefault(job.priority, Ewma()).add(took)
+            _average(self._task_s, job.task).add(took)
+            _average(self._priority_s, job.priority).add(took)
         self._finish(job, run)
 
     def _cancelled(self, job: Job) -> None:
@@ -511,6 +519,19 @@ class Dispatcher:
     def applied(self, op: Op, result: int) -> None:
         """Act on the result of one op of a cycle."""
         match op:
+            # (Cases are tried in order: the most common first.)
+            case Finish(job=job, run=run):
+                if result == NOT_FIRST:
+                    # It has run before: record its start, then its end.
+                    self._outbox.append(self._start(job))
+                    self._finished.append((job, run))
+                elif self._claim_gone(job, result, "finished"):
+                    return
+                else:
+                    job.state = JobState.STARTED
+                    job.attempt = result
+                    self._log_started(job)
+                    self._log_ending(job, run, jobs.Ending("succeeded"))
             case Lock(job=job):
                 if self._locking.pop(job.claim, None) is None:
                     return  # cancelled meanwhile
@@ -529,18 +550,6 @@ class Dispatcher:
                     self._claim_gone(job, result, "claimed")
             case Start(job=job):
                 self._started(job, result)
-            case Finish(job=job, run=run):
-                if result == NOT_FIRST:
-                    # It has run before: record its start, then its end.
-                    self._outbox.append(self._start(job))
-                    self._finished.append((job, run))
-                elif self._claim_gone(job, result, "finished"):
-                    return
-                else:
-                    job.state = JobState.STARTED
-                    job.attempt = result
-                    self._log_started(job)
-                    self._log_ending(job, run, jobs.Ending("succeeded"))
             case End(job=job, run=run, ending=ending):
                 if run.status == "cancelled":
                     self.cancels.discard(job.id)

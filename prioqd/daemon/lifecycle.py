@@ -121,7 +121,7 @@ class Daemon:
             paused=self.paused,
         )
         self.cycle.is_idle = lambda: self.watch.idle
-        self.dispatch.on_change = self.watch.reconcile
+        self.dispatch.on_change = self.watch.changed
         self.dispatch.on_outcome = self._outcome
         self.cycle.on_claimed = self.watch.claimed
         self.pool.may_start = self.watch.may_start

@@ -81,6 +81,8 @@ class Watch:
         #: Idle mode: every queue empty, the waits here claim and the cycle does not.
         self.idle = False
         self._closing = False
+        #: A ``reconcile`` is due at the end of this turn of the loop (``changed``).
+        self._reconcile_due = False
 
     # --- which queues to wait on -------------------------------------------------------
 
@@ -130,6 +132,18 @@ class Watch:
         if lowest is None:
             return []
         return [p for p in self.priorities[:lowest] if p not in self.paused]
+
+    def changed(self) -> None:
+        """The jobs held here changed: ``reconcile`` once this turn of the loop is done.
+        A worker's frames come in bursts (a batch's results, read at once), and each
+        ended job says so: one reconcile for all of them, not one a job."""
+        if not self._reconcile_due:
+            self._reconcile_due = True
+            asyncio.get_running_loop().call_soon(self._reconcile_now)
+
+    def _reconcile_now(self) -> None:
+        self._reconcile_due = False
+        self.reconcile()
 
     def reconcile(self) -> None:
         """Busy mode: wait on the priorities above the lowest job held here that has
