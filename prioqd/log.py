@@ -17,6 +17,7 @@ import re
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
@@ -187,8 +188,11 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
         ]
-    global _writer, _generation
+    global _writer, _generation, _level
     _generation += 1
+    _level = LEVELS[level]
+    for logger in list(_loggers):
+        logger._forget()
     if _writer is not None:
         _writer.flush()
     if fmt == "json":
@@ -208,6 +212,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
 
 _writer: LineWriter | None = None
 _generation = 0
+_level = logging.INFO
 
 
 @atexit.register
@@ -218,18 +223,40 @@ def _flush_at_exit() -> None:
 
 class Logger:
     """A bound logger that follows ``configure``: a reload may change the format, and
-    the parts of the daemon keep the logger they were given."""
+    the parts of the daemon keep the logger they were given.
+
+    Its methods are looked up once per configuration and kept on the instance (the
+    daemon logs two lines a job); ``configure`` forgets them.
+    """
 
     def __init__(self, **context: Any) -> None:
         self._context = context
         self._generation = -1
         self._bound: Any = None
+        _loggers.add(self)
 
     def __getattr__(self, name: str) -> Any:
+        # Only for what the instance does not hold yet: a method not used since the
+        # last ``configure``.
         if self._generation != _generation:
             self._bound = structlog.get_logger().bind(**self._context)
             self._generation = _generation
-        return getattr(self._bound, name)
+        attr = getattr(self._bound, name)
+        if not name.startswith("_"):
+            self.__dict__[name] = attr
+        return attr
+
+    def _forget(self) -> None:
+        for name in [k for k in self.__dict__ if not k.startswith("_")]:
+            del self.__dict__[name]
+
+    @property
+    def debug_enabled(self) -> bool:
+        """Whether ``debug`` lines are written (a caller may skip building them)."""
+        return _level <= logging.DEBUG
+
+
+_loggers: weakref.WeakSet[Logger] = weakref.WeakSet()
 
 
 def get_logger(**context: Any) -> Any:

@@ -41,3 +41,26 @@ def test_configure_stamps_every_line(fmt: str, tmp_path: Any) -> None:
     out.close()
     text = (tmp_path / "log").read_text()
     assert "hello" in text and re.search(r"\d\d:\d\d:\d\d(\.\d{6})?Z", text), text
+
+
+def test_a_logger_kept_across_a_reconfigure_follows_its_level_and_stream(tmp_path: Any) -> None:
+    """The daemon's parts keep one logger, whose methods it keeps too (looked up once a
+    configuration): a reload that changes the level or the stream must still reach them."""
+    first, second = (tmp_path / "one").open("w"), (tmp_path / "two").open("w")
+    try:
+        log.configure("info", "json", stream=first)
+        lg = log.get_logger(daemon_id="d")
+        lg.info("one")
+        lg.debug("hidden")
+        assert not lg.debug_enabled
+        log.configure("debug", "json", stream=second)
+        assert lg.debug_enabled
+        lg.info("two")
+        lg.debug("shown")
+    finally:
+        log.configure("info", "json")  # flushes the writer; back to stdout
+        first.close()
+        second.close()
+    one, two = (tmp_path / "one").read_text(), (tmp_path / "two").read_text()
+    assert '"one"' in one and "hidden" not in one and "two" not in one
+    assert '"two"' in two and '"shown"' in two and '"daemon_id":"d"' in two

@@ -357,8 +357,9 @@ class Dispatcher:
             self._unrecorded[batch[0].claim] = batch[0]
             self._finish(batch[0], run)
             return
-        for job in batch:
-            self.log.debug("job dispatched", job_id=job.id, queue=job.priority)
+        if self.log.debug_enabled:
+            for job in batch:
+                self.log.debug("job dispatched", job_id=job.id, queue=job.priority)
         for job, future in zip(batch, futures, strict=True):
             self._unrecorded[job.claim] = job
             future.add_done_callback(functools.partial(self._on_done, job, slot))
