@@ -568,40 +568,31 @@ end
 -- ---------------------------------------------------------------------------------
 
 local D, inflight, retired
--- Claims this call retired: c -> "<op> <result> <attempt>", and the same as HSET
--- arguments, written in one HSET when the call ends (`write_retired`) rather than one
--- a job: the hash is small, so each HSET was a scan of it.
-local retiring, retiring_args = {}, {}
+local retired_expiry_set = false
 
 -- The inflight entry of claim c, or nil.
 local function entry(c) return redis.call('HGET', inflight, c) end
 
 -- Claim c (its entry's state `state`) leaves P:inflight:D, settled by `op` with
--- `result`: remembered in P:retired:D for a repeat of that op (see `gone`).
+-- `result`: remembered in P:retired:D for a repeat of that op (see `gone`). Written
+-- at once, op by op (not once at the end of the call): a call that fails half-way
+-- keeps what it applied, and a repeat of those ops must find their results.
 local function retire(c, state, op, result)
     local attempt = '0'
-    if not is_claimed(state) then attempt = state end
-    local t = op .. ' ' .. result .. ' ' .. attempt
-    retiring[c] = t
-    retiring_args[#retiring_args + 1] = c
-    retiring_args[#retiring_args + 1] = t
+    if not is_claimed(state) and string.match(state, '^%d+$') then attempt = state end
+    redis.call('HSET', retired, c, op .. ' ' .. result .. ' ' .. attempt)
     redis.call('HDEL', inflight, c)
-end
-
--- Writes what `retire` kept; every exit of `cycle` after its ops calls this.
-local function write_retired()
-    if #retiring_args == 0 then return end
-    for j = 1, #retiring_args, 1000 do
-        redis.call('HSET', retired, unpack(retiring_args, j, math.min(j + 999, #retiring_args)))
+    if not retired_expiry_set then
+        redis.call('EXPIRE', retired, 86400)
+        retired_expiry_set = true
     end
-    redis.call('EXPIRE', retired, 86400)
 end
 
 -- The result of `op` on claim c, which D no longer holds: what the op returned when it
 -- settled c (this is a repeat: its reply was lost); for 'start', the attempt c ran as
 -- (it was started, then settled); -1 otherwise (recovered, or settled by another op).
 local function gone(c, op)
-    local t = retiring[c] or redis.call('HGET', retired, c)
+    local t = redis.call('HGET', retired, c)
     if not t then return -1 end
     local by, result, attempt = string.match(t, '^(%S+) (%S+) (%S+)$')
     if by == op then return tonumber(result) end
@@ -1012,10 +1003,7 @@ if command == 'cycle' then
         if not op then return redis.error_reply('prioqd: unknown cycle op ' .. tostring(ARGV[i])) end
         local r
         r, i = op(i)
-        if i == nil then  -- an op refused the whole call (an error reply)
-            write_retired()
-            return r
-        end
+        if i == nil then return r end  -- an op refused the whole call (an error reply)
         results[#results + 1] = r
     end
     local score = redis.call('ZSCORE', daemons_key, D)
@@ -1073,7 +1061,6 @@ if command == 'cycle' then
             end
         end
     end
-    write_retired()
     count_outcomes()
     return {results, claimed, held and 1 or 0, dropped, trimmed, paused, problems}
 end
