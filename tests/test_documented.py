@@ -33,6 +33,7 @@ from helpers import (
     stop_process,
     wait_for,
     wait_status,
+    waits_blocked,
 )
 
 
@@ -374,3 +375,34 @@ def test_the_readme_timer_unit_pushes_one_fixed_unique_id(r: redis.Redis, config
     assert outputs[0].stdout.split() == ["nightly-report"]
     assert "duplicate: unique job nightly-report is already queued" in outputs[1].stderr
     assert job_ids(r, "low") == ["nightly-report"]
+
+
+def test_a_payload_that_landed_at_a_stopped_daemon_is_not_recorded_there_and_its_stop_is_clean(
+    r: redis.Redis, config: Config, daemon: Daemon
+) -> None:
+    """An idle daemon stopped (SIGSTOP) past its lease while a payload lands in its
+    blocking wait: another daemon recovers the payload and runs it. The stopped one
+    wakes, runs its late landing and learns, while it runs, that the claim is gone:
+    nothing of that run is
+    recorded, and nothing of it is left waiting to be written, so that a later stop
+    drains at once and says all was written."""
+    cfg = config(workers={"slots": 1}, daemon={"lease_s": 1.5})
+    stopped = daemon(cfg)
+    wait_for(lambda: waits_blocked(r) == 3, 10, what="the idle daemon's three waits")
+    stopped.signal(signal.SIGSTOP)
+    # (Long enough to be still running when the claim comes back gone.)
+    push(r, "high", {"id": "late", "task": "nap", "args": [300]})
+    landing = f"prioqd:landing:{stopped.daemon_id}:high"
+    wait_for(lambda: r.llen(landing) == 1, 5, what="the payload in the stopped daemon's landing")
+    survivor = daemon(cfg)
+    h = wait_status(r, ["late"], timeout_s=20)["late"]
+    assert h["status"] == "succeeded" and h["daemon"] == survivor.daemon_id
+    stopped.signal(signal.SIGCONT)
+    stopped.wait_log("job landed but its lease was lost; not recorded here", job_id="late")
+    assert job_hash(r, "late")["daemon"] == survivor.daemon_id
+    started = time.monotonic()
+    assert stopped.stop() == 0
+    assert time.monotonic() - started < 4.0
+    errors = [e for e in stopped.all_logs() if e.get("level") in ("error", "critical")]
+    assert errors == [], errors
+    assert job_hash(r, "late")["daemon"] == survivor.daemon_id

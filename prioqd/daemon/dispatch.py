@@ -602,6 +602,10 @@ class Dispatcher:
         if result >= 0:
             return False
         job.state = JobState.LOST
+        # Nothing of it is ours to write any more, its start record neither. (A landed
+        # job runs before its Adopt comes back; left here it would keep `pending` true
+        # for good, and a stop would wait for it in vain.)
+        self._unrecorded.pop(job.claim, None)
         fields = {"job_id": job.id, "task": job.task, "queue": job.priority}
         if result == LOST:
             self.log.warning(f"job {what} but its lease was lost; not recorded here", **fields)
