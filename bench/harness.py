@@ -532,3 +532,18 @@ class OtherLoad:
         dt = time.monotonic() - self._t0
         other = (_busy_s() - self._busy0) - (_own_tree_cpu_s() - self._own0)
         return max(0.0, other / dt) if dt > 0 else 0.0
+
+
+def w2_floor(
+    port: int, n: int, ms: float, workers: int, mode: str, iters: int = 0
+) -> dict[str, float]:
+    """W2's floor (``bench/w2floor.py``) against the redis-server on ``port``:
+    {"cpu_us": its CPU a job, "efficiency": n x ms / workers / wall time}."""
+    cmd = [
+        sys.executable, str(Path(__file__).resolve().parent / "w2floor.py"), "--port", str(port),
+        "--n", str(n), "--ms", str(ms), "--workers", str(workers), "--mode", mode,
+        "--iters", str(iters),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=WAIT_S, check=True).stdout
+    result: dict[str, float] = json.loads(out)
+    return result

@@ -854,7 +854,7 @@ METHOD = [
 ]
 
 #: Columns that are not peers.
-OWN = ("prioqd", "bare")
+OWN = ("prioqd", "bare", "floor")
 W3_VARIANTS = [(2.0, 0.0), (5.0, 0.0), (20.0, 0.0), (2.0, 0.01), (5.0, 0.01), (20.0, 0.01)]
 
 
@@ -943,7 +943,8 @@ def rows(res: Results) -> tuple[list[str], list[list[str]]]:
     """Header and cells: per metric, each system's median, prioqd / best peer, the
     target and its verdict, the other load."""
     med = res.medians()
-    cols = [*res.systems, *(["bare"] if "W2" in res.values else [])]
+    w2 = res.values.get("W2", {})
+    cols = [*res.systems, *(c for c in ("floor", "bare") if c in w2)]
     head = ["", "workload", *cols, "prioqd / best peer", "target (prioqd)", "", "other load"]
     cells: list[list[str]] = []
     for m in metrics():
@@ -1045,8 +1046,11 @@ def run(plan: Plan, work: Path) -> Results:
     )
     log(f"calibrated: {iters_per_ms:,.0f} iterations/ms; systems {res.systems}")
 
-    def one(workload: str, system: System | None, fn: Callable[[], tuple[Figures, str]]) -> None:
-        name = system.name if system else "bare"
+    def one(
+        workload: str, system: System | str | None, fn: Callable[[], tuple[Figures, str]]
+    ) -> None:
+        # (A name for a run of no system: "bare", or "floor".)
+        name = system.name if isinstance(system, System) else system or "bare"
         load = OtherLoad()
         try:
             figures, note = fn()
@@ -1073,7 +1077,7 @@ def _round(
     ctx: Ctx,
     r: int,
     order: list[System],
-    one: Callable[[str, System | None, Callable[[], tuple[Figures, str]]], None],
+    one: Callable[[str, System | str | None, Callable[[], tuple[Figures, str]]], None],
 ) -> None:
     """Round ``r``: every selected workload, each for every system in ``order``."""
     if "W1" in plan.workloads:
@@ -1098,7 +1102,7 @@ def _w2_pair(
     s: System,
     ctx: Ctx,
     r: int,
-    one: Callable[[str, System | None, Callable[[], tuple[Figures, str]]], None],
+    one: Callable[[str, System | str | None, Callable[[], tuple[Figures, str]]], None],
 ) -> None:
     """The bare run, then the system's W2 run, and their ratio."""
     bare_eff: list[float] = []
@@ -1115,3 +1119,16 @@ def _w2_pair(
 
     one("W2", None, run_bare)
     one("W2", s, run_w2)
+    if s.name == "prioqd":
+        # Beside prioqd's run: the floor of its shape (a bare asyncio process driving
+        # the same burns with a frame out and back, a Redis round trip and two log lines
+        # a job; bench/w2floor.py), on a redis-server of its own.
+        def run_floor() -> tuple[Figures, str]:
+            with harness.redis_server(ctx.work, f"floor-{r}") as server:
+                got = harness.w2_floor(server.port, 400, 5.0, WORKERS, "full", ctx.iters(5.0))
+            figures = {"W2": got["efficiency"]}
+            if bare_eff:
+                figures["W2/bare"] = got["efficiency"] / bare_eff[-1]
+            return figures, f"its CPU {got['cpu_us']:.0f} us a job"
+
+        one("W2", "floor", run_floor)

@@ -38,6 +38,7 @@ from harness import (
     redis_server,
     statuses,
     succeeded_fields,
+    w2_floor,
 )
 
 DEFAULT_PRIORITIES = ["high", "normal", "low"]
@@ -352,11 +353,17 @@ def w2(work: Path, reps: int, n: int = 400, ms: float = 5.0) -> Report:
     p90_dur: list[float] = []
     daemon_us: list[float] = []
     redis_us: list[float] = []
+    floors: list[dict[str, float]] = []
+    frames: list[dict[str, float]] = []
     slots = 0
     for r in range(reps):
         name = f"w2-{r}"
         prefix = f"c{r}-"
         with redis_server(work, name) as server:
+            # The floor of the shape first, on the same redis-server (see w2floor.py).
+            workers = os.cpu_count() or 1
+            floors.append(w2_floor(server.port, n, ms, workers, "full"))
+            frames.append(w2_floor(server.port, n, ms, workers, "frames"))
             client = server.client
             assert client is not None
             ids = [f"{prefix}{i}" for i in range(n)]
@@ -385,6 +392,27 @@ def w2(work: Path, reps: int, n: int = 400, ms: float = 5.0) -> Report:
         f"{n} x burn_cpu {ms:g} ms: ({n} x {ms:g} ms / {slots} slots) / measured",
         spread(effs, "{:.3f}"), ">= 0.92", verdict(med >= 0.92),
     ))  # fmt: skip
+    floor_eff = statistics.median(f["efficiency"] for f in floors)
+    floor_us = statistics.median(f["cpu_us"] for f in floors)
+    rep.rows.append(Row(
+        "W2 floor",
+        "  a bare uvloop process of the same shape (a frame to a worker and back, one"
+        " Redis round trip, two log lines a job; bench/w2floor.py): efficiency"
+        " [its CPU a job]",
+        f"{spread([f['efficiency'] for f in floors], '{:.3f}')} [{floor_us:.0f} us]",
+    ))  # fmt: skip
+    rep.rows.append(Row(
+        "W2/floor", "  W2 / that floor (medians; every round runs both, the floor first)",
+        f"{med / floor_eff:.2f}",
+    ))  # fmt: skip
+    rep.notes.append(
+        f"W2 floor (medians): the bare shape with frames only (no Redis, no logs):"
+        f" efficiency {statistics.median(f['efficiency'] for f in frames):.3f}, CPU a job"
+        f" {statistics.median(f['cpu_us'] for f in frames):.0f} us; with the Redis round trip"
+        f" and the two log lines: {floor_eff:.3f}, {floor_us:.0f} us. prioqd's daemon"
+        f" {statistics.median(daemon_us):.0f} us a job does that and the rest (the job's"
+        f" Lua ops, its bookkeeping, the priority waits)"
+    )
     rep.notes.append(
         f"W2 (medians): workers were running a job {statistics.median(busy):.1%} of the"
         f" measured time (sum of job durations / slots / time); job wall duration mean"
