@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
+from collections.abc import Callable
 
 
 def backoff_s(
@@ -66,3 +68,21 @@ async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
         async with asyncio.timeout(max(0.0, timeout_s)):
             await event.wait()
     return event.is_set()
+
+
+async def wait_settled(event: asyncio.Event, settled: Callable[[], bool], timeout_s: float) -> bool:
+    """Wait at most ``timeout_s`` until ``event`` is set and ``settled()`` holds, both at
+    once; True if they did.
+
+    For an event that is cleared again as new work comes, and now and then for nothing
+    (a timer that wakes a loop with nothing left to do): ``wait_event`` alone can wake
+    for a set that a clear has already undone by the time its waiter runs, and would
+    report a timeout that was not one.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not (event.is_set() and settled()):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await wait_event(event, left)
+    return True

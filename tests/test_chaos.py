@@ -290,3 +290,38 @@ def test_sigterm_under_load_loses_nothing(
 def assert_nothing_in_flight_but_queue(r: redis.Redis) -> None:
     assert in_flight_count(r) == 0
     assert not registered_daemons(r)
+
+
+def test_a_stop_in_the_middle_of_short_jobs_writes_every_outcome_and_says_so(
+    server: RedisServer, tmp_path: Path, daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stopped while it runs batches of short jobs (eight times), the daemon writes
+    every outcome before it goes and says so: exit 0, no error line, nothing left in
+    flight, every job run once. (The drain once took a timer that woke the cycle with
+    nothing to do for a timeout, and logged "outcomes not written; the jobs stay in
+    flight and will run again" in one stop in ten of the benchmark's; that race is
+    pinned down in test_timing.py, which this end-to-end run rarely meets.)"""
+    r = server.client()
+    runs = tmp_path / "runs"
+    cfg = write_config(tmp_path / "c.toml", server.url)
+    ids = push_logrun(r, runs, 12_000, ms=0)
+    d = daemon(cfg)
+    stops = 0
+    queue = "prioqd:queue:normal"
+    while r.llen(queue) > 1500 and stops < 8:
+        left = r.llen(queue)
+        wait_for(lambda n=left: r.llen(queue) <= n - 500, 30, 0.002, "500 more jobs taken")
+        d.signal(signal.SIGTERM)
+        assert d.wait(20) == 0
+        stops += 1
+        errors = [e for e in d.logs() if e.get("level") in ("error", "critical")]
+        assert errors == [], errors
+        assert_nothing_in_flight_but_queue(r)
+        d.start()
+    wait_for(lambda: succeeded(r, ids) == len(ids), 120, 0.2, "all jobs to succeed")
+    counts = run_counts(runs)
+    report(capsys, "stops amid short jobs", jobs=len(ids), stops=stops)
+    assert stops >= 5
+    assert set(counts) == set(ids) and all(n == 1 for n in counts.values())
+    assert all(job_hash(r, j)["attempts"] == "1" for j in ids[:200])
+    r.close()

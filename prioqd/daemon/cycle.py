@@ -139,6 +139,11 @@ class Cycle:
         self._closing = True
         self._wake.set()
 
+    @property
+    def settled(self) -> bool:
+        """Nothing is left to write: no op pending, no repair owed."""
+        return not self.dispatch.pending and not self._repairs
+
     def _flush_due(self, n_ops: int) -> bool:
         """Whether pending ops must go now rather than with the next claim."""
         now = time.monotonic()

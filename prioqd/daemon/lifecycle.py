@@ -42,7 +42,7 @@ from prioqd.log import get_logger
 from prioqd.metrics import NO_METRICS, Metrics
 from prioqd.pool import Pool
 from prioqd.systemd import Notifier, watchdog_interval_s
-from prioqd.timing import Backoff, wait_event
+from prioqd.timing import Backoff, wait_event, wait_settled
 
 T = TypeVar("T")
 
@@ -318,7 +318,8 @@ class Daemon:
         # Write every outcome; with Redis gone for good, give up after a bound: the
         # jobs are still recorded as ours in Redis and come back by lease recovery.
         self.cycle.wake()
-        if not await wait_event(self.cycle.drained, max(5.0, grace)):
+        cycle = self.cycle
+        if not await wait_settled(cycle.drained, lambda: cycle.settled, max(5.0, grace)):
             self.log.error("outcomes not written; the jobs stay in flight and will run again")
 
     async def _close(self, registered: bool) -> None:
