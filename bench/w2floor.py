@@ -182,13 +182,14 @@ def main() -> int:
     args = parser.parse_args()
     import uvloop
 
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
-        for _ in range(args.workers)
-    ]
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        for _ in range(args.workers):
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                )
+            )
         with open(os.devnull, "wb", buffering=1 << 16) as sink:
             result = uvloop.run(
                 _run(args.port, args.n, args.ms, args.iters, procs, sink, args.mode == "full")

@@ -189,10 +189,6 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
             structlog.processors.JSONRenderer(serializer=_orjson_dumps),
         ]
     global _writer, _generation, _level
-    _generation += 1
-    _level = LEVELS[level]
-    for logger in list(_loggers):
-        logger._forget()
     if _writer is not None:
         _writer.flush()
     if fmt == "json":
@@ -207,12 +203,18 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+    # Only now: a method looked up meanwhile (another thread) is the new one's.
+    _generation += 1
+    _level = LEVELS[level]
+    for logger in list(_loggers):
+        logger._forget()
     return fmt
 
 
 _writer: LineWriter | None = None
 _generation = 0
-_level = logging.INFO
+#: Until ``configure``: structlog's default, which writes every level.
+_level = logging.NOTSET
 
 
 @atexit.register

@@ -70,6 +70,10 @@ async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
     return event.is_set()
 
 
+#: How often ``wait_settled`` looks again at an event that is set but not settled.
+_SETTLE_POLL_S = 0.001
+
+
 async def wait_settled(event: asyncio.Event, settled: Callable[[], bool], timeout_s: float) -> bool:
     """Wait at most ``timeout_s`` until ``event`` is set and ``settled()`` holds, both at
     once; True if they did.
@@ -84,5 +88,10 @@ async def wait_settled(event: asyncio.Event, settled: Callable[[], bool], timeou
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        await wait_event(event, left)
+        if event.is_set():
+            # Set but not settled: what settles it runs in a later callback. A wait on
+            # a set event would return at once and spin, starving those callbacks.
+            await asyncio.sleep(min(left, _SETTLE_POLL_S))
+        else:
+            await wait_event(event, left)
     return True

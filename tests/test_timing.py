@@ -57,3 +57,32 @@ def test_wait_settled_gives_up_at_its_timeout_and_holds_out_for_its_condition() 
     unsettled, took_s, settled_at_once = asyncio.run(scenario())
     assert unsettled is False and 0.05 <= took_s < 2.0
     assert settled_at_once is True
+
+
+def test_a_set_but_unsettled_wait_lets_the_loop_run_what_settles_it() -> None:
+    """Set, not settled yet: what settles it is a later callback, and the wait must not
+    spin (a spinning drain would starve the heartbeat and the cycle for its whole bound)."""
+
+    async def scenario() -> tuple[bool, float, int]:
+        event = asyncio.Event()
+        event.set()
+        settled = [False]
+        ticks = [0]
+        loop = asyncio.get_running_loop()
+
+        async def heartbeat() -> None:
+            while True:
+                ticks[0] += 1
+                await asyncio.sleep(0.005)
+
+        beat = asyncio.ensure_future(heartbeat())
+        loop.call_later(0.05, lambda: settled.__setitem__(0, True))
+        t = time.monotonic()
+        ok = await wait_settled(event, lambda: settled[0], 5.0)
+        took_s = time.monotonic() - t
+        beat.cancel()
+        return ok, took_s, ticks[0]
+
+    ok, took_s, ticks = asyncio.run(scenario())
+    assert ok is True and took_s < 2.0
+    assert ticks >= 3  # the loop ran other tasks meanwhile

@@ -12,7 +12,9 @@
 -- write and leaving the writes before it applied: a call applies whole or not at all.
 -- Within a call, every op checks the type of each key it will write before its
 -- first write (see `unwritable`), for the same reason: Lua writes are not rolled
--- back when a later command fails.
+-- back when a later command fails. (`finish`, which runs for every short job, lets a
+-- read and its first write be those checks: the read of the job's attempts, and the
+-- push of its outcome, each with pcall.)
 --
 -- Key layout (P = prefix, D = daemon id, p = priority name, C = claim number):
 --   P:queue:p        LIST   producers LPUSH job JSON; daemons take from the RIGHT end,
@@ -249,7 +251,7 @@ local function push_done(id, ttl, outcome)
     if id == '' then return nil end
     local key = done_key(id)
     local n = redis.pcall('LPUSH', key, outcome)
-    if type(n) == 'table' then return unwritable(key, 'list') end
+    if type(n) == 'table' then return unwritable(key, 'list') or tostring(n.err) end
     if n > 1 then redis.call('LTRIM', key, 0, 0) end  -- a past run's outcome
     redis.call('EXPIRE', key, ttl)
     return nil
