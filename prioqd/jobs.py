@@ -332,6 +332,10 @@ def _parse(
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, dict):
         return reject("'meta' must be an object")
+    # (As deep as args may go, and as the client allows: what is deeper reaches the
+    # task's context, the records and the dashboard, where json's own limit is near.)
+    if meta and len(raw) > 2 * MAX_DEPTH and _too_deep([meta], MAX_DEPTH):
+        return reject(f"'meta' nests deeper than {MAX_DEPTH} levels")
     enqueued_at = None
     if "enqueued_at" in obj:
         enqueued_at = _number(obj["enqueued_at"])

@@ -295,6 +295,8 @@ def test_poison_fields_are_dead_letters_and_the_daemon_keeps_serving(
         # Of the same classes:
         "eta_huge": ('"eta": 1e306', "'eta'"),
         "nested_kwargs": (f'"kwargs": {{"k": {nested}}}', "nest deeper than 100 levels"),
+        # orjson reads it (json would not, from about 990 deep): limited as args are.
+        "nested_meta": (f'"meta": {{"k": {nested}}}', "'meta' nests deeper than 100 levels"),
     }
     raw = {
         job_id: f'{{"id": "{job_id}", "task": "echo", {field}}}'

@@ -138,6 +138,7 @@ def test_delay_becomes_due_time_and_leaves_the_stored_form() -> None:
         ('{"task":"square","eta":"soon"}', "'eta' must be a number"),
         ('{"task":"square","priority":"high"}', "unknown field(s) 'priority'"),
         ('{"task":"square","meta":3}', "'meta' must be an object"),
+        ('{"task":"square","meta":{"k":' + "[" * 400 + "]" * 400 + "}}", "'meta' nests deeper"),
     ],
 )
 def test_rejections_carry_a_reason(payload: bytes | str, reason: str) -> None:
