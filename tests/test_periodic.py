@@ -32,6 +32,7 @@ from prioqd import config as configuration
 from prioqd import periodic
 from prioqd.broker import Broker
 from prioqd.config import ScheduleConfig
+from prioqd.daemon.ticks import ON_TIME_S
 from prioqd.errors import ConfigError
 from prioqd.keys import Keys
 
@@ -148,10 +149,13 @@ def test_catch_up_last_enqueues_the_most_recent_missed_tick_once_and_none_skips_
 ) -> None:
     runs = tmp_path / "runs"
     # Each of these schedules ticks on the hour: a test that straddled one would see a
-    # fresh tick as well as the missed one, so it starts clear of the boundary.
-    to_next_hour_s = 3600 - time.time() % 3600
-    if to_next_hour_s < 30:
-        time.sleep(to_next_hour_s + 0.5)
+    # fresh tick as well as the missed one, and one that starts less than ON_TIME_S
+    # after the hour sees that hour's tick as on time, not missed (it ran all three at
+    # 04:00:00.8 once). So it starts clear of both.
+    clear_s = ON_TIME_S + 2
+    since_hour_s = time.time() % 3600
+    if since_hour_s > 3600 - 30 or since_hour_s < clear_s:
+        time.sleep((clear_s - since_hour_s) % 3600)
     hour_ago_ms = int((time.time() - 7200) * 1000)
     r.hset("prioqd:periodic", mapping={"hourly-last": hour_ago_ms, "hourly-none": hour_ago_ms})
     cfg = with_schedule(
