@@ -356,12 +356,12 @@ def w2(work: Path, reps: int, n: int = 400, ms: float = 5.0) -> Report:
     floors: list[dict[str, float]] = []
     frames: list[dict[str, float]] = []
     slots = 0
+    workers = os.cpu_count() or 1  # as the daemon's slots = "auto"
     for r in range(reps):
         name = f"w2-{r}"
         prefix = f"c{r}-"
         with redis_server(work, name) as server:
             # The floor of the shape first, on the same redis-server (see w2floor.py).
-            workers = os.cpu_count() or 1
             floors.append(w2_floor(server.port, n, ms, workers, "full"))
             frames.append(w2_floor(server.port, n, ms, workers, "frames"))
             client = server.client

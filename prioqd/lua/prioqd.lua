@@ -227,6 +227,13 @@ local function unwritable(key, want)
     return 'WRONGTYPE: ' .. key .. ' holds a ' .. t .. ', not a ' .. want
 end
 
+-- Why a redis.pcall on `key` (of type `want`) failed, or nil if `reply` is no error:
+-- for an op that lets a command be its type check instead of a TYPE first.
+local function failed(reply, key, want)
+    if type(reply) ~= 'table' or not reply.err then return nil end
+    return unwritable(key, want) or tostring(reply.err)
+end
+
 -- The first reason any of the {key, type} pairs cannot be written, or nil.
 local function check(targets)
     for _, kt in ipairs(targets) do
@@ -251,7 +258,8 @@ local function push_done(id, ttl, outcome)
     if id == '' then return nil end
     local key = done_key(id)
     local n = redis.pcall('LPUSH', key, outcome)
-    if type(n) == 'table' then return unwritable(key, 'list') or tostring(n.err) end
+    local why = failed(n, key, 'list')
+    if why then return why end
     if n > 1 then redis.call('LTRIM', key, 0, 0) end  -- a past run's outcome
     redis.call('EXPIRE', key, ttl)
     return nil
@@ -778,9 +786,8 @@ ops.finish = function(i)
     local so_far = 0
     if id ~= '' then
         so_far = redis.pcall('HGET', job_key(id), 'attempts')
-        if type(so_far) == 'table' then
-            return fail_op(c, v, unwritable(job_key(id), 'hash'), 'finish'), nxt
-        end
+        why = failed(so_far, job_key(id), 'hash')
+        if why then return fail_op(c, v, why, 'finish'), nxt end
         so_far = tonumber(so_far or '0')
     end
     if not is_claimed(state) or so_far + 1 ~= attempt then
